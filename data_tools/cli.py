@@ -1,0 +1,124 @@
+"""One config dataclass per stage, and the command line generated from it.
+
+Every stage declares a ``@dataclass`` whose fields carry their help text in
+``metadata["help"]``. :func:`parse_config` turns it into an ``argparse`` parser, so
+``--help`` documents every flag and the flags can never drift from the config.
+:func:`run_stage` is the shared ``main``: it turns :class:`UserError` into a one-line
+message and exit status 2, so bad input never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, TypeVar, get_args, get_origin
+
+ConfigT = TypeVar("ConfigT")
+
+
+class UserError(Exception):
+    """A problem with the user's input or flags: reported in one line, no traceback."""
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its ``--help`` text."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def required(help: str, **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field that must be given on the command line."""
+    return dataclasses.field(metadata={"help": help, "required": True, **kwargs})
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of ``config_cls``."""
+    parser = argparse.ArgumentParser(
+        description=description or (config_cls.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        if field.metadata.get("cli") is False:
+            continue
+        tp, _ = _unwrap_optional(hints[field.name])
+        kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
+        if field.metadata.get("required"):
+            kwargs["required"] = True
+        elif field.default is not dataclasses.MISSING:
+            kwargs["default"] = field.default
+        else:
+            kwargs["default"] = field.default_factory()  # type: ignore[misc]
+        origin = get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(get_args(tp))
+            kwargs["type"] = type(get_args(tp)[0])
+        elif origin in (list, tuple, Sequence):
+            (item_type,) = get_args(tp)[:1]
+            kwargs["nargs"] = "+"
+            kwargs["type"] = item_type
+        else:
+            kwargs["type"] = tp
+        parser.add_argument(f"--{field.name}", **kwargs)
+    return parser
+
+
+def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None = None) -> ConfigT:
+    """Parse ``argv`` into ``config_cls``; unknown flags are an error."""
+    parser = build_parser(config_cls)
+    namespace = parser.parse_args(argv)
+    return config_cls(**vars(namespace))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (paths become strings)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return {f.name: convert(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temp file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def run_stage(main: Callable[[ConfigT], Any], config_cls: type[ConfigT], argv: Sequence[str] | None = None) -> int:
+    """Shared entry point: parse flags, run, report user errors in one line."""
+    try:
+        config = parse_config(config_cls, argv)
+        main(config)
+    except UserError as error:
+        prog = Path(sys.argv[0]).name
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,61 @@
+"""Pure text normalization and quality measures used by ``clean``.
+
+Chinese punctuation is full-width by convention (，。！？) and Google's Chinese vocab
+keeps it apart from ASCII punctuation, so only full-width letters and digits are
+folded to ASCII; NFKC (which would also fold ， to ,) is an opt-in.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+
+# Full-width ASCII letters and digits -> half-width; the ideographic space -> space.
+_FULLWIDTH_ALNUM = {cp: cp - 0xFEE0 for cp in (*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B))}
+_FULLWIDTH_ALNUM[0x3000] = 0x20
+_ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+# Control characters (Cc) other than newline and tab, and zero-width characters.
+_INVISIBLE_RE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_ZERO_WIDTH}]")
+_HTML_TAG_RE = re.compile(r"<\s*/?\s*[A-Za-z][^<>]{0,500}>")
+_HTML_ENTITY_RE = re.compile(r"&(#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z]{2,10});")
+# URL characters are ASCII only, so a URL glued to Chinese text stops where the text starts.
+_URL_RE = re.compile(r"(?:https?://|ftp://|www\.)[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+_HORIZONTAL_SPACE_RE = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f]+")
+_CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+
+
+def normalize_text(
+    text: str,
+    *,
+    unicode_form: str = "NFC",
+    fullwidth_to_halfwidth: bool = True,
+    strip_html: bool = True,
+    remove_urls: bool = True,
+    remove_emails: bool = True,
+) -> str:
+    """Normalize one document; newlines (sentence boundaries) survive, blank lines do not."""
+    if unicode_form != "none":
+        text = unicodedata.normalize(unicode_form, text)
+    if fullwidth_to_halfwidth:
+        text = text.translate(_FULLWIDTH_ALNUM)
+    if strip_html:
+        text = _HTML_TAG_RE.sub(" ", text)
+        if "&" in text:
+            text = _HTML_ENTITY_RE.sub(lambda m: html.unescape(m.group(0)), text)
+    if remove_urls:
+        text = _URL_RE.sub(" ", text)
+    if remove_emails and "@" in text:
+        text = _EMAIL_RE.sub(" ", text)
+    text = _INVISIBLE_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    lines = (_HORIZONTAL_SPACE_RE.sub(" ", line).strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def cjk_ratio(text: str) -> float:
+    """Share of non-space characters that are CJK ideographs."""
+    visible = len(text) - text.count(" ") - text.count("\n")
+    if visible <= 0:
+        return 0.0
+    return len(_CJK_RE.findall(text)) / visible

@@ -1,0 +1,133 @@
+"""Stage 5, export: a ZeRO-2 checkpoint in, a HuggingFace model directory out.
+
+The weights are the fp32 master weights consolidated from every rank's optimizer
+partition (not the bf16 working copy). The directory loads with ``BertTokenizer`` and
+``BartForConditionalGeneration`` / ``PegasusForConditionalGeneration`` (or the Auto
+classes). It is written to a temp folder and renamed, so it is never half-built.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_tools.cli import UserError, option, required, run_stage, write_json_atomic
+from data_tools.tokenize_shards import VOCAB_FILE
+from pipeline.trainer import CHECKPOINTS, LATEST, MODEL_CONFIG_FILE, TRAINER_STATE, read_latest_tag
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Consolidate a DeepSpeed ZeRO-2 checkpoint into a HuggingFace model directory."""
+
+    run_dir: Path = required("The training run's --output_dir (holds model_config.json, vocab.txt, checkpoints/).")
+    output_dir: Path = required("HF model directory to write (replaced if it exists).")
+    tag: str = option("", "Checkpoint tag to export (e.g. step00001000); empty = the one 'latest' points to.")
+
+    def __post_init__(self) -> None:
+        self.run_dir, self.output_dir = Path(self.run_dir), Path(self.output_dir)
+
+
+def consolidated_state_dict(checkpoint_root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 master weights merged from every rank's ZeRO-2 partition."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = checkpoint_root / tag
+    if not tag_dir.is_dir():
+        raise UserError(f"checkpoint {tag_dir} does not exist; list {checkpoint_root} for the saved tags")
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
+    except (FileNotFoundError, ValueError, AssertionError, RuntimeError) as error:
+        raise UserError(f"cannot consolidate {tag_dir}: {error}; is a rank's shard missing?") from error
+
+
+def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load every weight; only keys the model ties to another may be absent."""
+    result = model.load_state_dict(state_dict, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
+    tied |= set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [key for key in result.missing_keys if key not in tied]
+    if missing or result.unexpected_keys:
+        raise UserError(f"{source}: missing keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+
+
+def write_tokenizer_files(vocab_path: Path, output_dir: Path, model_max_length: int) -> None:
+    """vocab.txt, tokenizer_config.json and special_tokens_map.json, as BertTokenizer reads them.
+
+    Written by hand rather than by ``save_pretrained`` so the files are the same under
+    transformers 4 (slow BertTokenizer, needs vocab.txt) and 5 (tokenizers backend).
+    """
+    shutil.copyfile(vocab_path, output_dir / VOCAB_FILE)
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    write_json_atomic(output_dir / "special_tokens_map.json", special)
+    write_json_atomic(output_dir / "tokenizer_config.json", {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": True,
+        "tokenize_chinese_chars": True,
+        "strip_accents": None,
+        "model_max_length": model_max_length,
+        **special,
+    })
+
+
+def export(config: ExportConfig) -> Path:
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+
+    run_dir = config.run_dir
+    for needed in (MODEL_CONFIG_FILE, VOCAB_FILE):
+        if not (run_dir / needed).is_file():
+            raise UserError(f"{run_dir / needed} not found: {run_dir} is not a training run directory")
+    checkpoint_root = run_dir / CHECKPOINTS
+    tag = config.tag or read_latest_tag(checkpoint_root)
+    if tag is None:
+        raise UserError(f"{checkpoint_root / LATEST} not found: the run has no complete checkpoint yet")
+    if not (checkpoint_root / tag / TRAINER_STATE).is_file():
+        raise UserError(f"{checkpoint_root / tag} is not a complete checkpoint (no {TRAINER_STATE})")
+
+    model_config = AutoConfig.from_pretrained(str(run_dir / MODEL_CONFIG_FILE))
+    model = AutoModelForSeq2SeqLM.from_config(model_config)
+    state_dict = consolidated_state_dict(checkpoint_root, tag)
+    load_weights_strict(model, state_dict, str(checkpoint_root / tag))
+    model.tie_weights()
+
+    config.output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{config.output_dir.name}.", dir=config.output_dir.parent))
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        GenerationConfig(
+            decoder_start_token_id=model_config.decoder_start_token_id,
+            bos_token_id=model_config.bos_token_id,
+            eos_token_id=model_config.eos_token_id,
+            pad_token_id=model_config.pad_token_id,
+            forced_eos_token_id=model_config.eos_token_id,
+            max_length=128,
+        ).save_pretrained(str(staging))
+        write_tokenizer_files(run_dir / VOCAB_FILE, staging, model_config.max_position_embeddings)
+        trainer_state = json.loads((checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
+        write_json_atomic(staging / "export_info.json", {
+            "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"], "weights": "fp32 master weights",
+        })
+        if config.output_dir.exists():
+            shutil.rmtree(config.output_dir)
+        staging.replace(config.output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"export: {tag} of {run_dir} -> {config.output_dir}", file=sys.stderr)
+    return config.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(export, ExportConfig, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

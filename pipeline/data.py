@@ -1,0 +1,136 @@
+"""The training data path: memory-mapped example shards, a resumable sampler, a collator.
+
+Order is a pure function of (seed, epoch, consumed samples): resuming only needs the
+number of samples consumed, and every rank computes the same global permutation and
+takes its own slice, so no example is read twice or skipped within an epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data_tools.cli import UserError
+from data_tools.shards import load_manifest, open_shard, shard_paths
+
+
+class ExampleShards:
+    """Random access to (source_ids, target_ids) by global example index, zero-copy."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory, "mask")
+        self.columns: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        row_counts = []
+        for path, shard in zip(shard_paths(self.directory, self.manifest), self.manifest["shards"]):
+            table = open_shard(path).combine_chunks()
+            if table.num_rows != shard["rows"]:
+                raise UserError(f"{path} has {table.num_rows} rows, its manifest says {shard['rows']}; re-run mask")
+            source, target = table.column("source_ids").chunk(0), table.column("target_ids").chunk(0)
+            self.columns.append((
+                source.offsets.to_numpy(), source.values.to_numpy(zero_copy_only=True),
+                target.offsets.to_numpy(), target.values.to_numpy(zero_copy_only=True),
+            ))
+            row_counts.append(table.num_rows)
+        self.shard_starts = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.shard_starts[-1])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
+        row = index - int(self.shard_starts[shard])
+        source_offsets, source_values, target_offsets, target_values = self.columns[shard]
+        return (
+            source_values[source_offsets[row] : source_offsets[row + 1]],
+            target_values[target_offsets[row] : target_offsets[row + 1]],
+        )
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    consumed_samples: int = 0
+
+
+class ResumableDistributedSampler:
+    """Yields this rank's example indices, micro batch by micro batch, forever (epoch after epoch).
+
+    Each global step of ``micro_batch_size * world_size`` samples takes the next block of
+    the epoch's permutation; rank r gets rows [r*micro, (r+1)*micro) of the block. The
+    tail of an epoch that cannot fill a whole block is left out of that epoch (and
+    reported by :meth:`samples_dropped_per_epoch`).
+    """
+
+    def __init__(self, num_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
+                 consumed_samples: int = 0) -> None:
+        self.block = micro_batch_size * world_size
+        if num_examples < self.block:
+            raise UserError(
+                f"{num_examples} training examples cannot fill one step of micro_batch_size {micro_batch_size} "
+                f"x {world_size} ranks; lower --micro_batch_size or mask more data"
+            )
+        self.num_examples = num_examples
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.seed = seed
+        self.consumed_samples = consumed_samples
+        self.samples_per_epoch = (num_examples // self.block) * self.block
+
+    def samples_dropped_per_epoch(self) -> int:
+        return self.num_examples - self.samples_per_epoch
+
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            epoch, offset = divmod(self.consumed_samples, self.samples_per_epoch)
+            permutation = self.epoch_permutation(epoch)
+            for start in range(offset, self.samples_per_epoch, self.block):
+                first = start + self.rank * self.micro_batch_size
+                self.consumed_samples = start + self.block + epoch * self.samples_per_epoch
+                yield permutation[first : first + self.micro_batch_size].tolist()
+
+
+def _pad_to_multiple(length: int, multiple: int) -> int:
+    return (length + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class Seq2SeqCollator:
+    """Pads a batch (to a multiple of 8, for tensor cores) and builds the decoder inputs.
+
+    ``decoder_input_ids = [CLS] + target_ids[:-1]`` and ``labels = target_ids``, with
+    padding in labels set to -100 so the loss ignores it.
+    """
+
+    pad_id: int
+    decoder_start_id: int
+    pad_multiple: int = 8
+
+    def __call__(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+        source_length = _pad_to_multiple(max(len(s) for s, _ in examples), self.pad_multiple)
+        target_length = _pad_to_multiple(max(len(t) for _, t in examples), self.pad_multiple)
+        batch_size = len(examples)
+        input_ids = torch.full((batch_size, source_length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, source_length), dtype=torch.long)
+        decoder_input_ids = torch.full((batch_size, target_length), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, target_length), -100, dtype=torch.long)
+        for row, (source, target) in enumerate(examples):
+            source_t = torch.from_numpy(source.astype(np.int64))
+            target_t = torch.from_numpy(target.astype(np.int64))
+            input_ids[row, : len(source)] = source_t
+            attention_mask[row, : len(source)] = 1
+            labels[row, : len(target)] = target_t
+            decoder_input_ids[row, 0] = self.decoder_start_id
+            decoder_input_ids[row, 1 : len(target)] = target_t[:-1]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "decoder_input_ids": decoder_input_ids,
+            "labels": labels,
+        }

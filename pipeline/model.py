@@ -1,0 +1,107 @@
+"""Model building: HF configs shipped in the package, special ids from the data, fused norms.
+
+The architecture lives in a HuggingFace ``config.json`` (``pipeline/model_configs``);
+the vocab size and special token ids come from the vocab the data was tokenized with,
+so a config never disagrees with the corpus it is trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data_tools.cli import UserError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def packaged_model_configs() -> list[str]:
+    return sorted(path.stem for path in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def resolve_model_config_path(name_or_path: str | Path) -> Path:
+    """A packaged config name (``bart-tiny``) or a path to an HF config.json."""
+    candidate = Path(name_or_path)
+    if candidate.is_file():
+        return candidate
+    if candidate.is_dir() and (candidate / "config.json").is_file():
+        return candidate / "config.json"
+    packaged = MODEL_CONFIG_DIR / f"{name_or_path}.json"
+    if packaged.is_file():
+        return packaged
+    raise UserError(
+        f"model config {name_or_path!r} is neither a file nor one of the packaged configs "
+        f"({', '.join(packaged_model_configs())})"
+    )
+
+
+def load_model_config(name_or_path: str | Path, vocab_size: int, special_token_ids: dict[str, int]) -> Any:
+    """The HF config with vocab size and special ids taken from the training data's vocab."""
+    from transformers import AutoConfig
+
+    path = resolve_model_config_path(name_or_path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UserError(f"model config {path} is not valid JSON: {error}") from error
+    if values.get("model_type") not in ("bart", "pegasus"):
+        raise UserError(f"{path}: model_type must be 'bart' or 'pegasus', got {values.get('model_type')!r}")
+    values.update(
+        vocab_size=vocab_size,
+        pad_token_id=special_token_ids["[PAD]"],
+        bos_token_id=special_token_ids["[CLS]"],
+        decoder_start_token_id=special_token_ids["[CLS]"],
+        eos_token_id=special_token_ids["[SEP]"],
+        forced_eos_token_id=special_token_ids["[SEP]"],
+    )
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def build_model(config: Any) -> nn.Module:
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_config(config)
+
+
+def use_fused_layer_norm(model: nn.Module) -> str:
+    """Swap ``nn.LayerNorm`` for apex's ``FusedLayerNorm`` when apex is installed.
+
+    FusedLayerNorm has the same parameters and state_dict keys, so checkpoints and the
+    export do not depend on which kernel trained them. Returns the kernel's name.
+    """
+    try:
+        from apex.normalization import FusedLayerNorm
+    except ImportError:
+        return "torch.nn.LayerNorm (native kernel; apex not installed)"
+    if not torch.cuda.is_available():
+        return "torch.nn.LayerNorm (native kernel; apex's FusedLayerNorm needs CUDA)"
+    replaced = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm:
+                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine)
+                fused.load_state_dict(child.state_dict())
+                setattr(parent, name, fused.to(child.weight.device, child.weight.dtype))
+                replaced += 1
+    return f"apex.normalization.FusedLayerNorm ({replaced} layers)"
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: no decay on biases, norms and embeddings of positions."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]

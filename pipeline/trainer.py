@@ -1,0 +1,398 @@
+"""Stage 4, train: DeepSpeed ZeRO-2 pretraining of BART / PEGASUS on the mask stage's examples.
+
+Run it under any launcher (``deepspeed``, ``torchrun``) or as a single process. The
+output directory holds everything the export needs: the resolved configs, the vocab,
+and ``checkpoints/<tag>`` with ``checkpoints/latest`` replaced atomically only after
+every rank has finished writing. Relaunching the same command resumes from ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+
+from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
+from data_tools.tokenize_shards import VOCAB_FILE
+from data_tools.wordpiece import file_sha256
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Pretrain a BART or PEGASUS model with DeepSpeed ZeRO stage 2."""
+
+    data_dir: Path = required("Output directory of the mask stage (examples-*.arrow + manifest.json).")
+    output_dir: Path = required("Run directory: configs, vocab, metrics.jsonl and checkpoints/.")
+    model_config: str = option("bart-tiny", "Packaged config name (bart-tiny, bart-medium, bart-base, "
+                               "pegasus-tiny, pegasus-base) or a path to an HF config.json.")
+    deepspeed_config: Path = option(Path("ds_configs/zero2_bf16.json"),
+                                    "DeepSpeed JSON config; 'auto' batch sizes and optimizer values are filled in.")
+    micro_batch_size: int = option(8, "Examples per rank per forward pass (UER-py: --batch_size).")
+    gradient_accumulation_steps: int = option(1, "Micro batches per optimizer step.")
+    global_batch_size: int = option(0, "Examples per optimizer step over all ranks; 0 derives it as "
+                                    "micro_batch_size x gradient_accumulation_steps x ranks (and checks it if set).")
+    total_steps: int = option(1000, "Optimizer steps to train for (UER-py: --total_steps).")
+    learning_rate: float = option(1e-4, "Peak learning rate.")
+    warmup_steps: int = option(100, "Linear warmup steps from 0 to the peak learning rate.")
+    lr_decay: Literal["linear", "cosine", "constant"] = option("linear", "Decay after warmup, to min_lr_ratio x peak.")
+    min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak.")
+    weight_decay: float = option(0.01, "Decoupled weight decay (not applied to biases and norms).")
+    seed: int = option(7, "Seed for initialization, data order and dropout.")
+    save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
+    keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
+    log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
+    progress: bool = option(True, "Show a progress bar on rank 0.")
+    local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")
+
+    def __post_init__(self) -> None:
+        self.data_dir, self.output_dir = Path(self.data_dir), Path(self.output_dir)
+        self.deepspeed_config = Path(self.deepspeed_config)
+        positive = ("micro_batch_size", "gradient_accumulation_steps", "total_steps", "save_checkpoint_steps",
+                    "keep_last_checkpoints", "log_every_steps")
+        problems = [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            problems.append("--learning_rate must be positive, --warmup_steps >= 0, --min_lr_ratio in [0, 1]")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+# -- pure pieces ------------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> float:
+    """Learning-rate factor for optimizer step ``step`` (0-based): warmup, then decay."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def resolve_batch_sizes(config: TrainConfig, ds_config: dict, world_size: int, source: str) -> dict:
+    """Fill DeepSpeed's batch fields from the trainer's flags; a contradiction is an error.
+
+    micro_batch_size x gradient_accumulation_steps x world_size must equal the global batch.
+    """
+    derived = config.micro_batch_size * config.gradient_accumulation_steps * world_size
+    if config.global_batch_size and config.global_batch_size != derived:
+        raise UserError(
+            f"--global_batch_size {config.global_batch_size} != --micro_batch_size {config.micro_batch_size} x "
+            f"--gradient_accumulation_steps {config.gradient_accumulation_steps} x {world_size} ranks = {derived}; "
+            "fix one of them or pass --global_batch_size 0"
+        )
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": derived,
+    }
+    resolved = dict(ds_config)
+    for key, value in wanted.items():
+        current = resolved.get(key, "auto")
+        if current != "auto" and current != value:
+            raise UserError(
+                f"{source}: {key} is {current} but the trainer's flags give {value} "
+                f"(micro {config.micro_batch_size} x accumulation {config.gradient_accumulation_steps} x "
+                f"{world_size} ranks); set it to \"auto\" or make the flags agree"
+            )
+        resolved[key] = value
+    optimizer = resolved.get("optimizer")
+    if optimizer:
+        params = dict(optimizer.get("params", {}))
+        for key, value in (("lr", config.learning_rate), ("weight_decay", config.weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+        resolved["optimizer"] = {**optimizer, "params": params}
+    leftover = [key for key, value in _walk(resolved) if value == "auto"]
+    if leftover:
+        raise UserError(f"{source}: the trainer cannot fill \"auto\" for {', '.join(leftover)}; give a value")
+    return resolved
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def load_ds_config(path: Path) -> tuple[dict, Path]:
+    """Read a DeepSpeed config given relative to the working directory or the project."""
+    for candidate in (path, PROJECT_ROOT / path):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8")), candidate
+            except ValueError as error:
+                raise UserError(f"DeepSpeed config {candidate} is not valid JSON: {error}") from error
+    raise UserError(f"DeepSpeed config {path} not found; pass --deepspeed_config (see ds_configs/)")
+
+
+# -- distributed setup ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) under deepspeed/torchrun/Slurm, or a 1-process group."""
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        # DeepSpeed 0.19 does not read Slurm's variables: map them (srun starts one task per GPU).
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_init_required=True)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def read_latest_tag(checkpoint_root: Path) -> str | None:
+    """The tag ``latest`` points to, if it names a complete checkpoint; None for a fresh run."""
+    latest = checkpoint_root / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text(encoding="utf-8").strip()
+    if not (checkpoint_root / tag / TRAINER_STATE).is_file():
+        raise UserError(
+            f"{latest} points to {tag!r}, which is not a complete checkpoint under {checkpoint_root}; "
+            "point it at an existing tag or delete it to start over"
+        )
+    return tag
+
+
+def save_checkpoint(engine: Any, config: TrainConfig, trainer_state: dict, rank: int) -> str:
+    """Write the checkpoint under its tag, wait for every rank, then move ``latest`` to it."""
+    import torch.distributed as dist
+
+    root = config.output_dir / CHECKPOINTS
+    tag = f"step{trainer_state['step']:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": trainer_state}, save_latest=False)
+    torch.save(rng_state(), root / tag / f"rng_state_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        write_json_atomic(root / tag / TRAINER_STATE, trainer_state)  # marks the tag complete
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(tag, encoding="utf-8")
+        tmp.replace(root / LATEST)
+        tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[: -config.keep_last_checkpoints]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any, ds_config: dict) -> None:
+    """Rank 0 writes what the export and a resume need; a resume checks nothing changed."""
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    previous = config.output_dir / "train_config.json"
+    resolved = config_to_dict(config)
+    if previous.is_file():
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        changed = [k for k in ("data_dir", "model_config", "micro_batch_size", "seed") if old.get(k) != resolved[k]]
+        if changed:
+            raise UserError(
+                f"{config.output_dir} holds a run with different {', '.join(changed)}; "
+                "use a new --output_dir or the original flags to resume"
+            )
+    write_json_atomic(previous, resolved)
+    write_json_atomic(config.output_dir / "ds_config.json", ds_config)
+    model_config.to_json_file(config.output_dir / MODEL_CONFIG_FILE)
+    shutil.copyfile(config.data_dir / VOCAB_FILE, config.output_dir / VOCAB_FILE)
+    write_json_atomic(config.output_dir / "data_manifest.json", data_manifest)
+
+
+def train(config: TrainConfig) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.data import ExampleShards, ResumableDistributedSampler, Seq2SeqCollator
+    from pipeline.model import build_model, load_model_config, use_fused_layer_norm, weight_decay_groups
+
+    dataset = ExampleShards(config.data_dir)  # validates the data before any process group exists
+    vocab = dataset.manifest["vocab"]
+    vocab_path = config.data_dir / VOCAB_FILE
+    if not vocab_path.is_file() or file_sha256(vocab_path) != vocab["sha256"]:
+        raise UserError(f"{vocab_path} is missing or differs from the vocab the examples were tokenized with")
+    raw_ds_config, ds_config_path = load_ds_config(config.deepspeed_config)
+
+    rank, world_size, local_rank = init_distributed()
+    ds_config = resolve_batch_sizes(config, raw_ds_config, world_size, str(ds_config_path))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu" and "fp16" in ds_config and ds_config["fp16"].get("enabled"):
+        raise UserError(f"{ds_config_path}: fp16 needs a GPU; use ds_configs/cpu_zero2.json on a CPU machine")
+
+    model_config = load_model_config(config.model_config, vocab["size"], vocab["special_token_ids"])
+    if rank == 0:
+        prepare_run_dir(config, dataset.manifest, model_config, ds_config)
+    dist.barrier()
+
+    seed_everything(config.seed)
+    model = build_model(model_config)
+    norm_kernel = use_fused_layer_norm(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+    def schedule(optimizer: Any) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+            step, config.total_steps, config.warmup_steps, config.lr_decay, config.min_lr_ratio))
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=weight_decay_groups(model, config.weight_decay),
+        lr_scheduler=schedule,
+        config=ds_config,
+    )
+    checkpoint_root = config.output_dir / CHECKPOINTS
+    state = {"step": 0, "consumed_samples": 0}
+    tag = read_latest_tag(checkpoint_root)
+    if tag is not None:
+        _, client_state = engine.load_checkpoint(str(checkpoint_root), tag=tag)
+        state = dict(client_state["trainer_state"])
+        rng_file = checkpoint_root / tag / f"rng_state_rank{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    if rank == 0:
+        precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+        print(
+            f"train: {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
+            f"ZeRO stage {engine.zero_optimization_stage()} {precision} on {world_size} x "
+            f"{accelerator.device_name()} | optimizer {type(engine.optimizer.optimizer if hasattr(engine.optimizer, 'optimizer') else optimizer).__name__} | "
+            f"layer norm {norm_kernel} | global batch {ds_config['train_batch_size']} | "
+            + (f"resuming from {tag} (step {state['step']})" if tag else "fresh start"),
+            file=sys.stderr,
+        )
+    sampler = ResumableDistributedSampler(
+        len(dataset), config.micro_batch_size, rank, world_size, config.seed, state["consumed_samples"]
+    )
+    collate = Seq2SeqCollator(pad_id=model_config.pad_token_id, decoder_start_id=model_config.decoder_start_token_id)
+    batches = ({k: v.to(engine.device) for k, v in collate([dataset[i] for i in indices]).items()} for indices in sampler)
+    fit(engine, scheduler, batches, config, state, rank, world_size)
+    return state
+
+
+def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfig, state: dict, rank: int,
+        world_size: int) -> None:
+    """The loop: forward, backward, step; logging and checkpoints on their schedules."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    global_batch = config.micro_batch_size * config.gradient_accumulation_steps * world_size
+    bar = tqdm(total=config.total_steps, initial=state["step"], desc="train", unit=" steps", file=sys.stderr,
+               disable=rank != 0 or not config.progress, mininterval=1.0)
+    window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter(), "steps": 0}
+    engine.train()
+    while state["step"] < config.total_steps:
+        for _ in range(config.gradient_accumulation_steps):
+            batch = next(batches)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.detach().float().item()  # device-to-host sync, once per micro batch
+            window["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+        state["step"] += 1
+        state["consumed_samples"] += global_batch
+        window["steps"] += 1
+        bar.update(1)
+        maybe_log(engine, scheduler, config, state, window, rank, world_size, bar)
+        if state["step"] % config.save_checkpoint_steps == 0 or state["step"] == config.total_steps:
+            save_checkpoint(engine, config, {**state, "world_size": world_size}, rank)
+    bar.close()
+    dist.barrier()
+
+
+def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: dict, window: dict, rank: int,
+              world_size: int, bar: Any) -> None:
+    import torch.distributed as dist
+
+    if state["step"] % config.log_every_steps and state["step"] != config.total_steps:
+        return
+    totals = torch.tensor([window["loss"], float(window["tokens"])], dtype=torch.float64)
+    dist.all_reduce(totals)
+    micro_batches = window["steps"] * config.gradient_accumulation_steps * world_size
+    loss = totals[0].item() / max(1, micro_batches)
+    if not math.isfinite(loss):
+        raise UserError(
+            f"loss is {loss} at step {state['step']}; stopping before it reaches a checkpoint "
+            f"(the last good one stays in {config.output_dir / CHECKPOINTS}); lower --learning_rate"
+        )
+    elapsed = time.perf_counter() - window["start"]
+    grad_norm = engine.get_global_grad_norm()
+    record = {
+        "step": state["step"],
+        "loss": round(loss, 6),
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens_per_s": round(totals[1].item() / elapsed, 1),
+        "samples_per_s": round(window["steps"] * config.micro_batch_size * config.gradient_accumulation_steps
+                               * world_size / elapsed, 2),
+        "consumed_samples": state["consumed_samples"],
+    }
+    if rank == 0:
+        with open(config.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        if not config.progress:
+            print(f"step {record['step']}: loss {loss:.4f} lr {record['lr']:.3e} "
+                  f"{record['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    window.update(loss=0.0, tokens=0, start=time.perf_counter(), steps=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(train, TrainConfig, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
