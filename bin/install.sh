@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv in the project root (if missing) and installs the project with every
+# extra into it: data stages, DeepSpeed trainer, test tools. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-data,train,test}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS}]"
+echo "installed into $(pwd)/.venv ($(.venv/bin/python -c 'import torch, deepspeed, transformers; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")'))"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Stage 4: DeepSpeed ZeRO-2 training. NUM_RANKS processes on this node; for several
+# nodes pass the launcher's flags through LAUNCHER_ARGS (e.g. "--hostfile hostfile").
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+DATA_DIR=${DATA_DIR:-work/examples-bart}
+RUN_DIR=${RUN_DIR:-work/run-bart}
+MODEL_CONFIG=${MODEL_CONFIG:-bart-tiny}
+NUM_RANKS=${NUM_RANKS:-2}
+MASTER_PORT=${MASTER_PORT:-29500}
+LAUNCHER_ARGS=${LAUNCHER_ARGS:-}
+if [ "${DS_ACCELERATOR:-}" = cpu ]; then DS_CONFIG=${DS_CONFIG:-$ROOT/ds_configs/cpu_zero2.json}; fi
+DS_CONFIG=${DS_CONFIG:-$ROOT/ds_configs/zero2_bf16.json}
+deepspeed --num_gpus "$NUM_RANKS" --master_port "$MASTER_PORT" $LAUNCHER_ARGS "$ROOT/pipeline/trainer.py" \
+  --data_dir "$DATA_DIR" --output_dir "$RUN_DIR" --model_config "$MODEL_CONFIG" --deepspeed_config "$DS_CONFIG" "$@"
