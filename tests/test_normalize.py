@@ -1,0 +1,24 @@
+from data_tools.normalize import cjk_ratio, normalize_text
+
+
+def test_fullwidth_letters_and_digits_fold_but_chinese_punctuation_stays():
+    assert normalize_text("ＡＢＣ１２３，。！") == "ABC123，。！"
+
+
+def test_nfkc_is_opt_in_and_folds_punctuation():
+    assert normalize_text("，", unicode_form="NFKC") == ","
+
+
+def test_html_urls_emails_control_and_zero_width_are_removed():
+    text = "<p>内容&amp;丰富</p>访问https://example.com/a?b=1了解，邮件a.b@example.com。零\u200b宽\x07"
+    assert normalize_text(text) == "内容&丰富 访问 了解，邮件 。零宽"
+
+
+def test_whitespace_collapses_and_blank_lines_drop_but_newlines_stay():
+    assert normalize_text("  多余   的\t空格 \n\n\n第二行\u3000\u3000结束 ") == "多余 的 空格\n第二行 结束"
+
+
+def test_cjk_ratio_counts_visible_characters():
+    assert cjk_ratio("中文ab") == 0.5
+    assert cjk_ratio("") == 0.0
+    assert cjk_ratio("english only") == 0.0
