@@ -159,6 +159,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launcher_world_size() -> int:
+    """Number of ranks the launcher started (deepspeed/torchrun: WORLD_SIZE; Slurm: SLURM_NTASKS)."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) under deepspeed/torchrun/Slurm, or a 1-process group."""
     import deepspeed
@@ -266,12 +271,13 @@ def train(config: TrainConfig) -> dict:
     if not vocab_path.is_file() or file_sha256(vocab_path) != vocab["sha256"]:
         raise UserError(f"{vocab_path} is missing or differs from the vocab the examples were tokenized with")
     raw_ds_config, ds_config_path = load_ds_config(config.deepspeed_config)
-
-    rank, world_size, local_rank = init_distributed()
-    ds_config = resolve_batch_sizes(config, raw_ds_config, world_size, str(ds_config_path))
+    # Checked before any process group exists, so a bad config fails fast on every rank.
+    ds_config = resolve_batch_sizes(config, raw_ds_config, launcher_world_size(), str(ds_config_path))
     accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu" and "fp16" in ds_config and ds_config["fp16"].get("enabled"):
+    if accelerator.device_name() == "cpu" and ds_config.get("fp16", {}).get("enabled"):
         raise UserError(f"{ds_config_path}: fp16 needs a GPU; use ds_configs/cpu_zero2.json on a CPU machine")
+
+    rank, world_size, _ = init_distributed()
 
     model_config = load_model_config(config.model_config, vocab["size"], vocab["special_token_ids"])
     if rank == 0:

@@ -1,0 +1,65 @@
+import pyarrow as pa
+import pytest
+
+from data_tools.clean import CleanConfig, clean
+from data_tools.cli import UserError
+from data_tools.mask import MaskConfig, mask
+from data_tools.shards import open_shard
+from data_tools.tokenize_shards import TokenizeConfig, tokenize
+
+
+@pytest.fixture(scope="module")
+def tokenized_dir(tmp_path_factory, clue_lines_file, google_vocab):
+    root = tmp_path_factory.mktemp("mask")
+    clean(CleanConfig(input_paths=[clue_lines_file], output_dir=root / "clean", progress=False))
+    tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab,
+                            progress=False))
+    return root / "tok"
+
+
+def rows(directory, manifest):
+    tables = [open_shard(directory / s["file"]) for s in manifest["shards"]]
+    return [(s, t) for table in tables for s, t in zip(table.column("source_ids").to_pylist(),
+                                                        table.column("target_ids").to_pylist())]
+
+
+@pytest.mark.parametrize("target", ["bart", "gsg"])
+def test_examples_follow_the_data_contract(tmp_path, tokenized_dir, target):
+    out = tmp_path / target
+    manifest = mask(MaskConfig(input_dir=tokenized_dir, output_dir=out, target=target, seq_length=128,
+                               tgt_seq_length=48, progress=False))
+    schema = open_shard(out / manifest["shards"][0]["file"]).schema
+    assert schema.field("source_ids").type == pa.list_(pa.uint16())
+    examples = rows(out, manifest)
+    assert len(examples) == manifest["counts"]["examples"] > 1000
+    for source, target_ids in examples:
+        assert source[0] == 101 and source[-1] == 102 and 101 not in target_ids[:-1]
+        assert target_ids[-1] == 102 and len(source) <= 128
+        if round(0.3 * (len(target_ids) - 1)) >= 1:  # a 1-token chunk has nothing to mask
+            assert 103 in source
+    if target == "gsg":
+        assert max(len(t) for _, t in examples) <= 48
+    assert manifest["target"] == target and manifest["config"]["seed"] == 7
+    assert (out / "vocab.txt").is_file()
+
+
+def test_output_is_deterministic_and_dup_factor_gives_different_masks(tmp_path, tokenized_dir):
+    one = mask(MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path / "a", target="bart", seq_length=128,
+                          progress=False))
+    again = mask(MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path / "b", target="bart", seq_length=128,
+                            progress=False))
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in again["shards"]]
+    two = mask(MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path / "c", target="bart", seq_length=128,
+                          dup_factor=2, progress=False))
+    examples = rows(tmp_path / "c", two)
+    half = len(examples) // 2
+    assert len(examples) == 2 * one["counts"]["examples"]
+    assert [t for _, t in examples[:half]] == [t for _, t in examples[half:]]  # same targets
+    assert [s for s, _ in examples[:half]] != [s for s, _ in examples[half:]]  # different masks
+
+
+def test_bad_flags_are_user_errors(tmp_path, tokenized_dir):
+    with pytest.raises(UserError, match="mask_ratio"):
+        MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path, target="bart", mask_ratio=1.5)
+    with pytest.raises(UserError, match="written by stage 'clean'"):
+        mask(MaskConfig(input_dir=tokenized_dir.parent / "clean", output_dir=tmp_path / "x", target="bart"))

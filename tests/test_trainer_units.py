@@ -1,0 +1,128 @@
+"""The trainer's pure pieces: schedule, batch-size resolution, shipped DeepSpeed configs,
+the resumable sampler, the collator and the packaged model configs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.cli import UserError
+from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator
+from pipeline.model import build_model, load_model_config, packaged_model_configs, weight_decay_groups
+from pipeline.trainer import TrainConfig, lr_multiplier, resolve_batch_sizes
+from tests.conftest import PROJECT_ROOT
+
+DS_CONFIGS = sorted((PROJECT_ROOT / "ds_configs").glob("*.json"))
+SPECIAL = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+
+
+def make_config(**overrides) -> TrainConfig:
+    return TrainConfig(data_dir=Path("d"), output_dir=Path("o"), **overrides)
+
+
+def test_warmup_then_linear_and_cosine_decay():
+    assert lr_multiplier(0, 100, 10, "linear", 0.0) == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, 10, "linear", 0.0) == pytest.approx(1.0)
+    assert lr_multiplier(55, 100, 10, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(100, 100, 10, "linear", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(50, 100, 10, "constant", 0.0) == 1.0
+
+
+def test_batch_sizes_are_derived_once_and_contradictions_name_the_field():
+    config = make_config(micro_batch_size=4, gradient_accumulation_steps=2)
+    resolved = resolve_batch_sizes(config, {"train_batch_size": "auto", "optimizer": {"params": {"lr": "auto"}}},
+                                   world_size=2, source="x.json")
+    assert resolved["train_batch_size"] == 16 and resolved["train_micro_batch_size_per_gpu"] == 4
+    assert resolved["optimizer"]["params"]["lr"] == config.learning_rate
+    with pytest.raises(UserError, match="x.json: train_batch_size is 32"):
+        resolve_batch_sizes(config, {"train_batch_size": 32}, world_size=2, source="x.json")
+    with pytest.raises(UserError, match="--global_batch_size 10"):
+        resolve_batch_sizes(make_config(global_batch_size=10), {}, world_size=1, source="x.json")
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_resolve_and_keep_the_required_settings(path):
+    raw = json.loads(path.read_text())
+    resolved = resolve_batch_sizes(make_config(micro_batch_size=8, gradient_accumulation_steps=4), raw, 8, str(path))
+    assert resolved["train_batch_size"] == 8 * 4 * 8
+    zero = resolved["zero_optimization"]
+    assert zero["stage"] == 2 and zero["round_robin_gradients"] is False and zero["contiguous_gradients"] is True
+    assert resolved["optimizer"]["type"] == "AdamW"
+    if "offload_optimizer" not in zero:
+        assert resolved["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's FusedAdam
+    if path.name != "cpu_zero2.json":
+        assert zero["overlap_comm"] is True
+    if resolved.get("bf16", {}).get("enabled"):
+        assert resolved["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_shipped_configs_include_bf16_fp16_offload_and_cpu():
+    names = {p.name for p in DS_CONFIGS}
+    assert {"zero2_bf16.json", "zero2_fp16.json", "zero2_bf16_offload.json", "cpu_zero2.json"} <= names
+
+
+def test_sampler_covers_each_epoch_once_across_ranks_and_resumes_exactly():
+    def take(rank, consumed, steps):
+        sampler = iter(ResumableDistributedSampler(103, 4, rank, 2, seed=5, consumed_samples=consumed))
+        return [next(sampler) for _ in range(steps)]
+
+    epoch_steps = 103 // 8
+    seen = [i for step in range(epoch_steps) for rank in (0, 1) for i in take(rank, 0, epoch_steps)[step]]
+    assert len(seen) == len(set(seen)) == epoch_steps * 8
+    # Resuming after 5 steps continues exactly where the uninterrupted run is.
+    assert take(0, 5 * 8, 10) == take(0, 0, 15)[5:]
+    # The next epoch is a different permutation.
+    assert take(0, 0, epoch_steps + 1)[-1] != take(0, 0, 1)[0]
+
+
+def test_sampler_refuses_too_little_data():
+    with pytest.raises(UserError, match="cannot fill one step"):
+        ResumableDistributedSampler(3, 4, 0, 1, seed=0)
+
+
+def test_collator_pads_to_multiple_of_8_and_shifts_decoder_inputs():
+    batch = Seq2SeqCollator(pad_id=0, decoder_start_id=101)([
+        (np.array([101, 5, 6, 102], np.uint16), np.array([7, 8, 102], np.uint16)),
+        (np.array([101, 9, 102], np.uint16), np.array([10, 102], np.uint16)),
+    ])
+    assert batch["input_ids"].shape == (2, 8) and batch["labels"].shape == (2, 8)
+    assert batch["decoder_input_ids"][0, :3].tolist() == [101, 7, 8]
+    assert batch["labels"][0, :4].tolist() == [7, 8, 102, -100]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("name", packaged_model_configs())
+def test_packaged_model_configs_take_vocab_and_special_ids_from_the_data(name):
+    config = load_model_config(name, vocab_size=21128, special_token_ids=SPECIAL)
+    assert config.model_type in ("bart", "pegasus")
+    assert (config.pad_token_id, config.decoder_start_token_id, config.eos_token_id) == (0, 101, 102)
+    if config.model_type == "pegasus":
+        assert config.scale_embedding and config.activation_function == "relu"
+    else:
+        assert not config.scale_embedding and config.activation_function == "gelu"
+
+
+def test_seed_architectures_match_the_published_models():
+    bart = load_model_config("bart-medium", 21128, SPECIAL)
+    assert (bart.encoder_layers, bart.decoder_layers, bart.d_model, bart.encoder_attention_heads,
+            bart.encoder_ffn_dim) == (4, 4, 768, 12, 3072)
+    pegasus = load_model_config("pegasus-base", 21128, SPECIAL)
+    assert (pegasus.encoder_layers, pegasus.decoder_layers, pegasus.d_model) == (12, 12, 768)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = build_model(load_model_config("bart-tiny", 500, SPECIAL))
+    decay, no_decay = weight_decay_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] or names[id(p)].endswith("bias") for p in no_decay["params"])
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert isinstance(decay["params"][0], torch.nn.Parameter)
+
+
+def test_unknown_model_config_is_a_user_error():
+    with pytest.raises(UserError, match="packaged configs"):
+        load_model_config("gpt-huge", 100, SPECIAL)
