@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# DeepSpeed picks its accelerator at import; without a GPU the tests use its CPU one.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -54,7 +58,7 @@ def tiny_vocab() -> Path:
 def deepspeed_env() -> dict[str, str]:
     """DeepSpeed on CPU ranks, with its JIT-built ops cached across test runs."""
     env = dict(os.environ)
-    env["DS_ACCELERATOR"] = "cpu"
+    env["DS_ACCELERATOR"] = "cpu"  # the multi-process tests run on CPU ranks (gloo)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".torch_extensions"))
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
