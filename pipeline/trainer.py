@@ -237,20 +237,24 @@ def save_checkpoint(engine: Any, config: TrainConfig, trainer_state: dict, rank:
 # -- the run -------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any, ds_config: dict) -> None:
-    """Rank 0 writes what the export and a resume need; a resume checks nothing changed."""
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+def check_resumable(config: TrainConfig) -> None:
+    """A run directory can only be continued with the flags that define its data and model."""
     previous = config.output_dir / "train_config.json"
-    resolved = config_to_dict(config)
-    if previous.is_file():
-        old = json.loads(previous.read_text(encoding="utf-8"))
-        changed = [k for k in ("data_dir", "model_config", "micro_batch_size", "seed") if old.get(k) != resolved[k]]
-        if changed:
-            raise UserError(
-                f"{config.output_dir} holds a run with different {', '.join(changed)}; "
-                "use a new --output_dir or the original flags to resume"
-            )
-    write_json_atomic(previous, resolved)
+    if not previous.is_file():
+        return
+    old, resolved = json.loads(previous.read_text(encoding="utf-8")), config_to_dict(config)
+    changed = [k for k in ("data_dir", "model_config", "micro_batch_size", "seed") if old.get(k) != resolved[k]]
+    if changed:
+        raise UserError(
+            f"{config.output_dir} holds a run with different {', '.join(changed)}; "
+            "use a new --output_dir or the original flags to resume"
+        )
+
+
+def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any, ds_config: dict) -> None:
+    """Rank 0 writes what the export and a resume need."""
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(config.output_dir / "train_config.json", config_to_dict(config))
     write_json_atomic(config.output_dir / "ds_config.json", ds_config)
     model_config.to_json_file(config.output_dir / MODEL_CONFIG_FILE)
     shutil.copyfile(config.data_dir / VOCAB_FILE, config.output_dir / VOCAB_FILE)
@@ -271,6 +275,7 @@ def train(config: TrainConfig) -> dict:
     if not vocab_path.is_file() or file_sha256(vocab_path) != vocab["sha256"]:
         raise UserError(f"{vocab_path} is missing or differs from the vocab the examples were tokenized with")
     raw_ds_config, ds_config_path = load_ds_config(config.deepspeed_config)
+    check_resumable(config)
     # Checked before any process group exists, so a bad config fails fast on every rank.
     ds_config = resolve_batch_sizes(config, raw_ds_config, launcher_world_size(), str(ds_config_path))
     accelerator = get_accelerator()
@@ -315,7 +320,7 @@ def train(config: TrainConfig) -> dict:
         print(
             f"train: {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
             f"ZeRO stage {engine.zero_optimization_stage()} {precision} on {world_size} x "
-            f"{accelerator.device_name()} | optimizer {type(engine.optimizer.optimizer if hasattr(engine.optimizer, 'optimizer') else optimizer).__name__} | "
+            f"{accelerator.device_name()} | optimizer {type(getattr(optimizer, 'optimizer', optimizer)).__name__} | "
             f"layer norm {norm_kernel} | global batch {ds_config['train_batch_size']} | "
             + (f"resuming from {tag} (step {state['step']})" if tag else "fresh start"),
             file=sys.stderr,

@@ -109,3 +109,22 @@ def test_users_load_the_export_with_bert_tokenizer_and_auto_classes(chain, targe
     assert AutoTokenizer.from_pretrained(str(export)).convert_tokens_to_ids("[SEP]") == 102
     assert type(AutoModelForSeq2SeqLM.from_pretrained(str(export))).__name__ == TARGETS[target]
     assert isinstance(run_snippet(export), str)
+
+
+def test_relaunching_the_same_command_resumes_from_latest(chain, tmp_path):
+    import shutil
+
+    run = tmp_path / "run-bart"
+    shutil.copytree(chain["bart"] / "run-bart", run)
+    result = run_command([
+        "deepspeed", "--num_gpus", "2", "--master_port", "29640", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+        "--data_dir", str(chain["bart"] / "examples-bart"), "--output_dir", str(run),
+        "--model_config", "bart-tiny", "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"),
+        "--total_steps", "8", "--save_checkpoint_steps", "2", "--keep_last_checkpoints", "2",
+        "--micro_batch_size", "4", "--log_every_steps", "2", "--no-progress",
+    ])
+    assert "resuming from step00000006 (step 6)" in result.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step00000008"
+    state = json.loads((run / "checkpoints" / "step00000008" / "trainer_state.json").read_text())
+    assert state["consumed_samples"] == 8 * 4 * 2
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [2, 4, 6, 8]
