@@ -32,7 +32,7 @@ from data_tools.noising import (
     pack_sentences,
     select_gap_sentences,
 )
-from data_tools.shards import ArrowShardWriter, id_type_for_vocab, iter_rows, list_array, load_manifest
+from data_tools.shards import RollingShardWriter, id_type_for_vocab, iter_rows, list_array, load_manifest
 from data_tools.tokenize_shards import VOCAB_FILE
 from data_tools.wordpiece import file_sha256
 
@@ -99,54 +99,28 @@ def mask(config: MaskConfig) -> dict:
     id_type = id_type_for_vocab(tokenized["vocab"]["size"])
     schema = pa.schema([pa.field("source_ids", pa.list_(id_type)), pa.field("target_ids", pa.list_(id_type))])
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in config.output_dir.glob("examples-*.arrow"):
-        stale.unlink()
-
-    shards: list[dict] = []
+    writer = RollingShardWriter(
+        config.output_dir, "examples", schema, config.examples_per_shard, config.batch_rows,
+        to_columns=lambda examples: {"source_ids": list_array([s for s, _ in examples], id_type),
+                                     "target_ids": list_array([t for _, t in examples], id_type)},
+        row_stats=lambda example: {"source_tokens": len(example[0]), "target_tokens": len(example[1])},
+    )
     skipped: Counter[str] = Counter()
-    writer: ArrowShardWriter | None = None
-    pending: list[tuple[list[int], list[int]]] = []
-    shard_tokens = {"source_tokens": 0, "target_tokens": 0}
     documents = tokenized["counts"]["documents_kept"]
     bar = tqdm(
         total=documents * config.dup_factor, desc=f"mask {config.target}", unit=" docs",
         disable=not config.progress, file=sys.stderr, mininterval=1.0,
     )
-
-    def flush() -> None:
-        nonlocal pending
-        if pending:
-            writer.write({
-                "source_ids": list_array([s for s, _ in pending], id_type),
-                "target_ids": list_array([t for _, t in pending], id_type),
-            })
-            shard_tokens["source_tokens"] += sum(len(s) for s, _ in pending)
-            shard_tokens["target_tokens"] += sum(len(t) for _, t in pending)
-            pending = []
-
-    def close_shard() -> None:
-        nonlocal writer
-        flush()
-        if writer is not None:
-            shards.append({**writer.close(), **shard_tokens})
-        writer = None
-        shard_tokens.update(source_tokens=0, target_tokens=0)
-
     for pass_index in range(config.dup_factor):
         for document_index, sentences in enumerate(iter_rows(config.input_dir, tokenized, "sentences")):
             bar.update(1)
-            examples, reason = mask_document(sentences, document_rng(config.seed, pass_index, document_index), config, special)
+            rng = document_rng(config.seed, pass_index, document_index)
+            examples, reason = mask_document(sentences, rng, config, special)
             if reason:
                 skipped[reason] += 1
             for example in examples:
-                if writer is None:
-                    writer = ArrowShardWriter(config.output_dir / f"examples-{len(shards):05d}.arrow", schema)
-                pending.append(example)
-                if len(pending) >= config.batch_rows:
-                    flush()
-                if writer.rows + len(pending) >= config.examples_per_shard:
-                    close_shard()
-    close_shard()
+                writer.add(example)
+    shards = writer.close()
     bar.close()
 
     total = sum(shard["rows"] for shard in shards)

@@ -8,8 +8,9 @@ opening a shard costs nothing and rows are paged in on demand.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -100,3 +101,56 @@ def iter_rows(directory: Path, manifest: dict, column: str) -> Iterator[list]:
         table = open_shard(path)
         for batch in table.column(column).chunks:
             yield from batch.to_pylist()
+
+
+class RollingShardWriter:
+    """Buffers rows, writes them as record batches, and starts a new numbered shard every
+    ``rows_per_shard`` rows. Each finished shard is described by its file, row count,
+    sha256 and the totals of ``row_stats`` over its rows (e.g. token counts)."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        prefix: str,
+        schema: pa.Schema,
+        rows_per_shard: int,
+        batch_rows: int,
+        to_columns: Callable[[list], dict[str, pa.Array]],
+        row_stats: Callable[[Any], dict[str, int]] = lambda row: {},
+    ) -> None:
+        self.output_dir, self.prefix, self.schema = Path(output_dir), prefix, schema
+        self.rows_per_shard, self.batch_rows = rows_per_shard, batch_rows
+        self.to_columns, self.row_stats = to_columns, row_stats
+        self.shards: list[dict] = []
+        self._writer: ArrowShardWriter | None = None
+        self._pending: list = []
+        self._stats: Counter[str] = Counter()
+        for stale in self.output_dir.glob(f"{prefix}-*.arrow"):
+            stale.unlink()
+
+    def add(self, row: Any) -> None:
+        if self._writer is None:
+            path = self.output_dir / f"{self.prefix}-{len(self.shards):05d}.arrow"
+            self._writer = ArrowShardWriter(path, self.schema)
+        self._pending.append(row)
+        self._stats.update(self.row_stats(row))
+        if len(self._pending) >= self.batch_rows:
+            self._flush()
+        if self._writer.rows + len(self._pending) >= self.rows_per_shard:
+            self._close_shard()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write(self.to_columns(self._pending))
+            self._pending = []
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._flush()
+        self.shards.append({**self._writer.close(), **self._stats})
+        self._writer, self._stats = None, Counter()
+
+    def close(self) -> list[dict]:
+        self._close_shard()
+        return self.shards

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
 from data_tools.sentences import split_sentences
-from data_tools.shards import ArrowShardWriter, id_type_for_vocab, list_array, load_manifest, shard_paths
+from data_tools.shards import RollingShardWriter, id_type_for_vocab, list_array, load_manifest, shard_paths
 from data_tools.wordpiece import BertWordPieceEncoder, file_sha256
 
 STAGE = "tokenize"
@@ -73,30 +73,14 @@ def tokenize(config: TokenizeConfig) -> dict:
     id_type = id_type_for_vocab(encoder.vocab_size)
     schema = pa.schema([pa.field("sentences", pa.list_(pa.list_(id_type)))])
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in config.output_dir.glob("tokenized-*.arrow"):
-        stale.unlink()
-
-    shards: list[dict] = []
+    writer = RollingShardWriter(
+        config.output_dir, "tokenized", schema, config.documents_per_shard, config.batch_rows,
+        to_columns=lambda documents: {"sentences": sentences_array(documents, id_type)},
+        row_stats=lambda document: {"sentences": len(document), "tokens": sum(map(len, document))},
+    )
     dropped: Counter[str] = Counter()
     read = 0
-    writer: ArrowShardWriter | None = None
-    pending: list[list[list[int]]] = []
-    shard_sentences = shard_tokens = 0
     bar = tqdm(desc="tokenize", unit=" docs", disable=not config.progress, file=sys.stderr, mininterval=1.0)
-
-    def flush() -> None:
-        nonlocal pending
-        if pending:
-            writer.write({"sentences": sentences_array(pending, id_type)})
-            pending = []
-
-    def close_shard() -> None:
-        nonlocal writer, shard_sentences, shard_tokens
-        flush()
-        if writer is not None:
-            shards.append({**writer.close(), "sentences": shard_sentences, "tokens": shard_tokens})
-        writer, shard_sentences, shard_tokens = None, 0, 0
-
     for input_path in inputs:
         with open(input_path, encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
@@ -109,19 +93,11 @@ def tokenize(config: TokenizeConfig) -> dict:
                         f"{input_path}:{line_number}: not a {{'text': ...}} line ({error}); re-run clean"
                     ) from error
                 document = tokenize_document(text, encoder)
-                if not document:
+                if document:
+                    writer.add(document)
+                else:
                     dropped["no_tokens"] += 1
-                    continue
-                if writer is None:
-                    writer = ArrowShardWriter(config.output_dir / f"tokenized-{len(shards):05d}.arrow", schema)
-                pending.append(document)
-                shard_sentences += len(document)
-                shard_tokens += sum(map(len, document))
-                if len(pending) >= config.batch_rows:
-                    flush()
-                if writer.rows + len(pending) >= config.documents_per_shard:
-                    close_shard()
-    close_shard()
+    shards = writer.close()
     bar.close()
 
     kept = sum(shard["rows"] for shard in shards)
