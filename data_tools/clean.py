@@ -10,16 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 from tqdm import tqdm
 
 from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
-from data_tools.normalize import cjk_ratio, normalize_text
-from data_tools.raw_input import expand_input_paths, iter_documents
+from data_tools.normalize import (
+    TraditionalToSimplified,
+    cjk_ratio,
+    normalize_text,
+    repeated_char_ratio,
+    repeated_line_ratio,
+)
+from data_tools.parallel import chunked, ordered_map
+from data_tools.raw_input import RawDocument, expand_input_paths, iter_documents
 
 STAGE = "clean"
 
@@ -46,7 +54,23 @@ class CleanConfig:
     min_chars: int = option(5, "Drop documents shorter than this after normalization (too_short).")
     max_chars: int = option(200_000, "Drop documents longer than this after normalization (too_long).")
     min_cjk_ratio: float = option(0.3, "Drop documents whose share of CJK characters is below this (low_cjk_ratio).")
+    traditional_to_simplified: bool = option(False, "Convert Traditional to Simplified Chinese with OpenCC (t2s).")
+    max_repeated_line_ratio: float = option(
+        0.3, "Drop documents whose share of lines repeating an earlier line exceeds this (repeated_lines).")
+    max_repeated_char_ratio: float = option(
+        0.2, "Drop documents whose share of characters in runs of 4+ identical characters exceeds this "
+        "(repeated_chars).")
     deduplicate: bool = option(True, "Drop exact duplicates of an earlier normalized document (duplicate).")
+    near_dedup_threshold: float = option(
+        0.0, "Drop near-duplicates: MinHash LSH (datasketch) on character 5-grams with this Jaccard threshold, "
+        "e.g. 0.8 (near_duplicate); 0 turns it off.")
+    minhash_num_perm: int = option(128, "MinHash permutations for --near_dedup_threshold.")
+    processes_num: int = option(1, "Worker processes for normalization and filtering; the output is the same "
+                                "for any number (UER-py: --processes_num).")
+    chunk_documents: int = option(2_000, "Documents per chunk handed to a worker.")
+    num_slices: int = option(1, "Split the input files into this many slices, for independent jobs "
+                             "(e.g. a Slurm array); combine them with zh-clean-combine.")
+    slice_index: int = option(0, "Which slice (0-based) this job cleans.")
     max_line_bytes: int = option(
         16 << 20, "Lines longer than this many bytes are skipped without being loaded (line_too_long)."
     )
@@ -60,8 +84,12 @@ class CleanConfig:
             raise UserError(f"--min_chars {self.min_chars} / --max_chars {self.max_chars}: need 0 <= min <= max")
         if not 0.0 <= self.min_cjk_ratio <= 1.0:
             raise UserError(f"--min_cjk_ratio {self.min_cjk_ratio} must lie in [0, 1]")
-        if self.documents_per_shard <= 0 or self.max_line_bytes <= 0:
-            raise UserError("--documents_per_shard and --max_line_bytes must be positive")
+        if min(self.documents_per_shard, self.max_line_bytes, self.processes_num, self.chunk_documents) <= 0:
+            raise UserError("--documents_per_shard, --max_line_bytes, --processes_num, --chunk_documents must be positive")
+        if not 0 <= self.near_dedup_threshold < 1:
+            raise UserError(f"--near_dedup_threshold {self.near_dedup_threshold} must lie in [0, 1)")
+        if not 0 <= self.slice_index < self.num_slices:
+            raise UserError(f"--slice_index {self.slice_index} must lie in [0, --num_slices {self.num_slices})")
 
 
 class ShardedJsonlWriter:
@@ -101,56 +129,175 @@ class ShardedJsonlWriter:
         return self.shards
 
 
+# -- per-document work (runs in the worker processes) ------------------------------------------
+
+_worker: dict = {}
+
+
+def _init_worker(config: CleanConfig) -> None:
+    _worker["config"] = config
+    _worker["t2s"] = TraditionalToSimplified() if config.traditional_to_simplified else None
+
+
+def clean_document(text: str, config: CleanConfig, t2s: TraditionalToSimplified | None = None) -> tuple[str, str | None]:
+    """The normalized text and the reason to drop it (None to keep)."""
+    text = normalize_text(
+        text,
+        unicode_form=config.unicode_normalization,
+        fullwidth_to_halfwidth=config.fullwidth_to_halfwidth,
+        strip_html=config.strip_html,
+        remove_urls=config.remove_urls,
+        remove_emails=config.remove_emails,
+    )
+    if t2s is not None:
+        text = t2s(text)
+    if not text:
+        return text, "empty_after_normalization"
+    if len(text) < config.min_chars:
+        return text, "too_short"
+    if len(text) > config.max_chars:
+        return text, "too_long"
+    if config.min_cjk_ratio > 0 and cjk_ratio(text) < config.min_cjk_ratio:
+        return text, "low_cjk_ratio"
+    if repeated_line_ratio(text) > config.max_repeated_line_ratio:
+        return text, "repeated_lines"
+    if repeated_char_ratio(text) > config.max_repeated_char_ratio:
+        return text, "repeated_chars"
+    return text, None
+
+
+def minhash_signature(text: str, num_perm: int) -> Any:
+    """MinHash of the document's character 5-grams (the unit that suits unsegmented Chinese)."""
+    from datasketch import MinHash
+
+    minhash = MinHash(num_perm=num_perm, seed=1)
+    shingles = {text[i : i + 5] for i in range(max(1, len(text) - 4))}
+    minhash.update_batch([shingle.encode("utf-8") for shingle in shingles])
+    return minhash
+
+
+def _clean_chunk(documents: list[RawDocument]) -> list[tuple]:
+    """(text, drop_reason, exact-dedup digest, MinHash or None) per document, in order."""
+    config, t2s = _worker["config"], _worker["t2s"]
+    results = []
+    for document in documents:
+        if document.drop_reason is not None:
+            results.append(("", document.drop_reason, None, None))
+            continue
+        text, reason = clean_document(document.text, config, t2s)
+        digest = signature = None
+        if reason is None:
+            if config.deduplicate:
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
+            if config.near_dedup_threshold > 0:
+                signature = minhash_signature(text, config.minhash_num_perm)
+        results.append((text, reason, digest, signature))
+    return results
+
+
+# -- the stage (reading, ordering, dedup and writing stay in the main process) --------------------
+
+
+class _ReadProgress:
+    """Counts what was read, per file, and shows documents/s and MB/s."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.documents = self.characters = self.invalid_utf8 = self.bytes = 0
+        self.per_file: Counter[str] = Counter()
+        self.started = time.perf_counter()
+        self.bar = tqdm(desc="clean", unit=" docs", disable=not enabled, file=sys.stderr, mininterval=1.0)
+
+    def track(self, documents: Iterator[RawDocument]) -> Iterator[RawDocument]:
+        for document in documents:
+            self.documents += 1
+            self.characters += len(document.text)
+            self.invalid_utf8 += document.invalid_utf8
+            self.bytes += document.num_bytes
+            self.per_file[document.source] += 1
+            if self.documents % 1000 == 0:
+                self.bar.update(1000)
+                elapsed = max(time.perf_counter() - self.started, 1e-9)
+                self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+            yield document
+
+    def close(self) -> None:
+        self.bar.update(self.documents % 1000)
+        self.bar.close()
+
+
+class NearDuplicateIndex:
+    """MinHash LSH over the documents kept so far (datasketch)."""
+
+    def __init__(self, threshold: float, num_perm: int) -> None:
+        try:
+            from datasketch import MinHashLSH
+        except ImportError as error:
+            raise UserError("--near_dedup_threshold needs datasketch: pip install datasketch") from error
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self._count = 0
+
+    def seen_before(self, minhash: Any) -> bool:
+        if self._lsh.query(minhash):
+            return True
+        self._lsh.insert(str(self._count), minhash)
+        self._count += 1
+        return False
+
+
 def clean(config: CleanConfig) -> dict:
     """Run the clean stage; returns the manifest it wrote."""
-    files = expand_input_paths(config.input_paths)
+    files = expand_input_paths(config.input_paths)[config.slice_index :: config.num_slices]
+    if not files:
+        raise UserError(f"slice {config.slice_index} of {config.num_slices} has no input files; use fewer slices")
     config.output_dir.mkdir(parents=True, exist_ok=True)
     for stale in config.output_dir.glob("documents-*.jsonl"):
         stale.unlink()
 
     dropped: Counter[str] = Counter()
-    read = kept = chars_read = chars_kept = invalid_utf8 = 0
+    kept = chars_kept = 0
+    kept_per_file: Counter[str] = Counter()
     seen_hashes: set[bytes] = set()
+    near_duplicates = (
+        NearDuplicateIndex(config.near_dedup_threshold, config.minhash_num_perm) if config.near_dedup_threshold else None
+    )
     writer = ShardedJsonlWriter(config.output_dir, config.documents_per_shard)
-    per_file: list[dict] = []
-    bar = tqdm(desc="clean", unit=" docs", disable=not config.progress, file=sys.stderr, mininterval=1.0)
-    for path in files:
-        file_read = file_kept = 0
-        for document in iter_documents(path, config.input_format, config.max_line_bytes, config.text_field):
-            read += 1
-            file_read += 1
-            bar.update(1)
-            chars_read += len(document.text)
-            invalid_utf8 += document.invalid_utf8
-            if document.drop_reason is not None:
-                dropped[document.drop_reason] += 1
-                continue
-            text = normalize_text(
-                document.text,
-                unicode_form=config.unicode_normalization,
-                fullwidth_to_halfwidth=config.fullwidth_to_halfwidth,
-                strip_html=config.strip_html,
-                remove_urls=config.remove_urls,
-                remove_emails=config.remove_emails,
-            )
-            reason = _filter_reason(text, config)
-            if reason is None and config.deduplicate:
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
+    progress = _ReadProgress(config.progress)
+    raw_documents = progress.track(
+        document
+        for path in files
+        for document in iter_documents(path, config.input_format, config.max_line_bytes, config.text_field)
+    )
+    chunks = chunked(raw_documents, config.chunk_documents)
+    sources: deque[list[str]] = deque()
+
+    def remember_sources(chunk_iter: Iterator[list[RawDocument]]) -> Iterator[list[RawDocument]]:
+        for chunk in chunk_iter:
+            sources.append([document.source for document in chunk])
+            yield chunk
+
+    results = ordered_map(_clean_chunk, remember_sources(chunks), config.processes_num,
+                          initializer=_init_worker, initargs=(config,))
+    for chunk_results in results:
+        chunk_sources = sources.popleft()
+        for source, (text, reason, digest, signature) in zip(chunk_sources, chunk_results):
+            if reason is None and digest is not None:
                 if digest in seen_hashes:
                     reason = "duplicate"
                 else:
                     seen_hashes.add(digest)
+            if reason is None and near_duplicates is not None and near_duplicates.seen_before(signature):
+                reason = "near_duplicate"
             if reason is not None:
                 dropped[reason] += 1
                 continue
             writer.write(text)
             kept += 1
-            file_kept += 1
+            kept_per_file[source] += 1
             chars_kept += len(text)
-        per_file.append({"path": str(path), "documents_read": file_read, "documents_kept": file_kept})
-    bar.close()
+    progress.close()
     shards = writer.close()
 
+    read = progress.documents
     if read == 0:
         raise UserError(
             f"no documents read from {', '.join(map(str, files))}: the input is empty; check --input_paths"
@@ -163,33 +310,28 @@ def clean(config: CleanConfig) -> dict:
             "documents_read": read,
             "documents_kept": kept,
             "documents_dropped": dict(sorted(dropped.items())),
-            "characters_read": chars_read,
+            "characters_read": progress.characters,
             "characters_kept": chars_kept,
-            "documents_with_invalid_utf8_replaced": invalid_utf8,
+            "bytes_read": progress.bytes,
+            "documents_with_invalid_utf8_replaced": progress.invalid_utf8,
         },
-        "inputs": per_file,
+        "inputs": [
+            {"path": str(path), "documents_read": progress.per_file[str(path)],
+             "documents_kept": kept_per_file[str(path)]}
+            for path in files
+        ],
         "shards": shards,
     }
     write_json_atomic(config.output_dir / "manifest.json", manifest)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
-    print(f"clean: read {read} documents, kept {kept}, dropped: {summary} -> {config.output_dir}", file=sys.stderr)
+    seconds = time.perf_counter() - progress.started
+    print(f"clean: read {read} documents ({progress.bytes / 1e6:.1f} MB, {progress.bytes / 1e6 / seconds:.1f} MB/s), "
+          f"kept {kept}, dropped: {summary} -> {config.output_dir}", file=sys.stderr)
     if kept == 0:
         raise UserError(
             f"every document was dropped ({summary}); loosen --min_chars/--min_cjk_ratio or check --input_format"
         )
     return manifest
-
-
-def _filter_reason(text: str, config: CleanConfig) -> str | None:
-    if not text:
-        return "empty_after_normalization"
-    if len(text) < config.min_chars:
-        return "too_short"
-    if len(text) > config.max_chars:
-        return "too_long"
-    if config.min_cjk_ratio > 0 and cjk_ratio(text) < config.min_cjk_ratio:
-        return "low_cjk_ratio"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,37 @@ def cjk_ratio(text: str) -> float:
     if visible <= 0:
         return 0.0
     return len(_CJK_RE.findall(text)) / visible
+
+
+_REPEATED_CHAR_RUN_RE = re.compile(r"(.)\1{3,}", re.DOTALL)
+
+
+def repeated_line_ratio(text: str) -> float:
+    """Share of lines that repeat an earlier line of the same document (Gopher's duplicate-line fraction)."""
+    lines = text.split("\n")
+    if len(lines) < 2:
+        return 0.0
+    return 1.0 - len(set(lines)) / len(lines)
+
+
+def repeated_char_ratio(text: str) -> float:
+    """Share of characters inside runs of 4 or more identical characters (哈哈哈哈, !!!!, ……..)."""
+    if not text:
+        return 0.0
+    return sum(len(match.group()) for match in _REPEATED_CHAR_RUN_RE.finditer(text)) / len(text)
+
+
+class TraditionalToSimplified:
+    """OpenCC's t2s conversion (the ``opencc`` package, in the 'data' extra), built once per process."""
+
+    def __init__(self) -> None:
+        try:
+            import opencc
+        except ImportError as error:
+            from data_tools.cli import UserError
+
+            raise UserError("--traditional_to_simplified needs OpenCC: pip install opencc") from error
+        self._converter = opencc.OpenCC("t2s")
+
+    def __call__(self, text: str) -> str:
+        return self._converter.convert(text)

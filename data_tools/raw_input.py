@@ -29,6 +29,7 @@ class RawDocument:
     line_number: int
     drop_reason: str | None = None
     invalid_utf8: bool = False
+    num_bytes: int = 0
 
 
 def expand_input_paths(paths: list[Path]) -> list[Path]:
@@ -133,25 +134,26 @@ def iter_documents(
         return
     for line_number, raw in read_lines(path, max_line_bytes):
         if raw is None:
-            yield RawDocument("", source, line_number, drop_reason="line_too_long")
+            yield RawDocument("", source, line_number, drop_reason="line_too_long", num_bytes=max_line_bytes)
             continue
         text, invalid = _decode(raw)
+        size = len(raw) + 1
         if fmt == "line":
             if text.strip():
-                yield RawDocument(text, source, line_number, invalid_utf8=invalid)
+                yield RawDocument(text, source, line_number, invalid_utf8=invalid, num_bytes=size)
             continue
         if not text.strip():
             continue
         try:
             record = json.loads(text)
         except ValueError:
-            yield RawDocument("", source, line_number, drop_reason="invalid_json", invalid_utf8=invalid)
+            yield RawDocument("", source, line_number, "invalid_json", invalid, size)
             continue
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            yield RawDocument("", source, line_number, drop_reason="missing_text_field", invalid_utf8=invalid)
+            yield RawDocument("", source, line_number, "missing_text_field", invalid, size)
             continue
-        yield RawDocument(value, source, line_number, invalid_utf8=invalid)
+        yield RawDocument(value, source, line_number, invalid_utf8=invalid, num_bytes=size)
 
 
 def _iter_uer_documents(path: Path, max_line_bytes: int) -> Iterator[RawDocument]:
@@ -160,26 +162,29 @@ def _iter_uer_documents(path: Path, max_line_bytes: int) -> Iterator[RawDocument
     start_line = 0
     invalid = False
     too_long = False
+    size = 0
     source = str(path)
 
     def flush() -> RawDocument:
         if too_long:
-            return RawDocument("", source, start_line, drop_reason="line_too_long")
-        return RawDocument("\n".join(sentences), source, start_line, invalid_utf8=invalid)
+            return RawDocument("", source, start_line, drop_reason="line_too_long", num_bytes=size)
+        return RawDocument("\n".join(sentences), source, start_line, invalid_utf8=invalid, num_bytes=size)
 
     for line_number, raw in read_lines(path, max_line_bytes):
         if raw is not None and not raw.strip():
             if sentences or too_long:
                 yield flush()
-            sentences, invalid, too_long = [], False, False
+            sentences, invalid, too_long, size = [], False, False, 0
             continue
         if not sentences and not too_long:
             start_line = line_number
         if raw is None:
             too_long = True
+            size += max_line_bytes
             continue
         text, bad = _decode(raw)
         invalid |= bad
+        size += len(raw) + 1
         sentences.append(text)
     if sentences or too_long:
         yield flush()

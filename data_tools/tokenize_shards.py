@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
-from data_tools.sentences import split_sentences
+from data_tools.parallel import chunked, ordered_map
 from data_tools.shards import RollingShardWriter, id_type_for_vocab, list_array, load_manifest, shard_paths
 from data_tools.wordpiece import BertWordPieceEncoder, file_sha256
 
@@ -36,6 +38,8 @@ class TokenizeConfig:
     output_dir: Path = required("Directory for tokenized-NNNNN.arrow shards and manifest.json.")
     vocab_path: Path = required("BERT vocab.txt (e.g. Google's Chinese vocab, or one built by build-vocab).")
     do_lower_case: bool = option(True, "Lower-case and strip accents, as BertTokenizer(do_lower_case=True).")
+    processes_num: int = option(1, "Worker processes; the output is the same for any number (UER-py: --processes_num).")
+    chunk_documents: int = option(2_000, "Documents per chunk handed to a worker.")
     documents_per_shard: int = option(50_000, "Documents (rows) per output shard.")
     batch_rows: int = option(2_000, "Rows per Arrow record batch.")
     progress: bool = option(True, "Show a progress bar.")
@@ -44,23 +48,56 @@ class TokenizeConfig:
         self.input_dir, self.output_dir, self.vocab_path = map(Path, (self.input_dir, self.output_dir, self.vocab_path))
         if not self.vocab_path.is_file():
             raise UserError(f"vocab {self.vocab_path} not found; pass --vocab_path or build one with build-vocab")
-        if self.documents_per_shard <= 0 or self.batch_rows <= 0:
-            raise UserError("--documents_per_shard and --batch_rows must be positive")
+        if min(self.documents_per_shard, self.batch_rows, self.processes_num, self.chunk_documents) <= 0:
+            raise UserError("--documents_per_shard, --batch_rows, --processes_num, --chunk_documents must be positive")
 
 
-def sentences_array(documents: list[list[list[int]]], id_type: pa.DataType) -> pa.ListArray:
-    """``list<list<id>>`` from documents given as lists of sentences of ids."""
-    flat_sentences = [sentence for document in documents for sentence in document]
-    inner = list_array(flat_sentences, id_type)
+Document = tuple[np.ndarray, np.ndarray]  # (token ids of all sentences, length of each sentence)
+
+
+def sentences_array(documents: list[Document], id_type: pa.DataType) -> pa.ListArray:
+    """``list<list<id>>`` from documents given as (flat ids, sentence lengths)."""
+    flat = np.concatenate([ids for ids, _ in documents]).astype(id_type.to_pandas_dtype(), copy=False)
+    lengths = np.concatenate([sentence_lengths for _, sentence_lengths in documents])
+    inner_offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=inner_offsets[1:])
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat, id_type))
     outer_offsets = np.zeros(len(documents) + 1, dtype=np.int32)
-    np.cumsum([len(d) for d in documents], out=outer_offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(outer_offsets, pa.int32()), inner)
+    np.cumsum([len(sentence_lengths) for _, sentence_lengths in documents], out=outer_offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(outer_offsets), inner)
 
 
-def tokenize_document(text: str, encoder: BertWordPieceEncoder) -> list[list[int]]:
-    """Sentences of one document as ids; sentences with no tokens are left out."""
-    sentences = (encoder.encode(sentence) for sentence in split_sentences(text))
-    return [ids for ids in sentences if ids]
+def tokenize_document(text: str, encoder: BertWordPieceEncoder) -> Document:
+    """All sentences of one document as ids, sentences with no tokens left out."""
+    return encoder.encode_document(text)
+
+
+_worker: dict = {}
+
+
+def _init_worker(vocab_path: Path, do_lower_case: bool) -> None:
+    _worker["encoder"] = BertWordPieceEncoder(vocab_path, do_lower_case=do_lower_case)
+
+
+def _tokenize_chunk(chunk: tuple[Path, int, list[bytes]]) -> tuple[list[Document], int]:
+    """The documents of one chunk of JSONL lines, and the chunk's size in bytes."""
+    path, first_line, lines = chunk
+    encoder = _worker["encoder"]
+    documents = []
+    for line_number, line in enumerate(lines, start=first_line):
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{path}:{line_number}: not a {{'text': ...}} line ({error}); re-run clean") from error
+        documents.append(tokenize_document(text, encoder))
+    return documents, sum(map(len, lines))
+
+
+def _read_chunks(paths: list[Path], chunk_documents: int) -> Iterator[tuple[Path, int, list[bytes]]]:
+    for path in paths:
+        with open(path, "rb") as handle:
+            for index, lines in enumerate(chunked(handle, chunk_documents)):
+                yield path, index * chunk_documents + 1, lines
 
 
 def tokenize(config: TokenizeConfig) -> dict:
@@ -76,27 +113,25 @@ def tokenize(config: TokenizeConfig) -> dict:
     writer = RollingShardWriter(
         config.output_dir, "tokenized", schema, config.documents_per_shard, config.batch_rows,
         to_columns=lambda documents: {"sentences": sentences_array(documents, id_type)},
-        row_stats=lambda document: {"sentences": len(document), "tokens": sum(map(len, document))},
+        row_stats=lambda document: {"sentences": len(document[1]), "tokens": len(document[0])},
     )
     dropped: Counter[str] = Counter()
     read = 0
-    bar = tqdm(desc="tokenize", unit=" docs", disable=not config.progress, file=sys.stderr, mininterval=1.0)
-    for input_path in inputs:
-        with open(input_path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                read += 1
-                bar.update(1)
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError) as error:
-                    raise UserError(
-                        f"{input_path}:{line_number}: not a {{'text': ...}} line ({error}); re-run clean"
-                    ) from error
-                document = tokenize_document(text, encoder)
-                if document:
-                    writer.add(document)
-                else:
-                    dropped["no_tokens"] += 1
+    started = time.perf_counter()
+    total_bytes = sum(path.stat().st_size for path in inputs)
+    bar = tqdm(total=total_bytes / 1e6, desc="tokenize", unit=" MB", disable=not config.progress, file=sys.stderr,
+               mininterval=1.0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}, {rate_fmt}]")
+    chunks = _read_chunks(inputs, config.chunk_documents)
+    results = ordered_map(_tokenize_chunk, chunks, config.processes_num, initializer=_init_worker,
+                          initargs=(config.vocab_path, config.do_lower_case))
+    for documents, chunk_bytes in results:
+        for document in documents:
+            read += 1
+            if len(document[1]):
+                writer.add(document)
+            else:
+                dropped["no_tokens"] += 1
+        bar.update(chunk_bytes / 1e6)
     shards = writer.close()
     bar.close()
 
@@ -130,9 +165,10 @@ def tokenize(config: TokenizeConfig) -> dict:
     }
     write_json_atomic(config.output_dir / "manifest.json", manifest)
     counts = manifest["counts"]
+    seconds = time.perf_counter() - started
     print(
         f"tokenize: {kept} documents, {counts['sentences']} sentences, {counts['tokens']} tokens "
-        f"in {len(shards)} shards -> {config.output_dir}",
+        f"in {len(shards)} shards ({total_bytes / 1e6 / seconds:.1f} MB/s) -> {config.output_dir}",
         file=sys.stderr,
     )
     return manifest

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import re
 import unicodedata
 from pathlib import Path
+
+import numpy as np
+
+from data_tools.sentences import sentence_spans
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_INPUT_CHARS_PER_WORD = 100
@@ -115,6 +120,7 @@ class BertWordPieceEncoder:
         self._word_cache: dict[str, list[int]] = {}
         self._run_cache: dict[str, list[int]] = {}
 
+
     # -- public -------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -129,6 +135,16 @@ class BertWordPieceEncoder:
         if position < len(text):
             self._encode_chunk(text[position:] if position else text, ids)
         return ids
+
+    def encode_document(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of every sentence of ``text`` concatenated, each sentence's length).
+
+        Sentences are those of ``split_sentences``; sentences without tokens are left out.
+        """
+        sentences = [ids for ids in map(self.encode, _split_sentences(text)) if ids]
+        lengths = np.fromiter(map(len, sentences), dtype=np.int32, count=len(sentences))
+        flat = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int32, count=int(lengths.sum()))
+        return flat, lengths
 
     # -- internals ------------------------------------------------------------------------
 
@@ -229,6 +245,10 @@ class BertWordPieceEncoder:
             pieces.append(found)
             start = end
         return pieces
+
+
+def _split_sentences(text: str) -> list[str]:
+    return [text[start:end] for start, end in sentence_spans(text)]
 
 
 def _split_on_punctuation(text: str) -> str:

@@ -104,3 +104,68 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "missing.txt does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def shard_bytes(directory: Path) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(directory.glob("documents-*.jsonl"))]
+
+
+def test_output_is_identical_for_any_number_of_processes(tmp_path, clue_uer_file, clue_lines_file):
+    one = clean(CleanConfig(input_paths=[clue_uer_file, clue_lines_file], output_dir=tmp_path / "one",
+                            progress=False, chunk_documents=300))
+    two = clean(CleanConfig(input_paths=[clue_uer_file, clue_lines_file], output_dir=tmp_path / "two",
+                            progress=False, chunk_documents=300, processes_num=2))
+    assert one["counts"] == two["counts"] and one["shards"] == two["shards"]
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    assert one["counts"]["documents_read"] == 2500 + 2500 and one["counts"]["bytes_read"] > 3_800_000
+
+
+def test_repetition_filters(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    documents = [
+        "正常的文档有好几行。\n第二行内容不同。\n第三行也不同。",
+        "重复的行\n重复的行\n重复的行\n唯一的一行",
+        "哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈真好笑",
+    ]
+    raw.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents), encoding="utf-8")
+    manifest = run_clean(tmp_path, raw)
+    assert manifest["counts"]["documents_dropped"] == {"repeated_lines": 1, "repeated_chars": 1}
+
+
+def test_traditional_to_simplified(tmp_path):
+    pytest.importorskip("opencc", reason="OpenCC is not installed")
+    raw = tmp_path / "t.txt"
+    raw.write_text("這是繁體中文的漢字，體育與乾燥。\n", encoding="utf-8")
+    run_clean(tmp_path, raw, traditional_to_simplified=True)
+    assert read_documents(tmp_path / "clean") == ["这是繁体中文的汉字，体育与干燥。"]
+
+
+def test_near_duplicates_are_dropped_with_minhash(tmp_path):
+    pytest.importorskip("datasketch", reason="datasketch is not installed")
+    base = "近似重复的文档只改了一个字，其余的内容完全一样，用来检验局部敏感哈希能否发现它们。" * 3
+    raw = tmp_path / "near.txt"
+    raw.write_text(base + "\n" + base.replace("检验", "检查", 1) + "\n完全不同的另一篇文档，讲的是天气和公园。\n",
+                   encoding="utf-8")
+    manifest = run_clean(tmp_path, raw, near_dedup_threshold=0.8)
+    assert manifest["counts"]["documents_dropped"] == {"near_duplicate": 1}
+    assert manifest["counts"]["documents_kept"] == 2
+
+
+def test_slices_split_by_file_and_combine_with_cross_slice_dedup(tmp_path):
+    from data_tools.combine_slices import CombineConfig, combine
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for index in range(3):
+        (raw / f"part{index}.txt").write_text(f"第{index}个文件独有的文档内容。\n所有文件都有的同一篇文档。\n", encoding="utf-8")
+    slice_dirs = []
+    for index in range(2):
+        out = tmp_path / f"slice-{index}"
+        clean(CleanConfig(input_paths=[raw], output_dir=out, num_slices=2, slice_index=index, progress=False))
+        slice_dirs.append(out)
+    assert [len(json.loads((d / "manifest.json").read_text())["inputs"]) for d in slice_dirs] == [2, 1]
+    manifest = combine(CombineConfig(input_dirs=slice_dirs[::-1], output_dir=tmp_path / "combined"))
+    counts = manifest["counts"]
+    assert counts["documents_read"] == 6
+    assert counts["documents_kept"] == 4 and counts["documents_dropped"] == {"duplicate": 2}
+    assert read_documents(tmp_path / "combined")[0] == "第0个文件独有的文档内容。"

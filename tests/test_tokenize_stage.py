@@ -53,3 +53,30 @@ def test_missing_vocab_and_wrong_input_dir_are_user_errors(tmp_path, clean_dir, 
         TokenizeConfig(input_dir=clean_dir, output_dir=tmp_path / "tok", vocab_path=tmp_path / "none.txt")
     with pytest.raises(UserError, match="manifest.json not found"):
         tokenize(TokenizeConfig(input_dir=tmp_path, output_dir=tmp_path / "tok", vocab_path=tiny_vocab))
+
+
+def test_output_is_identical_for_any_number_of_processes(tmp_path, clue_uer_file, google_vocab):
+    clean(CleanConfig(input_paths=[clue_uer_file], output_dir=tmp_path / "clean", progress=False))
+    manifests = [
+        tokenize(TokenizeConfig(input_dir=tmp_path / "clean", output_dir=tmp_path / f"tok{n}", vocab_path=google_vocab,
+                                progress=False, processes_num=n, chunk_documents=300, documents_per_shard=1000))
+        for n in (1, 2)
+    ]
+    assert manifests[0]["shards"] == manifests[1]["shards"]
+    kept = manifests[0]["counts"]["documents_kept"]
+    assert kept > 2000 and [s["rows"] for s in manifests[0]["shards"]] == [1000, 1000, kept - 2000]
+    # and the rows are the oracle's ids, sentence by sentence
+    encoder = BertWordPieceEncoder(google_vocab)
+    texts = [json.loads(line)["text"] for line in (tmp_path / "clean" / "documents-00000.jsonl").open()][:200]
+    rows = open_shard(tmp_path / "tok2" / "tokenized-00000.arrow").column("sentences").to_pylist()[:200]
+    assert rows == [[ids for ids in (encoder.encode(s) for s in split_sentences(t)) if ids] for t in texts]
+
+
+def test_a_bad_line_names_its_file_and_line(tmp_path, clean_dir, tiny_vocab):
+    shard = clean_dir / "documents-00000.jsonl"
+    lines = shard.read_text(encoding="utf-8").splitlines()
+    lines[2] = "{broken"
+    shard.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="documents-00000.jsonl:3: not a"):
+        tokenize(TokenizeConfig(input_dir=clean_dir, output_dir=tmp_path / "tok", vocab_path=tiny_vocab,
+                                progress=False, processes_num=2, chunk_documents=2))
