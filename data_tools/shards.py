@@ -154,3 +154,40 @@ class RollingShardWriter:
     def close(self) -> list[dict]:
         self._close_shard()
         return self.shards
+
+
+class TokenizedCorpus:
+    """Zero-copy random access to a tokenized corpus by document index.
+
+    Every shard is memory-mapped; ``corpus[i]`` returns the document's sentences as numpy
+    views into the mapped files, so opening a corpus of any size costs almost nothing.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory, "tokenize")
+        self._shards = []
+        rows = []
+        for path in shard_paths(self.directory, self.manifest):
+            column = open_shard(path).column("sentences").combine_chunks()
+            sentences = column.values
+            self._shards.append((
+                column.offsets.to_numpy(),
+                sentences.offsets.to_numpy(),
+                sentences.values.to_numpy(zero_copy_only=True),
+            ))
+            rows.append(len(column))
+        self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> list[np.ndarray]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"document {index} is out of range for {len(self)} documents")
+        index %= len(self)
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        row = index - int(self._starts[shard])
+        document_offsets, sentence_offsets, ids = self._shards[shard]
+        first, last = document_offsets[row], document_offsets[row + 1]
+        return [ids[sentence_offsets[i] : sentence_offsets[i + 1]] for i in range(first, last)]

@@ -27,6 +27,9 @@ from data_tools.sentences import sentence_spans
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_INPUT_CHARS_PER_WORD = 100
+# A private-use character (BERT deletes it as a control character, so no real token
+# comes from it) that marks sentence boundaries inside encode_document.
+_SENTENCE_SEPARATOR = "\ue000"
 _WORD_CACHE_LIMIT = 1 << 20
 
 # BERT's definition of a "Chinese character" (BasicTokenizer._is_chinese_char).
@@ -119,6 +122,8 @@ class BertWordPieceEncoder:
         self._slow_run_re = re.compile(f"[^{_UNIFIED_CJK_CLASS}{fast_chars}]+")
         self._word_cache: dict[str, list[int]] = {}
         self._run_cache: dict[str, list[int]] = {}
+        self._separated_char_ids = {**self._char_ids, _SENTENCE_SEPARATOR: -1}
+        self._separated_run_re = re.compile(f"[^{_UNIFIED_CJK_CLASS}{fast_chars}{_SENTENCE_SEPARATOR}]+")
 
 
     # -- public -------------------------------------------------------------------------
@@ -141,10 +146,20 @@ class BertWordPieceEncoder:
 
         Sentences are those of ``split_sentences``; sentences without tokens are left out.
         """
-        sentences = [ids for ids in map(self.encode, _split_sentences(text)) if ids]
-        lengths = np.fromiter(map(len, sentences), dtype=np.int32, count=len(sentences))
-        flat = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int32, count=int(lengths.sum()))
-        return flat, lengths
+        sentences = _split_sentences(text)
+        if _SENTENCE_SEPARATOR in text or self._special_re.search(text):
+            encoded = [ids for ids in map(self.encode, sentences) if ids]
+            lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
+            return np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32), lengths
+        # One pass over the whole document: the separator is a context-free character that
+        # maps to -1, so each sentence is tokenized exactly as if it were encoded alone.
+        ids: list[int] = []
+        self._encode_chunk(_SENTENCE_SEPARATOR.join(sentences), ids, self._separated_char_ids, self._separated_run_re)
+        flat = np.array(ids, dtype=np.int32)
+        is_token = flat >= 0
+        bounds = np.concatenate(([-1], np.flatnonzero(~is_token), [len(flat)]))
+        lengths = (bounds[1:] - bounds[:-1] - 1).astype(np.int32)
+        return flat[is_token], lengths[lengths > 0]
 
     # -- internals ------------------------------------------------------------------------
 
@@ -165,10 +180,11 @@ class BertWordPieceEncoder:
             table[char] = vocab.get(char, unk_id)
         return table
 
-    def _encode_chunk(self, text: str, ids: list[int]) -> None:
-        lookup = self._char_ids.__getitem__
+    def _encode_chunk(self, text: str, ids: list[int], char_ids: dict[str, int] | None = None,
+                      slow_run_re: re.Pattern | None = None) -> None:
+        lookup = (char_ids or self._char_ids).__getitem__
         position = 0
-        for match in self._slow_run_re.finditer(text):
+        for match in (slow_run_re or self._slow_run_re).finditer(text):
             start = match.start()
             if start > position:
                 ids.extend(map(lookup, text[position:start]))

@@ -9,17 +9,21 @@ import sys
 import pytest
 
 from data_tools.clean import CleanConfig
+from data_tools.combine_slices import CombineConfig
 from data_tools.cli import build_parser
 from data_tools.mask import MaskConfig
 from data_tools.tokenize_shards import TokenizeConfig
+from data_tools.verify import VerifyConfig
 from data_tools.vocab import BuildVocabConfig
 from pipeline.convert_to_hf import ExportConfig
 from pipeline.generate import GenerateConfig
 from pipeline.trainer import TrainConfig
 from tests.conftest import FIXTURES, PROJECT_ROOT, VENV_BIN, deepspeed_env
 
-CONFIGS = [CleanConfig, BuildVocabConfig, TokenizeConfig, MaskConfig, TrainConfig, ExportConfig, GenerateConfig]
-ENTRY_POINTS = ["zh-clean", "zh-build-vocab", "zh-tokenize", "zh-mask", "zh-train", "zh-export", "zh-generate"]
+CONFIGS = [CleanConfig, CombineConfig, BuildVocabConfig, TokenizeConfig, VerifyConfig, MaskConfig, TrainConfig,
+           ExportConfig, GenerateConfig]
+ENTRY_POINTS = ["zh-clean", "zh-clean-combine", "zh-build-vocab", "zh-tokenize", "zh-verify", "zh-mask", "zh-train",
+                "zh-export", "zh-generate"]
 
 
 @pytest.mark.parametrize("config_cls", CONFIGS, ids=lambda c: c.__name__)

@@ -1,0 +1,78 @@
+"""verify catches damaged shards; the tokenized-corpus reader gives zero-copy random access."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from data_tools.clean import CleanConfig, clean
+from data_tools.cli import UserError
+from data_tools.mask import MaskConfig, mask
+from data_tools.shards import TokenizedCorpus, iter_rows, load_manifest
+from data_tools.tokenize_shards import TokenizeConfig, tokenize
+from data_tools.verify import VerifyConfig, verify
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, clue_lines_file, google_vocab):
+    root = tmp_path_factory.mktemp("verify")
+    clean(CleanConfig(input_paths=[clue_lines_file], output_dir=root / "clean", progress=False))
+    tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab,
+                            progress=False, documents_per_shard=1000))
+    mask(MaskConfig(input_dir=root / "tok", output_dir=root / "mask", target="gsg", seq_length=128, progress=False))
+    return root
+
+
+def damaged_copy(stages, tmp_path, stage):
+    target = tmp_path / stage
+    shutil.copytree(stages / stage, target)
+    return target
+
+
+@pytest.mark.parametrize("stage", ["clean", "tok", "mask"])
+def test_intact_outputs_verify(stages, stage):
+    assert verify(VerifyConfig(directory=stages / stage))["shards"]
+
+
+@pytest.mark.parametrize("stage", ["tok", "mask"])
+def test_a_truncated_shard_is_named(stages, tmp_path, stage):
+    directory = damaged_copy(stages, tmp_path, stage)
+    shard = sorted(directory.glob("*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"{shard.name} sha256 .* truncated or modified"):
+        verify(VerifyConfig(directory=directory))
+
+
+def test_a_flipped_byte_is_named(stages, tmp_path):
+    directory = damaged_copy(stages, tmp_path, "tok")
+    shard = sorted(directory.glob("*.arrow"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{shard.name} sha256"):
+        verify(VerifyConfig(directory=directory))
+
+
+def test_ids_beyond_the_vocab_are_named(stages, tmp_path):
+    import json
+
+    directory = damaged_copy(stages, tmp_path, "tok")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["vocab"]["size"] = 1000
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="holds id .* not below the vocab size 1000"):
+        verify(VerifyConfig(directory=directory))
+
+
+def test_reader_gives_random_access_equal_to_a_scan(stages):
+    corpus = TokenizedCorpus(stages / "tok")
+    manifest = load_manifest(stages / "tok", "tokenize")
+    scanned = list(iter_rows(stages / "tok", manifest, "sentences"))
+    assert len(corpus) == len(scanned) == manifest["counts"]["documents_kept"]
+    for index in (0, 1, 999, 1000, 1001, len(corpus) - 1, -1):
+        assert [s.tolist() for s in corpus[index]] == scanned[index]
+    document = corpus[1500]
+    assert document[0].base is not None  # a view into the memory-mapped shard, not a copy
+    assert document[0].dtype == np.uint16
+    with pytest.raises(IndexError):
+        corpus[len(corpus)]
