@@ -58,7 +58,7 @@ class CleanConfig:
     max_repeated_line_ratio: float = option(
         0.3, "Drop documents whose share of lines repeating an earlier line exceeds this (repeated_lines).")
     max_repeated_char_ratio: float = option(
-        0.2, "Drop documents whose share of characters in runs of 4+ identical characters exceeds this "
+        0.2, "Drop documents whose share of characters in runs of 4+ identical word characters (哈哈哈哈) exceeds this "
         "(repeated_chars).")
     deduplicate: bool = option(True, "Drop exact duplicates of an earlier normalized document (duplicate).")
     near_dedup_threshold: float = option(

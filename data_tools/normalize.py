@@ -61,7 +61,8 @@ def cjk_ratio(text: str) -> float:
     return len(_CJK_RE.findall(text)) / visible
 
 
-_REPEATED_CHAR_RUN_RE = re.compile(r"(.)\1{3,}", re.DOTALL)
+# Word characters only: separator lines ("------------") are layout, not repeated content.
+_REPEATED_CHAR_RUN_RE = re.compile(r"(\w)\1{3,}")
 
 
 def repeated_line_ratio(text: str) -> float:
@@ -73,7 +74,7 @@ def repeated_line_ratio(text: str) -> float:
 
 
 def repeated_char_ratio(text: str) -> float:
-    """Share of characters inside runs of 4 or more identical characters (哈哈哈哈, !!!!, ……..)."""
+    """Share of characters inside runs of 4 or more identical word characters (哈哈哈哈, aaaa, 0000)."""
     if not text:
         return 0.0
     return sum(len(match.group()) for match in _REPEATED_CHAR_RUN_RE.finditer(text)) / len(text)

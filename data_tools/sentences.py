@@ -31,3 +31,4 @@ def split_sentences(text: str) -> list[str]:
         if sentence:
             sentences.append(sentence)
     return sentences
+

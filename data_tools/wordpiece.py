@@ -119,11 +119,11 @@ class BertWordPieceEncoder:
         fast_chars = "".join(re.escape(c) for c in self._char_ids if not is_cjk_codepoint(ord(c)))
         # Runs of characters that need the full procedure; everything between them is
         # looked up one character at a time.
-        self._slow_run_re = re.compile(f"[^{_UNIFIED_CJK_CLASS}{fast_chars}]+")
+        self._slow_run_re = re.compile(f"([^{_UNIFIED_CJK_CLASS}{fast_chars}]+)")
         self._word_cache: dict[str, list[int]] = {}
         self._run_cache: dict[str, list[int]] = {}
         self._separated_char_ids = {**self._char_ids, _SENTENCE_SEPARATOR: -1}
-        self._separated_run_re = re.compile(f"[^{_UNIFIED_CJK_CLASS}{fast_chars}{_SENTENCE_SEPARATOR}]+")
+        self._separated_run_re = re.compile(f"([^{_UNIFIED_CJK_CLASS}{fast_chars}{_SENTENCE_SEPARATOR}]+)")
 
 
     # -- public -------------------------------------------------------------------------
@@ -146,15 +146,16 @@ class BertWordPieceEncoder:
 
         Sentences are those of ``split_sentences``; sentences without tokens are left out.
         """
-        sentences = _split_sentences(text)
         if _SENTENCE_SEPARATOR in text or self._special_re.search(text):
-            encoded = [ids for ids in map(self.encode, sentences) if ids]
+            encoded = [ids for ids in map(self.encode, _split_sentences(text)) if ids]
             lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
             return np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32), lengths
-        # One pass over the whole document: the separator is a context-free character that
-        # maps to -1, so each sentence is tokenized exactly as if it were encoded alone.
+        # One pass over the whole document, sentences joined by a separator: a context-free
+        # character that maps to -1, so each sentence is tokenized exactly as if it were
+        # encoded alone. Sentences left without tokens are dropped below.
         ids: list[int] = []
-        self._encode_chunk(_SENTENCE_SEPARATOR.join(sentences), ids, self._separated_char_ids, self._separated_run_re)
+        joined = _SENTENCE_SEPARATOR.join(_split_sentences(text))
+        self._encode_chunk(joined, ids, self._separated_char_ids, self._separated_run_re)
         flat = np.array(ids, dtype=np.int32)
         is_token = flat >= 0
         bounds = np.concatenate(([-1], np.flatnonzero(~is_token), [len(flat)]))
@@ -182,28 +183,26 @@ class BertWordPieceEncoder:
 
     def _encode_chunk(self, text: str, ids: list[int], char_ids: dict[str, int] | None = None,
                       slow_run_re: re.Pattern | None = None) -> None:
-        lookup = (char_ids or self._char_ids).__getitem__
-        position = 0
-        for match in (slow_run_re or self._slow_run_re).finditer(text):
-            start = match.start()
-            if start > position:
-                ids.extend(map(lookup, text[position:start]))
-            self._encode_run(match.group(), ids)
-            position = match.end()
-        if position < len(text):
-            ids.extend(map(lookup, text[position:]))
+        # split() with a capturing group alternates [fast, slow, fast, ..., fast]; the ids are
+        # then assembled by C-level iterators (map/zip/chain), with Python code only for runs
+        # not seen before. Chinese text is mostly fast characters and a few cached runs.
+        parts = (slow_run_re or self._slow_run_re).split(text)
+        fast_parts, slow_parts = parts[0::2], parts[1::2]
+        run_ids = list(map(self._run_cache.get, slow_parts))
+        if None in run_ids:
+            run_ids = [cached if cached is not None else self._encode_new_run(run)
+                       for cached, run in zip(run_ids, slow_parts)]
+        fast_ids = map(map, itertools.repeat((char_ids or self._char_ids).__getitem__), fast_parts)
+        ids.extend(itertools.chain.from_iterable(itertools.chain.from_iterable(zip(fast_ids, run_ids))))
+        ids.extend(map((char_ids or self._char_ids).__getitem__, fast_parts[-1]))
 
-    def _encode_run(self, run: str, ids: list[int]) -> None:
-        """The full BasicTokenizer + WordPiece procedure for text between fast characters."""
-        cached = self._run_cache.get(run)
-        if cached is not None:
-            ids.extend(cached)
-            return
+    def _encode_new_run(self, run: str) -> list[int]:
+        """The full BasicTokenizer + WordPiece procedure for a run between fast characters."""
         run_ids: list[int] = []
         self._encode_run_uncached(run, run_ids)
         if len(run) <= 32 and len(self._run_cache) < _WORD_CACHE_LIMIT:
             self._run_cache[run] = run_ids
-        ids.extend(run_ids)
+        return run_ids
 
     def _encode_run_uncached(self, run: str, ids: list[int]) -> None:
         cleaned = []

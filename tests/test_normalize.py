@@ -22,3 +22,12 @@ def test_cjk_ratio_counts_visible_characters():
     assert cjk_ratio("中文ab") == 0.5
     assert cjk_ratio("") == 0.0
     assert cjk_ratio("english only") == 0.0
+
+
+def test_repetition_measures():
+    from data_tools.normalize import repeated_char_ratio, repeated_line_ratio
+
+    assert repeated_line_ratio("一\n二\n一\n一") == 0.5
+    assert repeated_line_ratio("只有一行") == 0.0
+    assert repeated_char_ratio("哈哈哈哈好") == 0.8
+    assert repeated_char_ratio("分隔线------------之后") == 0.0  # punctuation runs are layout

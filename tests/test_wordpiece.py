@@ -82,3 +82,16 @@ def test_a_file_that_is_not_a_bert_vocab_is_rejected(tmp_path):
     bad.write_text("a\nb\n")
     with pytest.raises(ValueError, match="no \\[UNK\\]"):
         BertWordPieceEncoder(bad)
+
+
+def test_encode_document_equals_encoding_each_sentence(google_vocab, clue_lines_file):
+    import numpy as np
+
+    from data_tools.sentences import split_sentences
+
+    encoder = BertWordPieceEncoder(google_vocab)
+    texts = clue_lines_file.read_text(encoding="utf-8").splitlines() + HARD_TEXT + ["私用\ue000区。好", " 。 \n\n 。"]
+    for text in texts:
+        flat, lengths = encoder.encode_document(text)
+        got = [part.tolist() for part in np.split(flat, np.cumsum(lengths)[:-1])] if len(lengths) else []
+        assert got == [ids for ids in map(encoder.encode, split_sentences(text)) if ids], text[:60]
