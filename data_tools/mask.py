@@ -12,12 +12,13 @@ the work is split, and ``--dup_factor N`` writes N passes with different masks.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -27,16 +28,44 @@ from data_tools.cli import UserError, config_to_dict, option, required, run_stag
 from data_tools.noising import (
     BartNoiseConfig,
     SpecialIds,
+    VocabInfo,
     build_bart_example,
     build_gsg_example,
     pack_sentences,
     select_gap_sentences,
 )
+from data_tools.parallel import chunked, ordered_map
 from data_tools.shards import RollingShardWriter, id_type_for_vocab, iter_rows, list_array, load_manifest
 from data_tools.tokenize_shards import VOCAB_FILE
 from data_tools.wordpiece import file_sha256
 
 STAGE = "mask"
+
+
+# Recipes that reproduce published models, applied to every flag left at its default.
+PRESETS: dict[str, dict] = {
+    # UER-py's BART recipe for uer/bart-chinese-4-768-cluecorpussmall (--span_masking
+    # --span_max_length 3): ~15% of tokens in spans of geometric length (p 0.2) capped at 3,
+    # each span 80% [MASK] / 10% random / 10% unchanged, consecutive [MASK]s collapsed,
+    # sentences shuffled within each packed chunk.
+    "uer_bart": dict(target="bart", mask_ratio=0.15, span_distribution="geometric", geometric_p=0.2,
+                     max_span_length=3, replace_length=-1, random_ratio=0.1, keep_ratio=0.1, collapse_masks=True,
+                     permute_sentence_ratio=1.0, whole_word_mask=False),
+    # UER-py's gap-sentence generation for uer/pegasus-base-chinese-cluecorpussmall: 30% of
+    # sentences at random, never the last, each replaced by one [MASK].
+    "uer_gsg": dict(target="gsg", gap_sentence_ratio=0.3, sentence_selection_strategy="random",
+                    keep_last_sentence=True, gap_action="mask"),
+    # BART paper (Lewis et al. 2020, §2.2 and §5): text infilling, 30% of tokens, Poisson(3)
+    # spans, one [MASK] per span, all sentences permuted; 10% of spans random tokens as in
+    # fairseq's published pretraining arguments (mask_random 0.1).
+    "bart_paper": dict(target="bart", mask_ratio=0.3, span_distribution="poisson", poisson_lambda=3.0,
+                       replace_length=1, random_ratio=0.1, keep_ratio=0.0, collapse_masks=False,
+                       permute_sentence_ratio=1.0, whole_word_mask=True),
+    # PEGASUS paper (Zhang et al. 2020, §3.1, §6.1): 30% gap sentences chosen as principal
+    # sentences, scored independently, ROUGE-1 F1 with n-grams counted with repetition.
+    "pegasus_paper": dict(target="gsg", gap_sentence_ratio=0.3, sentence_selection_strategy="principal",
+                          rouge_mode="independent", rouge_unique=False, gap_action="mask"),
+}
 
 
 @dataclass(kw_only=True)
@@ -45,15 +74,37 @@ class MaskConfig:
 
     input_dir: Path = required("Output directory of the tokenize stage.")
     output_dir: Path = required("Directory for examples-NNNNN.arrow shards and manifest.json.")
-    target: Literal["bart", "gsg"] = required("bart: span infilling + sentence permutation; gsg: gap sentences.")
+    target: Literal["", "bart", "gsg"] = option(
+        "", "bart: span infilling + sentence permutation; gsg: gap sentences (set by --preset when given).")
+    preset: Literal["", "uer_bart", "uer_gsg", "bart_paper", "pegasus_paper"] = option(
+        "", "A published recipe; it sets every flag below that is left at its default (see README).")
     seq_length: int = option(512, "Maximum source length in tokens, [CLS] and [SEP] included.")
     tgt_seq_length: int = option(128, "Maximum target length for gsg, [SEP] included (bart targets follow seq_length).")
-    mask_ratio: float = option(0.3, "bart: share of tokens covered by masked spans.")
-    poisson_lambda: float = option(3.0, "bart: mean span length (Poisson).")
-    permute_sentences: bool = option(True, "bart: shuffle the sentences of each chunk before infilling.")
+    mask_ratio: float = option(0.3, "bart: share of words (or tokens) covered by corrupted spans.")
+    span_distribution: Literal["poisson", "geometric"] = option("poisson", "bart: span length distribution.")
+    poisson_lambda: float = option(3.0, "bart: mean span length for poisson spans.")
+    geometric_p: float = option(0.2, "bart: p of geometric spans (UER-py's span masking).")
+    max_span_length: int = option(10, "bart: cap on geometric span lengths (UER-py: --span_max_length).")
+    replace_length: int = option(1, "bart: 1 = one [MASK] per span, 0 = delete the span, -1 = a [MASK] per token.")
+    random_ratio: float = option(0.1, "bart: share of spans replaced by random tokens instead of [MASK].")
+    keep_ratio: float = option(0.0, "bart: share of spans left unchanged.")
+    collapse_masks: bool = option(False, "bart: merge consecutive [MASK]s into one (UER-py).")
+    permute_sentence_ratio: float = option(1.0, "bart: share of a chunk's sentences that are permuted.")
+    rotate_ratio: float = option(0.0, "bart: probability of rotating the source to start at a random token.")
+    insert_ratio: float = option(0.0, "bart: random tokens inserted, as a share of the source length.")
+    whole_word_mask: bool = option(True, "bart: spans cover whole words (a Latin word's ## pieces together).")
     gap_sentence_ratio: float = option(0.3, "gsg: share of sentences selected as gaps.")
-    sentence_selection_strategy: Literal["random", "lead"] = option("random", "gsg: how gap sentences are chosen.")
-    dup_factor: int = option(1, "Passes over the corpus, each with different masks.")
+    sentence_selection_strategy: Literal["random", "lead", "principal"] = option(
+        "random", "gsg: how gap sentences are chosen; principal = top ROUGE-1 F1 against the rest (PEGASUS).")
+    rouge_mode: Literal["independent", "sequential"] = option(
+        "independent", "gsg principal: score sentences independently, or add them one at a time.")
+    rouge_unique: bool = option(False, "gsg principal: count n-grams as sets (Uniq) instead of with repetition.")
+    keep_last_sentence: bool = option(False, "gsg: never select a chunk's last sentence (UER-py).")
+    gap_action: Literal["mask", "remove", "keep", "mixed"] = option(
+        "mask", "gsg: a gap sentence becomes one [MASK], is removed, kept, or mixed (80/10/10).")
+    dup_factor: int = option(1, "Passes over the corpus, each with different masks (UER-py: --dup_factor).")
+    processes_num: int = option(1, "Worker processes; the output is the same for any number (UER-py: --processes_num).")
+    chunk_documents: int = option(1_000, "Documents per chunk handed to a worker.")
     seed: int = option(7, "Seed; each (pass, document) derives its own generator from it.")
     examples_per_shard: int = option(200_000, "Examples (rows) per output shard.")
     batch_rows: int = option(5_000, "Rows per Arrow record batch.")
@@ -61,13 +112,31 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         self.input_dir, self.output_dir = Path(self.input_dir), Path(self.output_dir)
+        if self.preset:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, value in PRESETS[self.preset].items():
+                if name == "target" and self.target and self.target != value:
+                    raise UserError(f"--preset {self.preset} is for --target {value}, not {self.target}")
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
+        if not self.target:
+            raise UserError("give --target bart|gsg or a --preset")
         if self.seq_length < 8 or self.tgt_seq_length < 2:
             raise UserError(f"--seq_length {self.seq_length} / --tgt_seq_length {self.tgt_seq_length} are too small")
         for name in ("mask_ratio", "gap_sentence_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UserError(f"--{name} {getattr(self, name)} must lie strictly between 0 and 1")
-        if self.poisson_lambda <= 0 or self.dup_factor < 1 or self.examples_per_shard < 1:
-            raise UserError("--poisson_lambda, --dup_factor and --examples_per_shard must be positive")
+        if self.random_ratio + self.keep_ratio > 1 or min(self.random_ratio, self.keep_ratio, self.insert_ratio) < 0:
+            raise UserError("--random_ratio and --keep_ratio must be >= 0 and add up to at most 1")
+        if self.replace_length not in (-1, 0, 1):
+            raise UserError(f"--replace_length {self.replace_length} must be -1, 0 or 1")
+        positive = ("poisson_lambda", "dup_factor", "max_span_length", "examples_per_shard", "processes_num",
+                    "chunk_documents")
+        if min(getattr(self, name) for name in positive) <= 0:
+            raise UserError(f"{', '.join('--' + name for name in positive)} must be positive")
+
+    def bart_noise(self) -> BartNoiseConfig:
+        return BartNoiseConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BartNoiseConfig)})
 
 
 def document_rng(seed: int, pass_index: int, document_index: int) -> np.random.Generator:
@@ -76,26 +145,59 @@ def document_rng(seed: int, pass_index: int, document_index: int) -> np.random.G
 
 
 def mask_document(
-    sentences: list[list[int]], rng: np.random.Generator, config: MaskConfig, special: SpecialIds
+    sentences: list[list[int]], rng: np.random.Generator, config: MaskConfig, vocab: VocabInfo
 ) -> tuple[list[tuple[list[int], list[int]]], str | None]:
     """All examples of one document, or none and the reason it was skipped."""
     chunks = pack_sentences(sentences, config.seq_length - 2)
-    examples = []
     if config.target == "bart":
-        noise = BartNoiseConfig(config.mask_ratio, config.poisson_lambda, config.permute_sentences)
-        examples = [build_bart_example(chunk, rng, noise, special, config.seq_length) for chunk in chunks]
-        return examples, None
+        noise = config.bart_noise()
+        return [build_bart_example(chunk, rng, noise, vocab, config.seq_length) for chunk in chunks], None
+    examples = []
     for chunk in chunks:
         if len(chunk) < 2:
             continue  # one sentence leaves nothing to condition on
-        selected = select_gap_sentences(len(chunk), config.gap_sentence_ratio, config.sentence_selection_strategy, rng)
-        examples.append(build_gsg_example(chunk, selected, special, config.tgt_seq_length))
+        selected = select_gap_sentences(
+            chunk, config.gap_sentence_ratio, config.sentence_selection_strategy, rng,
+            rouge_mode=config.rouge_mode, rouge_unique=config.rouge_unique, keep_last=config.keep_last_sentence,
+        )
+        examples.append(build_gsg_example(chunk, selected, vocab.special, config.tgt_seq_length, rng,
+                                          config.gap_action))
     return examples, (None if examples else "fewer_than_two_sentences")
+
+
+_worker: dict = {}
+
+
+def _init_worker(config: MaskConfig, vocab: VocabInfo) -> None:
+    _worker.update(config=config, vocab=vocab)
+
+
+def _mask_chunk(chunk: tuple[int, int, list]) -> tuple[list, Counter, int]:
+    """Examples of consecutive documents; each document's generator depends only on
+    (seed, pass, document index), so chunking and worker count never change the output."""
+    pass_index, first, documents = chunk
+    config, vocab = _worker["config"], _worker["vocab"]
+    examples, skipped = [], Counter()
+    for document_index, sentences in enumerate(documents, start=first):
+        built, reason = mask_document(sentences, document_rng(config.seed, pass_index, document_index), config, vocab)
+        examples.extend(built)
+        if reason:
+            skipped[reason] += 1
+    return examples, skipped, len(documents)
+
+
+def _numbered_chunks(rows: Iterator, size: int) -> Iterator[tuple[int, list]]:
+    first = 0
+    for chunk in chunked(rows, size):
+        yield first, chunk
+        first += len(chunk)
 
 
 def mask(config: MaskConfig) -> dict:
     tokenized = load_manifest(config.input_dir, "tokenize")
     special = SpecialIds.from_manifest(tokenized["vocab"]["special_token_ids"])
+    vocab_tokens = (config.input_dir / VOCAB_FILE).read_text(encoding="utf-8").split("\n")[: tokenized["vocab"]["size"]]
+    vocab = VocabInfo.from_tokens(vocab_tokens, special)
     id_type = id_type_for_vocab(tokenized["vocab"]["size"])
     schema = pa.schema([pa.field("source_ids", pa.list_(id_type)), pa.field("target_ids", pa.list_(id_type))])
     config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -111,15 +213,19 @@ def mask(config: MaskConfig) -> dict:
         total=documents * config.dup_factor, desc=f"mask {config.target}", unit=" docs",
         disable=not config.progress, file=sys.stderr, mininterval=1.0,
     )
-    for pass_index in range(config.dup_factor):
-        for document_index, sentences in enumerate(iter_rows(config.input_dir, tokenized, "sentences")):
-            bar.update(1)
-            rng = document_rng(config.seed, pass_index, document_index)
-            examples, reason = mask_document(sentences, rng, config, special)
-            if reason:
-                skipped[reason] += 1
-            for example in examples:
-                writer.add(example)
+    chunks = (
+        (pass_index, first, documents_chunk)
+        for pass_index in range(config.dup_factor)
+        for first, documents_chunk in _numbered_chunks(iter_rows(config.input_dir, tokenized, "sentences"),
+                                                        config.chunk_documents)
+    )
+    for chunk_examples, chunk_skipped, chunk_documents in ordered_map(
+        _mask_chunk, chunks, config.processes_num, initializer=_init_worker, initargs=(config, vocab)
+    ):
+        bar.update(chunk_documents)
+        skipped.update(chunk_skipped)
+        for example in chunk_examples:
+            writer.add(example)
     shards = writer.close()
     bar.close()
 
@@ -133,6 +239,7 @@ def mask(config: MaskConfig) -> dict:
     manifest = {
         "stage": STAGE,
         "target": config.target,
+        "preset": config.preset or None,
         "config": config_to_dict(config),
         "input_manifest_sha256": file_sha256(config.input_dir / "manifest.json"),
         "vocab": tokenized["vocab"],

@@ -1,48 +1,94 @@
-"""Properties of the pure noising functions, checked on small sequences with explicit generators."""
+"""Properties of the pure noising functions, checked with explicit generators and hypothesis."""
+
+from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_tools.noising import (
     BartNoiseConfig,
     SpecialIds,
+    VocabInfo,
     apply_text_infilling,
     build_bart_example,
     build_gsg_example,
+    noise_spans,
     pack_sentences,
+    permute_sentence_order,
+    place_spans,
     sample_span_lengths,
     sample_spans,
     select_gap_sentences,
+    select_principal_sentences,
 )
 
 SPECIAL = SpecialIds()
+# A vocab shaped like Google's: specials and [unused] below 104, then characters, then ## pieces.
+TOKENS = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+          *(f"c{i}" for i in range(104, 900)), *(f"##p{i}" for i in range(900, 1000))]
+VOCAB = VocabInfo.from_tokens(TOKENS, SPECIAL)
+CONTENT_IDS = st.integers(min_value=104, max_value=999)
+SENTENCES = st.lists(st.lists(CONTENT_IDS, min_size=1, max_size=30), min_size=1, max_size=12)
+EXACT = BartNoiseConfig(random_ratio=0.0, keep_ratio=0.0, permute_sentence_ratio=0.0, whole_word_mask=False)
+
+
+def can_fill_masks(source: list[int], target: list[int], mask_id: int) -> bool:
+    """Whether replacing each [MASK] of ``source`` by some run of tokens gives ``target``."""
+    segments, current = [], []
+    for token in source:
+        if token == mask_id:
+            segments.append(current)
+            current = []
+        else:
+            current.append(token)
+    segments.append(current)
+    if len(segments) == 1:
+        return segments[0] == target
+    if target[: len(segments[0])] != segments[0]:
+        return False
+    position = len(segments[0])
+    for segment in segments[1:-1]:  # greedy leftmost match is exact for ordered segments
+        for start in range(position, len(target) - len(segment) + 1):
+            if target[start : start + len(segment)] == segment:
+                position = start + len(segment)
+                break
+        else:
+            return False
+    last = segments[-1]
+    return len(target) - len(last) >= position and target[len(target) - len(last) :] == last
 
 
 def test_pack_sentences_keeps_order_and_limit_and_splits_long_sentences():
     sentences = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12], [13]]
     chunks = pack_sentences(sentences, max_tokens=5)
     assert chunks == [[[1, 2, 3], [4, 5]], [[6, 7, 8, 9, 10]], [[11, 12], [13]]]
-    assert [t for c in chunks for s in c for t in s] == list(range(1, 14))
     assert pack_sentences([], 5) == []
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_spans_cover_exactly_the_ratio_without_touching(seed):
+@given(st.integers(1, 400), st.integers(0, 2**32 - 1), st.floats(0.05, 0.6))
+def test_spans_cover_exactly_the_ratio_without_touching(length, seed, ratio):
     rng = np.random.default_rng(seed)
-    length = int(rng.integers(10, 300))
-    spans = sample_spans(length, rng, mask_ratio=0.3, poisson_lambda=3.0)
-    assert sum(n for _, n in spans) == round(length * 0.3)
+    spans = sample_spans(length, rng, mask_ratio=ratio, poisson_lambda=3.0)
+    covered = sum(n for _, n in spans)
+    assert covered <= round(length * ratio)
+    if round(length * ratio) * 2 <= length:  # room for every span and its gap
+        assert covered == round(length * ratio)
     for (start, n), (next_start, _) in zip(spans, spans[1:]):
-        assert start + n < next_start  # at least one kept token between spans
+        assert start + n < next_start
     assert all(0 <= s and s + n <= length for s, n in spans)
 
 
-def test_span_lengths_sum_exactly_and_follow_the_poisson_mean():
-    rng = np.random.default_rng(0)
-    lengths = sample_span_lengths(100_000, 3.0, rng)
-    assert sum(lengths) == 100_000
-    assert abs(np.mean(lengths[:-1]) - 3.0) < 0.05
-    assert 0 in lengths  # zero-length spans (insertions) are kept
+def test_span_lengths_follow_poisson_by_chi_square():
+    lambda_ = 3.0
+    lengths = np.array(sample_span_lengths(10**9, lambda_, np.random.default_rng(0))[:100_000])
+    observed = np.bincount(np.minimum(lengths, 9), minlength=10)
+    pmf = np.array([np.exp(-lambda_) * lambda_**k / np.prod(np.arange(1, k + 1)) for k in range(9)])
+    expected = len(lengths) * np.append(pmf, 1 - pmf.sum())
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square < 27.88  # chi-square critical value, 9 degrees of freedom, p = 0.001
+    assert observed[0] > 0  # zero-length spans (insertions) are kept
 
 
 def test_text_infilling_replaces_each_span_with_one_mask_and_inserts_for_empty_spans():
@@ -50,36 +96,189 @@ def test_text_infilling_replaces_each_span_with_one_mask_and_inserts_for_empty_s
     assert apply_text_infilling(ids, [(1, 3), (6, 0), (8, 2)], 103) == [1, 103, 5, 6, 103, 7, 8, 103]
 
 
-def test_bart_example_target_is_the_original_and_source_keeps_unmasked_tokens():
-    rng = np.random.default_rng(3)
-    sentences = [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35]]
-    source, target = build_bart_example(sentences, rng, BartNoiseConfig(), SPECIAL, seq_length=64)
-    assert target == [11, 12, 13, 14, 21, 22, 23, 31, 32, 33, 34, 35, SPECIAL.sep]
+@settings(max_examples=150, deadline=None)
+@given(SENTENCES, st.integers(0, 2**32 - 1))
+def test_bart_target_is_the_original_and_masks_fill_back_to_it(sentences, seed):
+    source, target = build_bart_example(sentences, np.random.default_rng(seed), EXACT, VOCAB, seq_length=1024)
+    original = [t for s in sentences for t in s]
+    assert target == original + [SPECIAL.sep]
     assert source[0] == SPECIAL.cls and source[-1] == SPECIAL.sep
-    kept = [t for t in source[1:-1] if t != SPECIAL.mask]
-    assert len(kept) == 12 - round(12 * 0.3)
-    assert set(kept) <= set(target)
+    assert can_fill_masks(source[1:-1], original, SPECIAL.mask)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(CONTENT_IDS, min_size=20, max_size=300), st.integers(0, 2**32 - 1))
+def test_masked_share_matches_the_ratio(ids, seed):
+    # geometric spans have no zero-length insertions, so every [MASK] stands for one token
+    noise = BartNoiseConfig(mask_ratio=0.3, replace_length=-1, random_ratio=0.0, whole_word_mask=False,
+                            span_distribution="geometric", max_span_length=10)
+    noised = noise_spans(ids, np.random.default_rng(seed), noise, VOCAB)
+    assert len(noised) == len(ids)
+    masked = sum(t == SPECIAL.mask for t in noised)
+    assert masked == round(0.3 * len(ids)) or round(0.3 * len(ids)) * 2 > len(ids)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(CONTENT_IDS, st.sampled_from([100, 101, 102, 103, 1])), min_size=1, max_size=200),
+       st.integers(0, 2**32 - 1))
+def test_special_tokens_are_never_masked_or_replaced(ids, seed):
+    noise = BartNoiseConfig(mask_ratio=0.5, random_ratio=0.3, keep_ratio=0.1, replace_length=1)
+    noised = noise_spans(ids, np.random.default_rng(seed), noise, VOCAB)
+    specials = [t for t in ids if VOCAB.is_special[t] and t != SPECIAL.mask]
+    assert [t for t in noised if VOCAB.is_special[t] and t != SPECIAL.mask] == specials
+    assert noised.count(SPECIAL.mask) >= ids.count(SPECIAL.mask)
+
+
+def test_whole_word_masking_never_splits_a_word():
+    # words: [c104 ##p900 ##p901] [c105] [c106 ##p902] ...
+    ids = []
+    for word in range(60):
+        ids += [104 + word] + [900 + (word + k) % 100 for k in range(word % 3)]
+    noise = BartNoiseConfig(mask_ratio=0.4, replace_length=-1, random_ratio=0.0, span_distribution="geometric")
+    for seed in range(50):
+        noised = noise_spans(ids, np.random.default_rng(seed), noise, VOCAB)
+        assert len(noised) == len(ids)
+        for position, (before, after) in enumerate(zip(ids, noised)):
+            if VOCAB.is_continuation[before]:  # a ## piece shares its word's fate
+                assert (after == SPECIAL.mask) == (noised[position - 1] == SPECIAL.mask)
+
+
+def test_random_and_kept_spans_and_collapsing():
+    ids = list(range(200, 400))
+    random_only = BartNoiseConfig(mask_ratio=0.3, random_ratio=1.0, replace_length=-1, whole_word_mask=False)
+    noised = noise_spans(ids, np.random.default_rng(1), random_only, VOCAB)
+    assert SPECIAL.mask not in noised and len(noised) == len(ids) and noised != ids
+    assert all(VOCAB.first_regular_id <= t < VOCAB.size for t in noised)
+    keep_only = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, keep_ratio=1.0, whole_word_mask=False)
+    assert noise_spans(ids, np.random.default_rng(1), keep_only, VOCAB) == ids
+    collapsed = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, replace_length=-1, collapse_masks=True,
+                                whole_word_mask=False)
+    noised = noise_spans(ids, np.random.default_rng(1), collapsed, VOCAB)
+    assert all(not (a == b == SPECIAL.mask) for a, b in zip(noised, noised[1:]))
+    deleted = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, replace_length=0, whole_word_mask=False)
+    noised = noise_spans(ids, np.random.default_rng(1), deleted, VOCAB)
+    assert SPECIAL.mask not in noised and len(noised) == len(ids) - 60
+
+
+def test_insertion_and_rotation_keep_every_original_token():
+    sentences = [list(range(200 + 10 * i, 208 + 10 * i)) for i in range(5)]
+    noise = BartNoiseConfig(mask_ratio=0.01, insert_ratio=0.2, rotate_ratio=1.0, permute_sentence_ratio=0.0,
+                            random_ratio=0.0, whole_word_mask=False)
+    source, target = build_bart_example(sentences, np.random.default_rng(5), noise, VOCAB, seq_length=256)
+    body = source[1:-1]
+    assert len(body) == 40 + 8  # ceil(40 * 0.2) insertions, no span at 1%
+    assert sorted(t for t in body if t != SPECIAL.mask) == sorted(target[:-1])
+
+
+def test_sentence_permutation_ratio():
+    rng = np.random.default_rng(0)
+    assert permute_sentence_order(10, 0.0, rng) == list(range(10))
+    order = permute_sentence_order(10, 1.0, rng)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    partial = permute_sentence_order(10, 0.3, rng)
+    assert sum(i != j for i, j in enumerate(partial)) <= 3
 
 
 def test_bart_example_is_deterministic_for_a_seed():
-    sentences = [list(range(100 + 10 * i, 108 + 10 * i)) for i in range(6)]
-    first = build_bart_example(sentences, np.random.default_rng(9), BartNoiseConfig(), SPECIAL, 128)
-    second = build_bart_example(sentences, np.random.default_rng(9), BartNoiseConfig(), SPECIAL, 128)
+    sentences = [list(range(200 + 10 * i, 208 + 10 * i)) for i in range(6)]
+    first = build_bart_example(sentences, np.random.default_rng(9), BartNoiseConfig(), VOCAB, 128)
+    second = build_bart_example(sentences, np.random.default_rng(9), BartNoiseConfig(), VOCAB, 128)
     assert first == second
+
+
+def test_place_spans_drops_what_does_not_fit():
+    spans = place_spans(5, [3, 3], np.random.default_rng(0))  # 3 + gap + 3 > 5: the second is dropped
+    assert len(spans) == 1 and spans[0][1] == 3 and spans[0][0] + 3 <= 5
+
+
+# -- PEGASUS --------------------------------------------------------------------------------------
+
+
+def brute_force_rouge1_f1(candidate: list[int], reference: list[int], unique: bool) -> float:
+    c, r = (Counter(set(candidate)), Counter(set(reference))) if unique else (Counter(candidate), Counter(reference))
+    overlap = sum((c & r).values())
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / sum(c.values()), overlap / sum(r.values())
+    return round(2 * precision * recall / (precision + recall), 9)  # ties within 1e-9 go to the earlier sentence
+
+
+def brute_force_principal(sentences, count, mode, unique):
+    def rest(indices):
+        return [t for i, s in enumerate(sentences) if i not in indices for t in s]
+
+    if mode == "independent":
+        scores = [brute_force_rouge1_f1(s, rest({i}), unique) for i, s in enumerate(sentences)]
+        return sorted(sorted(range(len(sentences)), key=lambda i: (-scores[i], i))[:count])
+    selected: list[int] = []
+    for _ in range(count):
+        best, best_score = None, -1.0
+        for i in range(len(sentences)):
+            if i in selected:
+                continue
+            chosen = set(selected) | {i}
+            candidate = [t for j in sorted(chosen) for t in sentences[j]]
+            score = brute_force_rouge1_f1(candidate, rest(chosen), unique)
+            if score > best_score:
+                best, best_score = i, score
+        selected.append(best)
+    return sorted(selected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(104, 130), min_size=1, max_size=12), min_size=2, max_size=9),
+       st.sampled_from(["independent", "sequential"]), st.booleans(), st.integers(1, 4))
+def test_principal_selection_equals_brute_force(sentences, mode, unique, count):
+    count = min(count, len(sentences))
+    assert select_principal_sentences(sentences, count, mode, unique) == brute_force_principal(
+        sentences, count, mode, unique)
 
 
 def test_gap_sentence_selection():
     rng = np.random.default_rng(1)
-    assert select_gap_sentences(10, 0.3, "lead", rng) == [0, 1, 2]
-    chosen = select_gap_sentences(10, 0.3, "random", rng)
+    sentences = [[200 + i] for i in range(10)]
+    assert select_gap_sentences(sentences, 0.3, "lead", rng) == [0, 1, 2]
+    chosen = select_gap_sentences(sentences, 0.3, "random", rng)
     assert len(chosen) == 3 and chosen == sorted(set(chosen))
-    assert select_gap_sentences(2, 0.3, "random", rng) in ([0], [1])
+    for seed in range(30):
+        assert 1 not in select_gap_sentences([[1], [2]], 0.3, "random", np.random.default_rng(seed), keep_last=True)
+        assert 9 not in select_gap_sentences(sentences, 0.5, "random", np.random.default_rng(seed), keep_last=True)
 
 
-def test_gsg_example_masks_each_selected_sentence_once_and_targets_them_in_order():
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(CONTENT_IDS, min_size=1, max_size=20), min_size=2, max_size=12), st.integers(0, 2**32 - 1),
+       st.sampled_from(["random", "lead", "principal"]))
+def test_gsg_masks_fill_back_to_the_document(sentences, seed, strategy):
+    rng = np.random.default_rng(seed)
+    selected = select_gap_sentences(sentences, 0.3, strategy, rng)
+    source, target = build_gsg_example(sentences, selected, SPECIAL, tgt_seq_length=10_000)
+    assert source.count(SPECIAL.mask) == len(selected)
+    assert target == [t for i in selected for t in sentences[i]] + [SPECIAL.sep]
+    rebuilt, pieces = [], iter(sentences[i] for i in selected)
+    for token in source[1:-1]:
+        rebuilt.extend(next(pieces) if token == SPECIAL.mask else [token])
+    assert rebuilt == [t for s in sentences for t in s]
+
+
+def test_gsg_example_actions_and_truncation():
     sentences = [[1, 2], [3, 4, 5], [6], [7, 8]]
     source, target = build_gsg_example(sentences, [1, 3], SPECIAL, tgt_seq_length=10)
     assert source == [SPECIAL.cls, 1, 2, SPECIAL.mask, 6, SPECIAL.mask, SPECIAL.sep]
     assert target == [3, 4, 5, 7, 8, SPECIAL.sep]
-    _, short_target = build_gsg_example(sentences, [1, 3], SPECIAL, tgt_seq_length=3)
-    assert short_target == [3, 4, SPECIAL.sep]
+    assert build_gsg_example(sentences, [1, 3], SPECIAL, 3)[1] == [3, 4, SPECIAL.sep]
+    assert build_gsg_example(sentences, [1], SPECIAL, 10, gap_action="remove")[0] == [SPECIAL.cls, 1, 2, 6, 7, 8,
+                                                                                       SPECIAL.sep]
+    assert build_gsg_example(sentences, [1], SPECIAL, 10, gap_action="keep")[0] == [SPECIAL.cls, *range(1, 9),
+                                                                                     SPECIAL.sep]
+    actions = Counter()
+    for seed in range(2000):
+        source, _ = build_gsg_example(sentences, [1], SPECIAL, 10, np.random.default_rng(seed), "mixed")
+        actions["mask" if SPECIAL.mask in source else "keep" if 3 in source else "remove"] += 1
+    assert 0.75 < actions["mask"] / 2000 < 0.85 and 0.07 < actions["keep"] / 2000 < 0.13
+
+
+@pytest.mark.parametrize("unique", [False, True])
+def test_principal_picks_the_sentence_that_summarizes_the_document(unique):
+    sentences = [[200, 201, 202, 203], [300, 301], [200, 201, 202, 204], [200, 202, 203, 205], [400]]
+    assert select_principal_sentences(sentences, 1, "independent", unique) in ([0], [2], [3])
+    assert 4 not in select_principal_sentences(sentences, 3, "independent", unique)

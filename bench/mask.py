@@ -1,0 +1,118 @@
+"""Masking throughput per core for each target and preset, on real Chinese text.
+
+Documents: the CLUECorpusSmall samples from ../shared/data (skipped with a message when
+absent), tokenized once with Google's Chinese vocab. Each configuration then builds
+examples from every document in one process, as the mask stage's workers do
+(``mask_document`` with a per-document generator), and is timed alone.
+
+UER-py cannot be installed here (it is not a package), so its figures are the ones
+issue #4 reports for UER-py on this machine class (instance building plus tokenization,
+one core) and are printed as references, not measured in this run.
+
+    .venv/bin/python bench/mask.py [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/tokenize.py would shadow the stdlib `tokenize` for every script in bench/: take
+# bench/ off the import path before anything else is imported.
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+PROJECT_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+SHARED = PROJECT_ROOT.parent / "shared" / "data"
+UER_REFERENCE = {"bart": 12_700.0, "gsg_random": 9_700.0}  # instances/s, one core, from issue #4
+
+
+def load_documents(quick: bool):
+    from data_tools.tokenize_shards import tokenize_document
+    from data_tools.wordpiece import BertWordPieceEncoder
+
+    vocab = SHARED / "google_zh_vocab.txt"
+    corpus = SHARED / "CLUECorpusSmall_sampled.txt"
+    if not (vocab.is_file() and corpus.is_file()):
+        raise SystemExit(f"bench/mask.py needs {vocab} and {corpus} (../shared/data beside the project)")
+    encoder = BertWordPieceEncoder(vocab)
+    lines = corpus.read_text(encoding="utf-8").splitlines()[: 300 if quick else None]
+    start = time.perf_counter()
+    documents = []
+    for line in lines:
+        flat, lengths = tokenize_document(line, encoder)
+        bounds = [0, *lengths.cumsum().tolist()]
+        documents.append([flat[a:b].tolist() for a, b in zip(bounds, bounds[1:])])
+    return documents, vocab, time.perf_counter() - start
+
+
+def time_config(documents, config, vocab_info, repeats: int) -> tuple[float, int]:
+    from data_tools.mask import document_rng, mask_document
+
+    best, examples = float("inf"), 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        examples = 0
+        for index, sentences in enumerate(documents):
+            built, _ = mask_document(sentences, document_rng(config.seed, 0, index), config, vocab_info)
+            examples += len(built)
+        best = min(best, time.perf_counter() - start)
+    return best, examples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="300 documents, one repeat")
+    args = parser.parse_args()
+
+    from data_tools.mask import MaskConfig
+    from data_tools.noising import SpecialIds, VocabInfo
+
+    documents, vocab_path, tokenize_seconds = load_documents(args.quick)
+    vocab_info = VocabInfo.from_tokens(vocab_path.read_text(encoding="utf-8").split("\n")[:21128], SpecialIds())
+    configs = {
+        "bart (defaults: bart_paper-like)": dict(target="bart"),
+        "uer_bart preset": dict(preset="uer_bart"),
+        "gsg random": dict(target="gsg"),
+        "uer_gsg preset": dict(preset="uer_gsg"),
+        "gsg principal (pegasus_paper)": dict(preset="pegasus_paper"),
+        "gsg principal sequential uniq": dict(preset="pegasus_paper", rouge_mode="sequential", rouge_unique=True),
+    }
+    repeats = 1 if args.quick else 3
+    results = {}
+    print(f"{len(documents)} CLUECorpusSmall documents, seq_length 512, one core, best of {repeats}")
+    print(f"{'configuration':36s} {'examples':>9s} {'examples/s':>11s} {'docs/s':>9s}")
+    for name, overrides in configs.items():
+        config = MaskConfig(input_dir=Path("."), output_dir=Path("."), seq_length=512, tgt_seq_length=128, **overrides)
+        seconds, examples = time_config(documents, config, vocab_info, repeats)
+        results[name] = (examples / seconds, len(documents) / seconds)
+        print(f"{name:36s} {examples:9d} {examples / seconds:11.0f} {len(documents) / seconds:9.0f}")
+    docs_per_s_tokenize = len(documents) / tokenize_seconds
+    print(f"{'(tokenizing the same documents)':36s} {'':9s} {'':11s} {docs_per_s_tokenize:9.0f}")
+    print(f"UER-py reference (issue #4, not run here): BART {UER_REFERENCE['bart']:.0f} instances/s, "
+          f"GSG random {UER_REFERENCE['gsg_random']:.0f} instances/s, tokenization included")
+
+    bart = results["bart (defaults: bart_paper-like)"][0]
+    figures = [
+        {"metric": "bart_examples_per_s_per_core", "value": round(bart), "unit": "examples/s"},
+        {"metric": "uer_bart_preset_examples_per_s_per_core", "value": round(results["uer_bart preset"][0]),
+         "unit": "examples/s"},
+        {"metric": "uer_bart_examples_per_s_per_core", "value": UER_REFERENCE["bart"],
+         "unit": "examples/s (UER-py, reference from issue #4)"},
+        {"metric": "bart_speedup_vs_uer", "value": round(bart / UER_REFERENCE["bart"], 2), "unit": "x"},
+        {"metric": "gsg_principal_docs_per_s_per_core", "value": round(results["gsg principal (pegasus_paper)"][1]),
+         "unit": "docs/s"},
+        {"metric": "gsg_random_docs_per_s_per_core", "value": round(results["gsg random"][1]), "unit": "docs/s"},
+        {"metric": "uer_gsg_docs_per_s_per_core", "value": UER_REFERENCE["gsg_random"],
+         "unit": "docs/s (UER-py, reference from issue #4)"},
+    ]
+    for figure in figures:
+        print(json.dumps(figure))
+
+
+if __name__ == "__main__":
+    main()
