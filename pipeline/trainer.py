@@ -60,6 +60,8 @@ class TrainConfig:
     log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
     progress: bool = option(True, "Show a progress bar on rank 0.")
+    record_example_ids: bool = option(False, "Write the example indices each rank trains on, per step, to "
+                                      "example_ids_rank<R>.jsonl (to audit data order and resume).")
     local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")
 
     def __post_init__(self) -> None:
@@ -329,9 +331,24 @@ def train(config: TrainConfig) -> dict:
         len(dataset), config.micro_batch_size, rank, world_size, config.seed, state["consumed_samples"]
     )
     collate = Seq2SeqCollator(pad_id=model_config.pad_token_id, decoder_start_id=model_config.decoder_start_token_id)
-    batches = ({k: v.to(engine.device) for k, v in collate([dataset[i] for i in indices]).items()} for indices in sampler)
+    batches = ((indices, {k: v.to(engine.device) for k, v in collate([dataset[i] for i in indices]).items()})
+               for indices in sampler)
+    # Steps after the checkpoint we resumed from are trained again: drop their old records.
+    truncate_records(config.output_dir / "metrics.jsonl", state["step"], rank == 0)
+    truncate_records(config.output_dir / f"example_ids_rank{rank}.jsonl", state["step"], config.record_example_ids)
     fit(engine, scheduler, batches, config, state, rank, world_size)
     return state
+
+
+def truncate_records(path: Path, last_step: int, enabled: bool) -> None:
+    """Keep the JSONL records of steps up to ``last_step`` (atomically)."""
+    if not enabled or not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
 
 
 def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfig, state: dict, rank: int,
@@ -346,8 +363,10 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
     window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter(), "steps": 0}
     engine.train()
     while state["step"] < config.total_steps:
+        step_example_ids = []
         for _ in range(config.gradient_accumulation_steps):
-            batch = next(batches)
+            example_ids, batch = next(batches)
+            step_example_ids.extend(example_ids)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
@@ -356,6 +375,9 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
         state["step"] += 1
         state["consumed_samples"] += global_batch
         window["steps"] += 1
+        if config.record_example_ids:
+            with open(config.output_dir / f"example_ids_rank{rank}.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state["step"], "example_ids": step_example_ids}) + "\n")
         bar.update(1)
         maybe_log(engine, scheduler, config, state, window, rank, world_size, bar)
         if state["step"] % config.save_checkpoint_steps == 0 or state["step"] == config.total_steps:
@@ -383,7 +405,7 @@ def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: dict, win
     grad_norm = engine.get_global_grad_norm()
     record = {
         "step": state["step"],
-        "loss": round(loss, 6),
+        "loss": loss,  # full precision: resume tests compare it bitwise
         "lr": scheduler.get_last_lr()[0],
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "tokens_per_s": round(totals[1].item() / elapsed, 1),

@@ -1,0 +1,100 @@
+"""Exact resume: kill -9 a 2-rank ZeRO-2 run after a checkpoint, relaunch the same command,
+and the losses and the examples consumed equal those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from data_tools.clean import CleanConfig, clean
+from data_tools.mask import MaskConfig, mask
+from data_tools.tokenize_shards import TokenizeConfig, tokenize
+from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def examples_dir(tmp_path_factory, clue_lines_file, google_vocab) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    clean(CleanConfig(input_paths=[clue_lines_file], output_dir=root / "clean", progress=False))
+    tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab, progress=False))
+    mask(MaskConfig(input_dir=root / "tok", output_dir=root / "bart", target="bart", seq_length=64, progress=False))
+    ds_config = json.loads((PROJECT_ROOT / "ds_configs" / "cpu_zero2.json").read_text())
+    ds_config["optimizer"]["params"]["torch_adam"] = True  # bitwise-reproducible optimizer on CPU
+    (root / "ds_torch_adam.json").write_text(json.dumps(ds_config))
+    return root
+
+
+def train_command(root: Path, run_dir: Path, port: int) -> list[str]:
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+            "--data_dir", str(root / "bart"), "--output_dir", str(run_dir), "--model_config", "bart-tiny",
+            "--deepspeed_config", str(root / "ds_torch_adam.json"), "--total_steps", str(STEPS),
+            "--micro_batch_size", "4", "--save_checkpoint_steps", "4", "--log_every_steps", "1",
+            "--learning_rate", "1e-3", "--warmup_steps", "2", "--record_example_ids", "--no-progress"]
+
+
+def records(path: Path, key: str) -> dict[int, object]:
+    return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def reference(examples_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run: deepspeed launcher, one node, 2 ranks."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_command(train_command(examples_dir, run_dir, 29650))
+    return run_dir
+
+
+def test_kill_9_then_relaunch_gives_the_uninterrupted_losses_and_examples(examples_dir, reference, tmp_path):
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen(train_command(examples_dir, crashed, 29651), env=deepspeed_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = crashed / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and any(json.loads(line)["step"] >= 6 for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank and the launcher, mid-run, after checkpoint 4
+    process.wait()
+    assert (crashed / "checkpoints" / "latest").read_text() == "step00000004"
+    assert max(records(metrics, "loss")) >= 6  # steps 5-6 ran and are lost with the crash
+
+    result = run_command(train_command(examples_dir, crashed, 29652))
+    assert "resuming from step00000004 (step 4)" in result.stderr
+    assert records(crashed / "metrics.jsonl", "loss") == records(reference / "metrics.jsonl", "loss")
+    for rank in (0, 1):
+        name = f"example_ids_rank{rank}.jsonl"
+        assert records(crashed / name, "example_ids") == records(reference / name, "example_ids")
+    consumed = [i for rank in (0, 1) for ids in records(reference / f"example_ids_rank{rank}.jsonl",
+                                                        "example_ids").values() for i in ids]
+    assert len(consumed) == len(set(consumed)) == STEPS * 4 * 2  # no example twice within the epoch
+
+
+def test_two_nodes_on_loopback_match_one_node_with_two_ranks(examples_dir, reference, tmp_path):
+    """torchrun --nnodes 2, one rank per node, rendezvous on 127.0.0.1: the same run as the reference."""
+    run_dir = tmp_path / "two-nodes"
+    trainer_args = train_command(examples_dir, run_dir, 0)[5:]  # drop the deepspeed launcher's own flags
+    nodes = [
+        subprocess.Popen(["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                          "--master_addr", "127.0.0.1", "--master_port", "29670", *trainer_args],
+                         env=deepspeed_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "on 2 x cpu" in outputs[0]
+    for rank in (0, 1):
+        name = f"example_ids_rank{rank}.jsonl"
+        assert records(run_dir / name, "example_ids") == records(reference / name, "example_ids")
+    ours, theirs = records(run_dir / "metrics.jsonl", "loss"), records(reference / "metrics.jsonl", "loss")
+    assert ours.keys() == theirs.keys()
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-6), step
