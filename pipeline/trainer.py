@@ -26,6 +26,7 @@ import torch
 from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
 from data_tools.tokenize_shards import VOCAB_FILE
 from data_tools.wordpiece import file_sha256
+from pipeline.flops import peak_flops_per_device, training_flops
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = "checkpoints"
@@ -60,6 +61,8 @@ class TrainConfig:
     log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
     progress: bool = option(True, "Show a progress bar on rank 0.")
+    peak_tflops: float = option(0.0, "Peak dense TFLOP/s of one device for MFU; 0 = known GPUs' figure "
+                                "(H100 989, A100 312), no MFU on other devices.")
     record_example_ids: bool = option(False, "Write the example indices each rank trains on, per step, to "
                                       "example_ids_rank<R>.jsonl (to audit data order and resume).")
     local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")
@@ -360,7 +363,8 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
     global_batch = config.micro_batch_size * config.gradient_accumulation_steps * world_size
     bar = tqdm(total=config.total_steps, initial=state["step"], desc="train", unit=" steps", file=sys.stderr,
                disable=rank != 0 or not config.progress, mininterval=1.0)
-    window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter(), "steps": 0}
+    window = {"loss": 0.0, "tokens": 0, "flops": 0.0, "start": time.perf_counter(), "steps": 0}
+    model_config = engine.module.config
     engine.train()
     while state["step"] < config.total_steps:
         step_example_ids = []
@@ -371,7 +375,10 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
             engine.backward(loss)
             engine.step()
             window["loss"] += loss.detach().float().item()  # device-to-host sync, once per micro batch
-            window["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+            source_lengths = batch["attention_mask"].sum(dim=1).cpu().numpy()
+            target_lengths = (batch["labels"] != -100).sum(dim=1).cpu().numpy()
+            window["tokens"] += int(source_lengths.sum() + target_lengths.sum())
+            window["flops"] += training_flops(model_config, source_lengths, target_lengths)
         state["step"] += 1
         state["consumed_samples"] += global_batch
         window["steps"] += 1
@@ -392,7 +399,7 @@ def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: dict, win
 
     if state["step"] % config.log_every_steps and state["step"] != config.total_steps:
         return
-    totals = torch.tensor([window["loss"], float(window["tokens"])], dtype=torch.float64)
+    totals = torch.tensor([window["loss"], float(window["tokens"]), window["flops"]], dtype=torch.float64)
     dist.all_reduce(totals)
     micro_batches = window["steps"] * config.gradient_accumulation_steps * world_size
     loss = totals[0].item() / max(1, micro_batches)
@@ -412,15 +419,46 @@ def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: dict, win
         "samples_per_s": round(window["steps"] * config.micro_batch_size * config.gradient_accumulation_steps
                                * world_size / elapsed, 2),
         "consumed_samples": state["consumed_samples"],
+        "model_tflops_per_s": round(totals[2].item() / elapsed / 1e12, 4),
     }
+    peak = peak_flops_per_device(config.peak_tflops, device_name())
+    if peak:
+        record["mfu"] = round(totals[2].item() / elapsed / (world_size * peak), 4)
     if rank == 0:
         with open(config.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        maybe_write_tensorboard(config.output_dir, record)
         if not config.progress:
-            print(f"step {record['step']}: loss {loss:.4f} lr {record['lr']:.3e} "
-                  f"{record['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
-    window.update(loss=0.0, tokens=0, start=time.perf_counter(), steps=0)
+            mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
+            print(f"step {record['step']}: loss {loss:.4f} lr {record['lr']:.3e} grad norm {record['grad_norm']} "
+                  f"{record['tokens_per_s']:.0f} tokens/s {record['model_tflops_per_s']} model TFLOP/s{mfu}",
+                  file=sys.stderr)
+    window.update(loss=0.0, tokens=0, flops=0.0, start=time.perf_counter(), steps=0)
+
+
+def device_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+_tensorboard: dict = {}
+
+
+def maybe_write_tensorboard(output_dir: Path, record: dict) -> None:
+    """Scalars to output_dir/tensorboard when the tensorboard package is installed."""
+    if "writer" not in _tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            _tensorboard["writer"] = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:
+            _tensorboard["writer"] = None
+    writer = _tensorboard["writer"]
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(f"train/{key}", value, record["step"])
+        writer.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
