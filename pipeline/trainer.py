@@ -305,18 +305,26 @@ def train(config: TrainConfig) -> dict:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
             step, config.total_steps, config.warmup_steps, config.lr_decay, config.min_lr_ratio))
 
+    checkpoint_root = config.output_dir / CHECKPOINTS
+    tag = read_latest_tag(checkpoint_root)
+    resuming_universal = tag is not None and json.loads(
+        (checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8")).get("universal", False)
+    if resuming_universal:  # written by zh-to-universal: loadable on any number of ranks
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=weight_decay_groups(model, config.weight_decay),
         lr_scheduler=schedule,
         config=ds_config,
     )
-    checkpoint_root = config.output_dir / CHECKPOINTS
     state = {"step": 0, "consumed_samples": 0}
-    tag = read_latest_tag(checkpoint_root)
     if tag is not None:
-        _, client_state = engine.load_checkpoint(str(checkpoint_root), tag=tag)
-        state = dict(client_state["trainer_state"])
+        load_path, _ = engine.load_checkpoint(str(checkpoint_root), tag=tag)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load {checkpoint_root / tag}; point {checkpoint_root / LATEST} "
+                            "at an earlier tag")
+        state = {key: json.loads((checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))[key]
+                 for key in ("step", "consumed_samples")}
         rng_file = checkpoint_root / tag / f"rng_state_rank{rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))

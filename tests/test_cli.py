@@ -17,13 +17,14 @@ from data_tools.verify import VerifyConfig
 from data_tools.vocab import BuildVocabConfig
 from pipeline.convert_to_hf import ExportConfig
 from pipeline.generate import GenerateConfig
+from pipeline.to_universal import UniversalConfig
 from pipeline.trainer import TrainConfig
 from tests.conftest import FIXTURES, PROJECT_ROOT, VENV_BIN, deepspeed_env
 
 CONFIGS = [CleanConfig, CombineConfig, BuildVocabConfig, TokenizeConfig, VerifyConfig, MaskConfig, TrainConfig,
-           ExportConfig, GenerateConfig]
+           ExportConfig, GenerateConfig, UniversalConfig]
 ENTRY_POINTS = ["zh-clean", "zh-clean-combine", "zh-build-vocab", "zh-tokenize", "zh-verify", "zh-mask", "zh-train",
-                "zh-export", "zh-generate"]
+                "zh-export", "zh-generate", "zh-to-universal"]
 
 
 @pytest.mark.parametrize("config_cls", CONFIGS, ids=lambda c: c.__name__)

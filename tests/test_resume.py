@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,3 +99,30 @@ def test_two_nodes_on_loopback_match_one_node_with_two_ranks(examples_dir, refer
     assert ours.keys() == theirs.keys()
     for step in ours:
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-6), step
+
+
+def test_resume_on_fewer_ranks_through_a_universal_checkpoint(examples_dir, reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "universal"
+    shutil.copytree(reference, run_dir)
+    run_command([str(Path(sys.executable).parent / "zh-to-universal"), "--run_dir", str(run_dir)])
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008_universal"
+    command = train_command(examples_dir, run_dir, 29680)
+    command[command.index("--num_gpus") + 1] = "1"
+    command[command.index("--total_steps") + 1] = "10"
+    result = run_command(command)
+    assert "on 1 x cpu" in result.stderr and "resuming from step00000008_universal (step 8)" in result.stderr
+    losses = records(run_dir / "metrics.jsonl", "loss")
+    assert sorted(losses) == list(range(1, 11))
+    # the model and optimizer came back: training continues where it was, not from scratch
+    assert abs(losses[9] - losses[8]) < 0.5 * abs(losses[1] - losses[8])
+    ids = records(run_dir / "example_ids_rank0.jsonl", "example_ids")
+    assert len(ids[9]) == 4
+    # Two Adam steps (lr <= 1e-3) move no weight by more than a few 1e-3 from the 2-rank step-8 weights.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    before = get_fp32_state_dict_from_zero_checkpoint(str(reference / "checkpoints"), tag="step00000008")
+    after = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step00000010")
+    assert before.keys() == after.keys()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 5e-3
