@@ -101,12 +101,16 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {f.name: convert(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temp file and a rename, so readers never see half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file and a rename, so readers (and a crash) never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
 
 
 def run_stage(main: Callable[[ConfigT], Any], config_cls: type[ConfigT], argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
+from data_tools.cli import (
+    UserError,
+    config_to_dict,
+    option,
+    required,
+    run_stage,
+    write_json_atomic,
+    write_text_atomic,
+)
 from data_tools.shards import load_manifest, shard_paths
 
 GOOGLE_LAYOUT_HEAD = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -68,9 +76,7 @@ def build_vocab(config: BuildVocabConfig) -> list[str]:
     learned = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
     tokens = google_layout(learned, config.vocab_size)
     config.output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = config.output_path.with_name(f".{config.output_path.name}.tmp")
-    tmp.write_text("".join(f"{token}\n" for token in tokens), encoding="utf-8")
-    tmp.replace(config.output_path)
+    write_text_atomic(config.output_path, "".join(f"{token}\n" for token in tokens))
     write_json_atomic(
         config.output_path.with_name("build-vocab.json"),
         {"stage": "build-vocab", "config": config_to_dict(config), "size": len(tokens)},

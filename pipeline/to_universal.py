@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.cli import UserError, option, required, run_stage, write_json_atomic
+from data_tools.cli import UserError, option, required, run_stage, write_json_atomic, write_text_atomic
 from pipeline.trainer import CHECKPOINTS, LATEST, TRAINER_STATE, read_latest_tag
 
 
@@ -57,9 +57,7 @@ def to_universal(config: UniversalConfig) -> str:
     write_json_atomic(staging / TRAINER_STATE, {**state, "universal": True, "converted_from": tag})
     shutil.rmtree(root / target_tag, ignore_errors=True)
     staging.replace(root / target_tag)
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(target_tag, encoding="utf-8")
-    tmp.replace(root / LATEST)
+    write_text_atomic(root / LATEST, target_tag)
     print(f"to-universal: {source} -> {root / target_tag}; {root / LATEST} points to it", file=sys.stderr)
     return target_tag
 

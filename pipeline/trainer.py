@@ -23,7 +23,15 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
+from data_tools.cli import (
+    UserError,
+    config_to_dict,
+    option,
+    required,
+    run_stage,
+    write_json_atomic,
+    write_text_atomic,
+)
 from data_tools.tokenize_shards import VOCAB_FILE
 from data_tools.wordpiece import file_sha256
 from pipeline.flops import peak_flops_per_device, training_flops
@@ -229,9 +237,7 @@ def save_checkpoint(engine: Any, config: TrainConfig, trainer_state: dict, rank:
     dist.barrier()
     if rank == 0:
         write_json_atomic(root / tag / TRAINER_STATE, trainer_state)  # marks the tag complete
-        tmp = root / f".{LATEST}.tmp"
-        tmp.write_text(tag, encoding="utf-8")
-        tmp.replace(root / LATEST)
+        write_text_atomic(root / LATEST, tag)
         tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[: -config.keep_last_checkpoints]:
             shutil.rmtree(root / old, ignore_errors=True)
@@ -357,9 +363,7 @@ def truncate_records(path: Path, last_step: int, enabled: bool) -> None:
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines()
              if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfig, state: dict, rank: int,
