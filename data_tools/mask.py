@@ -144,25 +144,36 @@ def document_rng(seed: int, pass_index: int, document_index: int) -> np.random.G
     return np.random.default_rng([seed, pass_index, document_index])
 
 
+def mask_chunk(
+    chunk: list[list[int]], rng: np.random.Generator, config: MaskConfig, vocab: VocabInfo
+) -> tuple[list[int], list[int]] | None:
+    """One (source_ids, target_ids) example from one packed chunk; None for a gsg chunk
+    of a single sentence, which leaves nothing to condition on."""
+    if config.target == "bart":
+        return build_bart_example(chunk, rng, config.bart_noise(), vocab, config.seq_length)
+    if len(chunk) < 2:
+        return None
+    selected = select_gap_sentences(
+        chunk, config.gap_sentence_ratio, config.sentence_selection_strategy, rng,
+        rouge_mode=config.rouge_mode, rouge_unique=config.rouge_unique, keep_last=config.keep_last_sentence,
+    )
+    return build_gsg_example(chunk, selected, vocab.special, config.tgt_seq_length, rng, config.gap_action)
+
+
 def mask_document(
     sentences: list[list[int]], rng: np.random.Generator, config: MaskConfig, vocab: VocabInfo
 ) -> tuple[list[tuple[list[int], list[int]]], str | None]:
     """All examples of one document, or none and the reason it was skipped."""
-    chunks = pack_sentences(sentences, config.seq_length - 2)
-    if config.target == "bart":
-        noise = config.bart_noise()
-        return [build_bart_example(chunk, rng, noise, vocab, config.seq_length) for chunk in chunks], None
-    examples = []
-    for chunk in chunks:
-        if len(chunk) < 2:
-            continue  # one sentence leaves nothing to condition on
-        selected = select_gap_sentences(
-            chunk, config.gap_sentence_ratio, config.sentence_selection_strategy, rng,
-            rouge_mode=config.rouge_mode, rouge_unique=config.rouge_unique, keep_last=config.keep_last_sentence,
-        )
-        examples.append(build_gsg_example(chunk, selected, vocab.special, config.tgt_seq_length, rng,
-                                          config.gap_action))
-    return examples, (None if examples else "fewer_than_two_sentences")
+    built = (mask_chunk(chunk, rng, config, vocab) for chunk in pack_sentences(sentences, config.seq_length - 2))
+    examples = [example for example in built if example is not None]
+    return examples, (None if examples or config.target == "bart" else "fewer_than_two_sentences")
+
+
+def load_vocab_info(tokenized_dir: Path, manifest: dict) -> VocabInfo:
+    """The vocab facts noising needs, from the vocab.txt the tokenize stage copied."""
+    special = SpecialIds.from_manifest(manifest["vocab"]["special_token_ids"])
+    tokens = (Path(tokenized_dir) / VOCAB_FILE).read_text(encoding="utf-8").split("\n")[: manifest["vocab"]["size"]]
+    return VocabInfo.from_tokens(tokens, special)
 
 
 _worker: dict = {}
@@ -195,9 +206,7 @@ def _numbered_chunks(rows: Iterator, size: int) -> Iterator[tuple[int, list]]:
 
 def mask(config: MaskConfig) -> dict:
     tokenized = load_manifest(config.input_dir, "tokenize")
-    special = SpecialIds.from_manifest(tokenized["vocab"]["special_token_ids"])
-    vocab_tokens = (config.input_dir / VOCAB_FILE).read_text(encoding="utf-8").split("\n")[: tokenized["vocab"]["size"]]
-    vocab = VocabInfo.from_tokens(vocab_tokens, special)
+    vocab = load_vocab_info(config.input_dir, tokenized)
     id_type = id_type_for_vocab(tokenized["vocab"]["size"])
     schema = pa.schema([pa.field("source_ids", pa.list_(id_type)), pa.field("target_ids", pa.list_(id_type))])
     config.output_dir.mkdir(parents=True, exist_ok=True)

@@ -35,28 +35,33 @@ class SpecialIds:
         )
 
 
+def plan_chunks(sentence_lengths: list[int], max_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """The packing of :func:`pack_sentences` from lengths alone: each chunk is a list of
+    (sentence index, start, end) pieces. Lets a trainer index chunks without reading tokens."""
+    chunks: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    current_length = 0
+    for index, length in enumerate(sentence_lengths):
+        for start in range(0, length, max_tokens):
+            end = min(start + max_tokens, length)
+            if current and current_length + end - start > max_tokens:
+                chunks.append(current)
+                current, current_length = [], 0
+            current.append((index, start, end))
+            current_length += end - start
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def pack_sentences(sentences: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
     """Group consecutive sentences into chunks of at most ``max_tokens`` tokens.
 
     A sentence longer than ``max_tokens`` is cut into pieces that each fill a chunk.
     Chunks never cross documents: callers pack one document at a time.
     """
-    chunks: list[list[list[int]]] = []
-    current: list[list[int]] = []
-    current_length = 0
-    for sentence in sentences:
-        pieces = [sentence[i : i + max_tokens] for i in range(0, len(sentence), max_tokens)] or [[]]
-        for piece in pieces:
-            if not piece:
-                continue
-            if current and current_length + len(piece) > max_tokens:
-                chunks.append(current)
-                current, current_length = [], 0
-            current.append(piece)
-            current_length += len(piece)
-    if current:
-        chunks.append(current)
-    return chunks
+    plan = plan_chunks([len(sentence) for sentence in sentences], max_tokens)
+    return [[sentences[index][start:end] for index, start, end in chunk] for chunk in plan]
 
 
 def sample_span_lengths(num_to_mask: int, poisson_lambda: float, rng: np.random.Generator) -> list[int]:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from data_tools.cli import UserError
 from data_tools.shards import load_manifest, open_shard, shard_paths
+
+if TYPE_CHECKING:
+    from data_tools.mask import MaskConfig
 
 
 class ExampleShards:
@@ -40,6 +43,10 @@ class ExampleShards:
 
     def __len__(self) -> int:
         return int(self.shard_starts[-1])
+
+    def example(self, index: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The stored example; stored masks do not change with the epoch."""
+        return self[index]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
@@ -79,6 +86,7 @@ class ResumableDistributedSampler:
         self.seed = seed
         self.consumed_samples = consumed_samples
         self.samples_per_epoch = (num_examples // self.block) * self.block
+        self.epoch = consumed_samples // self.samples_per_epoch  # of the indices yielded last
 
     def samples_dropped_per_epoch(self) -> int:
         return self.num_examples - self.samples_per_epoch
@@ -89,6 +97,7 @@ class ResumableDistributedSampler:
     def __iter__(self) -> Iterator[list[int]]:
         while True:
             epoch, offset = divmod(self.consumed_samples, self.samples_per_epoch)
+            self.epoch = epoch
             permutation = self.epoch_permutation(epoch)
             for start in range(offset, self.samples_per_epoch, self.block):
                 first = start + self.rank * self.micro_batch_size
@@ -134,3 +143,52 @@ class Seq2SeqCollator:
             "decoder_input_ids": decoder_input_ids,
             "labels": labels,
         }
+
+
+class OnlineMaskedExamples:
+    """Examples masked on the fly from a tokenized corpus, with the mask stage's functions.
+
+    Long runs see fresh masks every epoch without storing them. Example ``i`` is one packed
+    chunk of one document (the packing depends only on sentence lengths, so the index is
+    built once from the memory-mapped offsets); its noise comes from a generator seeded by
+    (seed, epoch, document, chunk), so any rank, worker or resumed run rebuilds it exactly.
+    """
+
+    def __init__(self, tokenized_dir: Path, mask_config: "MaskConfig") -> None:
+        from data_tools.mask import load_vocab_info
+        from data_tools.shards import TokenizedCorpus
+
+        self.corpus = TokenizedCorpus(tokenized_dir)
+        self.manifest = self.corpus.manifest
+        self.config = mask_config
+        self.vocab = load_vocab_info(tokenized_dir, self.manifest)
+        self.index = self._build_index()
+        if len(self.index) == 0:
+            raise UserError(f"{tokenized_dir} yields no {mask_config.target} examples with these mask settings")
+
+    def _build_index(self) -> np.ndarray:
+        from data_tools.noising import plan_chunks
+
+        entries = []
+        max_tokens = self.config.seq_length - 2
+        for document in range(len(self.corpus)):
+            lengths = [len(sentence) for sentence in self.corpus[document]]
+            for chunk_index, chunk in enumerate(plan_chunks(lengths, max_tokens)):
+                if self.config.target == "gsg" and len(chunk) < 2:
+                    continue  # the mask stage skips these too
+                entries.append((document, chunk_index))
+        return np.asarray(entries, dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def example(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        from data_tools.mask import mask_chunk
+        from data_tools.noising import pack_sentences
+
+        document, chunk_index = (int(v) for v in self.index[index])
+        sentences = [sentence.tolist() for sentence in self.corpus[document]]
+        chunk = pack_sentences(sentences, self.config.seq_length - 2)[chunk_index]
+        rng = np.random.default_rng([self.config.seed, epoch, document, chunk_index])
+        source, target = mask_chunk(chunk, rng, self.config, self.vocab)
+        return np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64)

@@ -8,6 +8,7 @@ every rank has finished writing. Relaunching the same command resumes from ``lat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -47,7 +48,11 @@ MODEL_CONFIG_FILE = "model_config.json"
 class TrainConfig:
     """Pretrain a BART or PEGASUS model with DeepSpeed ZeRO stage 2."""
 
-    data_dir: Path = required("Output directory of the mask stage (examples-*.arrow + manifest.json).")
+    data_dir: Path = required("Output directory of the mask stage (examples-*.arrow), or of the tokenize stage "
+                              "to mask online (with --online_mask_config).")
+    online_mask_config: Path | None = option(None, "JSON of mask flags (e.g. {\"preset\": \"pegasus_paper\", "
+                                             "\"seq_length\": 512}) to mask a tokenized corpus on the fly: "
+                                             "fresh masks every epoch, nothing stored.")
     output_dir: Path = required("Run directory: configs, vocab, metrics.jsonl and checkpoints/.")
     model_config: str = option("bart-tiny", "Packaged config name (bart-tiny, bart-medium, bart-base, "
                                "pegasus-tiny, pegasus-base) or a path to an HF config.json.")
@@ -78,6 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data_dir, self.output_dir = Path(self.data_dir), Path(self.output_dir)
         self.deepspeed_config = Path(self.deepspeed_config)
+        if self.online_mask_config is not None:
+            self.online_mask_config = Path(self.online_mask_config)
         positive = ("micro_batch_size", "gradient_accumulation_steps", "total_steps", "save_checkpoint_steps",
                     "keep_last_checkpoints", "log_every_steps")
         problems = [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
@@ -272,15 +279,40 @@ def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any,
     write_json_atomic(config.output_dir / "data_manifest.json", data_manifest)
 
 
+def load_training_data(config: TrainConfig) -> Any:
+    """Stored examples (a mask stage output) or online masking (a tokenize stage output)."""
+    from data_tools.mask import MaskConfig
+    from data_tools.shards import load_manifest
+    from pipeline.data import ExampleShards, OnlineMaskedExamples
+
+    stage = load_manifest(config.data_dir, ("mask", "tokenize"))["stage"]
+    if stage == "mask":
+        if config.online_mask_config:
+            raise UserError(f"{config.data_dir} holds masked examples; --online_mask_config needs a tokenize output")
+        return ExampleShards(config.data_dir)
+    if not config.online_mask_config:
+        raise UserError(f"{config.data_dir} is a tokenized corpus: pass --online_mask_config to mask it on the fly, "
+                        "or run the mask stage first")
+    try:
+        flags = json.loads(Path(config.online_mask_config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"--online_mask_config {config.online_mask_config}: {error}") from error
+    unknown = set(flags) - {f.name for f in dataclasses.fields(MaskConfig)} | ({"input_dir", "output_dir"} & set(flags))
+    if unknown:
+        raise UserError(f"{config.online_mask_config}: unknown or not allowed mask flags {sorted(unknown)}")
+    mask_config = MaskConfig(input_dir=config.data_dir, output_dir=config.output_dir, **flags)
+    return OnlineMaskedExamples(config.data_dir, mask_config)
+
+
 def train(config: TrainConfig) -> dict:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from pipeline.data import ExampleShards, ResumableDistributedSampler, Seq2SeqCollator
+    from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator
     from pipeline.model import build_model, load_model_config, use_fused_layer_norm, weight_decay_groups
 
-    dataset = ExampleShards(config.data_dir)  # validates the data before any process group exists
+    dataset = load_training_data(config)  # validates the data before any process group exists
     vocab = dataset.manifest["vocab"]
     vocab_path = config.data_dir / VOCAB_FILE
     if not vocab_path.is_file() or file_sha256(vocab_path) != vocab["sha256"]:
@@ -348,7 +380,8 @@ def train(config: TrainConfig) -> dict:
         len(dataset), config.micro_batch_size, rank, world_size, config.seed, state["consumed_samples"]
     )
     collate = Seq2SeqCollator(pad_id=model_config.pad_token_id, decoder_start_id=model_config.decoder_start_token_id)
-    batches = ((indices, {k: v.to(engine.device) for k, v in collate([dataset[i] for i in indices]).items()})
+    batches = ((indices, {k: v.to(engine.device) for k, v in
+                          collate([dataset.example(i, sampler.epoch) for i in indices]).items()})
                for indices in sampler)
     # Steps after the checkpoint we resumed from are trained again: drop their old records.
     truncate_records(config.output_dir / "metrics.jsonl", state["step"], rank == 0)
