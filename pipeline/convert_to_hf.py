@@ -19,7 +19,7 @@ import torch
 
 from data_tools.cli import UserError, option, required, run_stage, write_json_atomic
 from data_tools.tokenize_shards import VOCAB_FILE
-from pipeline.trainer import CHECKPOINTS, LATEST, MODEL_CONFIG_FILE, TRAINER_STATE, read_latest_tag
+from pipeline.trainer import CHECKPOINTS, LATEST, MODEL_CONFIG_FILE, TRAINER_STATE, checkpoint_problem, read_latest_tag
 
 
 @dataclass(kw_only=True)
@@ -90,8 +90,9 @@ def export(config: ExportConfig) -> Path:
     tag = config.tag or read_latest_tag(checkpoint_root)
     if tag is None:
         raise UserError(f"{checkpoint_root / LATEST} not found: the run has no complete checkpoint yet")
-    if not (checkpoint_root / tag / TRAINER_STATE).is_file():
-        raise UserError(f"{checkpoint_root / tag} is not a complete checkpoint (no {TRAINER_STATE})")
+    problem = checkpoint_problem(checkpoint_root / tag)
+    if problem:
+        raise UserError(f"checkpoint {checkpoint_root / tag} {problem}; export another --tag")
 
     model_config = AutoConfig.from_pretrained(str(run_dir / MODEL_CONFIG_FILE))
     model = AutoModelForSeq2SeqLM.from_config(model_config)

@@ -219,18 +219,58 @@ def set_rng_state(state: dict) -> None:
 # -- checkpoints --------------------------------------------------------------------------------
 
 
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """What makes a checkpoint directory unusable, or None when it is complete."""
+    if not tag_dir.is_dir():
+        return "does not exist"
+    state_file = tag_dir / TRAINER_STATE
+    if not state_file.is_file():
+        return f"has no {TRAINER_STATE} (it was never completed)"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except ValueError:
+        return f"has an unreadable {TRAINER_STATE}"
+    if state.get("universal"):
+        return None if (tag_dir / "zero").is_dir() else "is a universal checkpoint without its zero/ folder"
+    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        return "is missing mp_rank_00_model_states.pt"
+    partitions = len(list(tag_dir.glob("*optim_states.pt")))
+    if state.get("world_size") and partitions != state["world_size"]:
+        return f"has {partitions} optimizer partitions but was written by {state['world_size']} ranks"
+    return None
+
+
 def read_latest_tag(checkpoint_root: Path) -> str | None:
-    """The tag ``latest`` points to, if it names a complete checkpoint; None for a fresh run."""
+    """The tag ``latest`` points to if it is complete; None for a run without checkpoints."""
     latest = checkpoint_root / LATEST
     if not latest.is_file():
         return None
     tag = latest.read_text(encoding="utf-8").strip()
-    if not (checkpoint_root / tag / TRAINER_STATE).is_file():
-        raise UserError(
-            f"{latest} points to {tag!r}, which is not a complete checkpoint under {checkpoint_root}; "
-            "point it at an existing tag or delete it to start over"
-        )
+    problem = checkpoint_problem(checkpoint_root / tag)
+    if problem:
+        raise UserError(f"{latest} points to {checkpoint_root / tag}, which {problem}; pass an earlier --tag")
     return tag
+
+
+def find_resume_tag(checkpoint_root: Path) -> str | None:
+    """The checkpoint to resume from: ``latest``, or when it fails validation, the newest
+    complete earlier one (said on stderr). None for a fresh run."""
+    latest = checkpoint_root / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text(encoding="utf-8").strip()
+    problem = checkpoint_problem(checkpoint_root / tag)
+    if problem is None:
+        return tag
+    earlier = sorted((p.name for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("step")),
+                     reverse=True)
+    for candidate in earlier:
+        if candidate != tag and checkpoint_problem(checkpoint_root / candidate) is None:
+            print(f"train: {checkpoint_root / tag} {problem}; resuming from the previous complete checkpoint "
+                  f"{candidate}", file=sys.stderr)
+            return candidate
+    raise UserError(f"{latest} points to {checkpoint_root / tag}, which {problem}, and no earlier complete "
+                    f"checkpoint is in {checkpoint_root}; delete {latest} to start over")
 
 
 def save_checkpoint(engine: Any, config: TrainConfig, trainer_state: dict, rank: int) -> str:
@@ -344,7 +384,7 @@ def train(config: TrainConfig) -> dict:
             step, config.total_steps, config.warmup_steps, config.lr_decay, config.min_lr_ratio))
 
     checkpoint_root = config.output_dir / CHECKPOINTS
-    tag = read_latest_tag(checkpoint_root)
+    tag = find_resume_tag(checkpoint_root)
     resuming_universal = tag is not None and json.loads(
         (checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8")).get("universal", False)
     if resuming_universal:  # written by zh-to-universal: loadable on any number of ranks
