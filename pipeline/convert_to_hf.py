@@ -14,6 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -29,6 +30,9 @@ class ExportConfig:
     run_dir: Path = required("The training run's --output_dir (holds model_config.json, vocab.txt, checkpoints/).")
     output_dir: Path = required("HF model directory to write (replaced if it exists).")
     tag: str = option("", "Checkpoint tag to export (e.g. step00001000); empty = the one 'latest' points to.")
+    dtype: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "Weights to write: the fp32 master weights, or those weights cast to bf16/fp16 (half the size); "
+        "recorded as the dtype in config.json.")
 
     def __post_init__(self) -> None:
         self.run_dir, self.output_dir = Path(self.run_dir), Path(self.output_dir)
@@ -99,6 +103,8 @@ def export(config: ExportConfig) -> Path:
     state_dict = consolidated_state_dict(checkpoint_root, tag)
     load_weights_strict(model, state_dict, str(checkpoint_root / tag))
     model.tie_weights()
+    if config.dtype != "fp32":
+        model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype])
 
     config.output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{config.output_dir.name}.", dir=config.output_dir.parent))
@@ -115,7 +121,8 @@ def export(config: ExportConfig) -> Path:
         write_tokenizer_files(run_dir / VOCAB_FILE, staging, model_config.max_position_embeddings)
         trainer_state = json.loads((checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
         write_json_atomic(staging / "export_info.json", {
-            "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"], "weights": "fp32 master weights",
+            "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"],
+            "weights": "fp32 master weights" + ("" if config.dtype == "fp32" else f", cast to {config.dtype}"),
         })
         if config.output_dir.exists():
             shutil.rmtree(config.output_dir)

@@ -72,6 +72,9 @@ class TrainConfig:
     save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
     keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
     log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
+    init_from: Path | None = option(None, "HF model directory to start from instead of random weights (an export of "
+                                    "this pipeline or a published model such as uer/pegasus-base-chinese-"
+                                    "cluecorpussmall); its config.json replaces --model_config.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
     progress: bool = option(True, "Show a progress bar on rank 0.")
     peak_tflops: float = option(0.0, "Peak dense TFLOP/s of one device for MFU; 0 = known GPUs' figure "
@@ -85,6 +88,8 @@ class TrainConfig:
         self.deepspeed_config = Path(self.deepspeed_config)
         if self.online_mask_config is not None:
             self.online_mask_config = Path(self.online_mask_config)
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
         positive = ("micro_batch_size", "gradient_accumulation_steps", "total_steps", "save_checkpoint_steps",
                     "keep_last_checkpoints", "log_every_steps")
         problems = [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
@@ -319,6 +324,25 @@ def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any,
     write_json_atomic(config.output_dir / "data_manifest.json", data_manifest)
 
 
+def check_init_from(model_dir: Path, vocab: dict, data_dir: Path) -> None:
+    """The model to continue from must use the vocab the training data was tokenized with."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--init_from {model_dir} has no config.json; pass an exported or published HF model directory")
+    model_values = json.loads(config_file.read_text(encoding="utf-8"))
+    if model_values.get("model_type") not in ("bart", "pegasus"):
+        raise UserError(f"{config_file}: model_type {model_values.get('model_type')!r} is not bart or pegasus")
+    if model_values.get("vocab_size") != vocab["size"]:
+        raise UserError(
+            f"{config_file} has vocab_size {model_values.get('vocab_size')} but {data_dir} was tokenized with "
+            f"{vocab['size']} tokens ({vocab['source']}); tokenize with the model's vocab.txt"
+        )
+    model_vocab = model_dir / VOCAB_FILE
+    if model_vocab.is_file() and file_sha256(model_vocab) != vocab["sha256"]:
+        raise UserError(f"{model_vocab} differs from the vocab {data_dir} was tokenized with ({vocab['source']}); "
+                        "tokenize with the model's vocab.txt")
+
+
 def load_training_data(config: TrainConfig) -> Any:
     """Stored examples (a mask stage output) or online masking (a tokenize stage output)."""
     from data_tools.mask import MaskConfig
@@ -365,15 +389,28 @@ def train(config: TrainConfig) -> dict:
     if accelerator.device_name() == "cpu" and ds_config.get("fp16", {}).get("enabled"):
         raise UserError(f"{ds_config_path}: fp16 needs a GPU; use ds_configs/cpu_zero2.json on a CPU machine")
 
+    if config.init_from is not None:
+        check_init_from(config.init_from, vocab, config.data_dir)
+
     rank, world_size, _ = init_distributed()
 
-    model_config = load_model_config(config.model_config, vocab["size"], vocab["special_token_ids"])
+    if config.init_from is not None:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(str(config.init_from))
+    else:
+        model_config = load_model_config(config.model_config, vocab["size"], vocab["special_token_ids"])
     if rank == 0:
         prepare_run_dir(config, dataset.manifest, model_config, ds_config)
     dist.barrier()
 
     seed_everything(config.seed)
-    model = build_model(model_config)
+    if config.init_from is not None:
+        from transformers import AutoModelForSeq2SeqLM
+
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(config.init_from), torch_dtype=torch.float32)
+    else:
+        model = build_model(model_config)
     norm_kernel = use_fused_layer_norm(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()

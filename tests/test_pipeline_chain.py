@@ -128,3 +128,53 @@ def test_relaunching_the_same_command_resumes_from_latest(chain, tmp_path):
     state = json.loads((run / "checkpoints" / "step00000008" / "trainer_state.json").read_text())
     assert state["consumed_samples"] == 8 * 4 * 2
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [2, 4, 6, 8]
+
+
+def test_half_precision_export_is_the_master_weights_cast(chain, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForSeq2SeqLM
+
+    run = chain["gsg"] / "run-gsg"
+    out = tmp_path / "bf16"
+    run_command(["zh-export", "--run_dir", str(run), "--output_dir", str(out), "--dtype", "bf16"])
+    written = json.loads((out / "config.json").read_text())
+    assert written.get("dtype", written.get("torch_dtype")) == "bfloat16"  # transformers 4.56 renamed the key
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (chain["gsg"] / "export-gsg" / "model.safetensors").stat().st_size
+    master = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step00000006")
+    exported = AutoModelForSeq2SeqLM.from_pretrained(str(out), torch_dtype=torch.bfloat16).state_dict()
+    for name, tensor in master.items():
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
+
+
+def test_init_from_an_export_starts_from_its_weights(chain, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForSeq2SeqLM
+
+    export = chain["bart"] / "export-bart"
+    run = tmp_path / "continued"
+    result = run_command([
+        "deepspeed", "--num_gpus", "2", "--master_port", "29645", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+        "--data_dir", str(chain["bart"] / "examples-bart"), "--output_dir", str(run), "--init_from", str(export),
+        "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"), "--total_steps", "1",
+        "--learning_rate", "1e-12", "--micro_batch_size", "4", "--no-progress",
+    ])
+    assert "fresh start" in result.stderr
+    start = AutoModelForSeq2SeqLM.from_pretrained(str(export)).state_dict()
+    after = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step00000001")
+    assert max((after[k] - start[k]).abs().max().item() for k in after) < 1e-6
+
+
+def test_init_from_a_model_with_another_vocab_is_refused(chain, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "other-vocab"
+    shutil.copytree(chain["bart"] / "export-bart", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 8000}))
+    result = subprocess.run([sys.executable, "-m", "pipeline.trainer", "--data_dir", str(chain["bart"] / "examples-bart"),
+                             "--output_dir", str(tmp_path / "run"), "--init_from", str(model)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "has vocab_size 8000 but" in result.stderr and "tokenize with the model's vocab.txt" in result.stderr
