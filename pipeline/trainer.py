@@ -71,6 +71,8 @@ class TrainConfig:
     seed: int = option(7, "Seed for initialization, data order and dropout.")
     save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
     keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
+    eval_examples: int = option(0, "Hold out the last N examples (never trained on) for an eval loss; 0 = no eval.")
+    eval_every_steps: int = option(500, "Compute the eval loss every N steps (and at the end) when --eval_examples.")
     log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
     init_from: Path | None = option(None, "HF model directory to start from instead of random weights (an export of "
                                     "this pipeline or a published model such as uer/pegasus-base-chinese-"
@@ -91,8 +93,10 @@ class TrainConfig:
         if self.init_from is not None:
             self.init_from = Path(self.init_from)
         positive = ("micro_batch_size", "gradient_accumulation_steps", "total_steps", "save_checkpoint_steps",
-                    "keep_last_checkpoints", "log_every_steps")
+                    "keep_last_checkpoints", "log_every_steps", "eval_every_steps")
         problems = [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
+        if self.eval_examples < 0:
+            problems.append("--eval_examples must be >= 0")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             problems.append("--learning_rate must be positive, --warmup_steps >= 0, --min_lr_ratio in [0, 1]")
         if problems:
@@ -453,17 +457,28 @@ def train(config: TrainConfig) -> dict:
             + (f"resuming from {tag} (step {state['step']})" if tag else "fresh start"),
             file=sys.stderr,
         )
+    if config.eval_examples >= len(dataset):
+        raise UserError(f"--eval_examples {config.eval_examples} leaves nothing to train on ({len(dataset)} examples)")
+    train_examples = len(dataset) - config.eval_examples
     sampler = ResumableDistributedSampler(
-        len(dataset), config.micro_batch_size, rank, world_size, config.seed, state["consumed_samples"]
+        train_examples, config.micro_batch_size, rank, world_size, config.seed, state["consumed_samples"]
     )
     collate = Seq2SeqCollator(pad_id=model_config.pad_token_id, decoder_start_id=model_config.decoder_start_token_id)
+
+    def eval_batches() -> Iterator[dict]:
+        """This rank's share of the held-out examples (epoch-0 masks), in micro batches."""
+        held_out = list(range(train_examples + rank, len(dataset), world_size))
+        for start in range(0, len(held_out), config.micro_batch_size):
+            indices = held_out[start : start + config.micro_batch_size]
+            yield {k: v.to(engine.device) for k, v in collate([dataset.example(i, 0) for i in indices]).items()}
+
     batches = ((indices, {k: v.to(engine.device) for k, v in
                           collate([dataset.example(i, sampler.epoch) for i in indices]).items()})
                for indices in sampler)
     # Steps after the checkpoint we resumed from are trained again: drop their old records.
     truncate_records(config.output_dir / "metrics.jsonl", state["step"], rank == 0)
     truncate_records(config.output_dir / f"example_ids_rank{rank}.jsonl", state["step"], config.record_example_ids)
-    fit(engine, scheduler, batches, config, state, rank, world_size)
+    fit(engine, scheduler, batches, config, state, rank, world_size, eval_batches)
     return state
 
 
@@ -477,7 +492,7 @@ def truncate_records(path: Path, last_step: int, enabled: bool) -> None:
 
 
 def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfig, state: dict, rank: int,
-        world_size: int) -> None:
+        world_size: int, eval_batches: Any = None) -> None:
     """The loop: forward, backward, step; logging and checkpoints on their schedules."""
     import torch.distributed as dist
     from tqdm import tqdm
@@ -509,10 +524,34 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
                 handle.write(json.dumps({"step": state["step"], "example_ids": step_example_ids}) + "\n")
         bar.update(1)
         maybe_log(engine, scheduler, config, state, window, rank, world_size, bar)
+        maybe_evaluate(engine, eval_batches, config, state, rank)
         if state["step"] % config.save_checkpoint_steps == 0 or state["step"] == config.total_steps:
             save_checkpoint(engine, config, {**state, "world_size": world_size}, rank)
     bar.close()
     dist.barrier()
+
+
+def maybe_evaluate(engine: Any, eval_batches: Any, config: TrainConfig, state: dict, rank: int) -> None:
+    """Token-weighted loss over the held-out examples of every rank, logged as eval_loss."""
+    import torch.distributed as dist
+
+    if not config.eval_examples or (state["step"] % config.eval_every_steps and state["step"] != config.total_steps):
+        return
+    totals = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for batch in eval_batches():
+            tokens = (batch["labels"] != -100).sum()
+            totals += torch.stack([engine(**batch).loss.detach().double().cpu() * tokens.cpu(), tokens.double().cpu()])
+    engine.train()
+    dist.all_reduce(totals)
+    eval_loss = (totals[0] / totals[1]).item()
+    if rank == 0:
+        with open(config.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": state["step"], "eval_loss": eval_loss,
+                                     "eval_tokens": int(totals[1].item())}) + "\n")
+        print(f"step {state['step']}: eval loss {eval_loss:.4f} over {int(totals[1].item())} target tokens",
+              file=sys.stderr)
 
 
 def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: dict, window: dict, rank: int,

@@ -61,10 +61,20 @@ def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
         "--data_dir", str(tokenized_dir), "--online_mask_config", str(mask_flags), "--output_dir", str(run),
         "--model_config", "pegasus-tiny", "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"),
         "--total_steps", "4", "--micro_batch_size", "4", "--log_every_steps", "2", "--no-progress",
+        "--eval_examples", "64", "--eval_every_steps", "2", "--record_example_ids",
     ])
     assert "ZeRO stage 2" in result.stderr
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval_loss"]) for r in evals)
+    assert evals[0]["eval_tokens"] == evals[1]["eval_tokens"] > 0  # the same held-out examples each time
+    data = OnlineMaskedExamples(tokenized_dir, MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path,
+                                                          preset="pegasus_paper", seq_length=64, tgt_seq_length=32))
+    trained = [i for rank in (0, 1) for line in (run / f"example_ids_rank{rank}.jsonl").open()
+               for i in json.loads(line)["example_ids"]]
+    assert max(trained) < len(data) - 64  # held-out examples are never trained on
 
 
 def test_a_tokenized_corpus_without_mask_flags_is_a_user_error(tmp_path, tokenized_dir):
