@@ -71,6 +71,8 @@ class TrainConfig:
     seed: int = option(7, "Seed for initialization, data order and dropout.")
     save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
     keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
+    max_skipped_steps: int = option(100, "fp16: stop when this many optimizer steps in a row were skipped for "
+                                    "overflow (the loss scale cannot recover); the last good checkpoint stays.")
     eval_examples: int = option(0, "Hold out the last N examples (never trained on) for an eval loss; 0 = no eval.")
     eval_every_steps: int = option(500, "Compute the eval loss every N steps (and at the end) when --eval_examples.")
     log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
@@ -104,6 +106,12 @@ class TrainConfig:
 
 
 # -- pure pieces ------------------------------------------------------------------------------
+
+
+def skip_streak(skipped_before: int, skipped_now: int, streak: int) -> int:
+    """Consecutive optimizer steps skipped (fp16 overflow): grows while DeepSpeed's counter
+    grows, back to 0 after a step that was applied."""
+    return streak + 1 if skipped_now > skipped_before else 0
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> float:
@@ -188,6 +196,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def slurm_rank_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """RANK/LOCAL_RANK/WORLD_SIZE from Slurm's variables when no launcher set them.
+
+    DeepSpeed 0.19 does not read SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; under ``srun``
+    with one task per GPU these are exactly the global rank, local rank and world size.
+    """
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": environ.get("SLURM_NTASKS", "1"),
+    }
+
+
 def launcher_world_size() -> int:
     """Number of ranks the launcher started (deepspeed/torchrun: WORLD_SIZE; Slurm: SLURM_NTASKS)."""
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
@@ -197,11 +220,7 @@ def init_distributed() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) under deepspeed/torchrun/Slurm, or a 1-process group."""
     import deepspeed
 
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        # DeepSpeed 0.19 does not read Slurm's variables: map them (srun starts one task per GPU).
-        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-        os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    os.environ.update(slurm_rank_env(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -501,6 +520,7 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
     bar = tqdm(total=config.total_steps, initial=state["step"], desc="train", unit=" steps", file=sys.stderr,
                disable=rank != 0 or not config.progress, mininterval=1.0)
     window = {"loss": 0.0, "tokens": 0, "flops": 0.0, "start": time.perf_counter(), "steps": 0}
+    skipped = {"total": engine.skipped_steps, "streak": 0}
     model_config = engine.module.config
     engine.train()
     while state["step"] < config.total_steps:
@@ -523,6 +543,14 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
             with open(config.output_dir / f"example_ids_rank{rank}.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state["step"], "example_ids": step_example_ids}) + "\n")
         bar.update(1)
+        skipped["streak"] = skip_streak(skipped["total"], engine.skipped_steps, skipped["streak"])
+        skipped["total"] = engine.skipped_steps
+        if skipped["streak"] > config.max_skipped_steps:
+            raise UserError(
+                f"{skipped['streak']} optimizer steps in a row were skipped for fp16 overflow (step {state['step']}); "
+                f"stopping with the last good checkpoint in {config.output_dir / CHECKPOINTS} intact; "
+                "lower --learning_rate or use ds_configs/zero2_bf16.json"
+            )
         maybe_log(engine, scheduler, config, state, window, rank, world_size, bar)
         maybe_evaluate(engine, eval_batches, config, state, rank)
         if state["step"] % config.save_checkpoint_steps == 0 or state["step"] == config.total_steps:

@@ -126,3 +126,23 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_unknown_model_config_is_a_user_error():
     with pytest.raises(UserError, match="packaged configs"):
         load_model_config("gpt-huge", 100, SPECIAL)
+
+
+def test_skip_streak_counts_consecutive_skipped_steps():
+    from pipeline.trainer import skip_streak
+
+    streak, total = 0, 0
+    history = []
+    for skipped_now in (0, 1, 2, 3, 3, 4, 5):
+        streak, total = skip_streak(total, skipped_now, streak), skipped_now
+        history.append(streak)
+    assert history == [0, 1, 2, 3, 0, 1, 2]
+
+
+def test_slurm_variables_become_ranks_only_without_a_launcher():
+    from pipeline.trainer import slurm_rank_env
+
+    slurm = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16"}
+    assert slurm_rank_env(slurm) == {"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16"}
+    assert slurm_rank_env({**slurm, "RANK": "0"}) == {}  # torchrun/deepspeed already set them
+    assert slurm_rank_env({}) == {}
