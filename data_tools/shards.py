@@ -169,14 +169,15 @@ class TokenizedCorpus:
         self._shards = []
         rows = []
         for path in shard_paths(self.directory, self.manifest):
-            column = open_shard(path).column("sentences").combine_chunks()
-            sentences = column.values
-            self._shards.append((
-                column.offsets.to_numpy(),
-                sentences.offsets.to_numpy(),
-                sentences.values.to_numpy(zero_copy_only=True),
-            ))
-            rows.append(len(column))
+            # One entry per record batch: combine_chunks() would copy the shard into memory.
+            for column in open_shard(path).column("sentences").chunks:
+                sentences = column.values
+                self._shards.append((
+                    column.offsets.to_numpy(),
+                    sentences.offsets.to_numpy(),
+                    sentences.values.to_numpy(zero_copy_only=True),
+                ))
+                rows.append(len(column))
         self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
 
     def __len__(self) -> int:

@@ -31,11 +31,22 @@ class VerifyConfig:
         self.directory = Path(self.directory)
 
 
-def _flat_ids(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    while pa.types.is_list(array.type):
-        array = array.flatten()
-    return array.to_numpy(zero_copy_only=False)
+def _flat_ids(chunk: pa.Array) -> np.ndarray:
+    while pa.types.is_list(chunk.type):
+        chunk = chunk.flatten()
+    return chunk.to_numpy(zero_copy_only=False)
+
+
+def _column_facts(column: pa.ChunkedArray) -> tuple[int, int, int]:
+    """(ids, inner lists, largest id) of a column, one record batch at a time."""
+    ids = lists = 0
+    largest = -1
+    for chunk in column.chunks:
+        flat = _flat_ids(chunk)
+        ids += len(flat)
+        lists += len(chunk.flatten()) if pa.types.is_list(chunk.type.value_type) else 0
+        largest = max(largest, int(flat.max()) if len(flat) else -1)
+    return ids, lists, largest
 
 
 def verify_shard(path: Path, shard: dict, stage: str, vocab_size: int | None) -> str | None:
@@ -57,18 +68,18 @@ def verify_shard(path: Path, shard: dict, stage: str, vocab_size: int | None) ->
         return f"cannot be read as an Arrow stream ({error})"
     if table.num_rows != shard["rows"]:
         return f"has {table.num_rows} rows, the manifest says {shard['rows']}"
+    facts = {name: _column_facts(table.column(name)) for name in ARROW_STAGES[stage]}
     if stage == "tokenize":
-        sentences = table.column("sentences").combine_chunks()
-        counts = {"sentences": len(sentences.flatten()), "tokens": len(_flat_ids(table.column("sentences")))}
+        tokens, sentences, _ = facts["sentences"]
+        counts = {"sentences": sentences, "tokens": tokens}
     else:
-        counts = {f"{name.split('_')[0]}_tokens": len(_flat_ids(table.column(name))) for name in ARROW_STAGES[stage]}
+        counts = {f"{name.split('_')[0]}_tokens": facts[name][0] for name in ARROW_STAGES[stage]}
     for key, value in counts.items():
         if key in shard and shard[key] != value:
             return f"has {value} {key}, the manifest says {shard[key]}"
-    for name in ARROW_STAGES[stage]:
-        ids = _flat_ids(table.column(name))
-        if vocab_size is not None and len(ids) and int(ids.max()) >= vocab_size:
-            return f"column {name} holds id {int(ids.max())}, not below the vocab size {vocab_size}"
+    for name, (_, _, largest) in facts.items():
+        if vocab_size is not None and largest >= vocab_size:
+            return f"column {name} holds id {largest}, not below the vocab size {vocab_size}"
     return None
 
 

@@ -27,18 +27,19 @@ class ExampleShards:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory, "mask")
+        # One entry per Arrow record batch: combine_chunks() would copy whole shards into memory.
         self.columns: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         row_counts = []
         for path, shard in zip(shard_paths(self.directory, self.manifest), self.manifest["shards"]):
-            table = open_shard(path).combine_chunks()
+            table = open_shard(path)
             if table.num_rows != shard["rows"]:
                 raise UserError(f"{path} has {table.num_rows} rows, its manifest says {shard['rows']}; re-run mask")
-            source, target = table.column("source_ids").chunk(0), table.column("target_ids").chunk(0)
-            self.columns.append((
-                source.offsets.to_numpy(), source.values.to_numpy(zero_copy_only=True),
-                target.offsets.to_numpy(), target.values.to_numpy(zero_copy_only=True),
-            ))
-            row_counts.append(table.num_rows)
+            for source, target in zip(table.column("source_ids").chunks, table.column("target_ids").chunks):
+                self.columns.append((
+                    source.offsets.to_numpy(), source.values.to_numpy(zero_copy_only=True),
+                    target.offsets.to_numpy(), target.values.to_numpy(zero_copy_only=True),
+                ))
+                row_counts.append(len(source))
         self.shard_starts = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
 
     def __len__(self) -> int:
