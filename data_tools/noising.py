@@ -133,18 +133,6 @@ def sample_spans(length: int, rng: np.random.Generator, mask_ratio: float, poiss
     return place_spans(length, sample_span_lengths(num_to_mask, poisson_lambda, rng), rng)
 
 
-def apply_text_infilling(ids: list[int], spans: list[Span], mask_id: int) -> list[int]:
-    """Replace each span by a single ``mask_id`` (a zero-length span inserts one)."""
-    output: list[int] = []
-    position = 0
-    for start, span_length in spans:
-        output.extend(ids[position:start])
-        output.append(mask_id)
-        position = start + span_length
-    output.extend(ids[position:])
-    return output
-
-
 def word_starts(ids: list[int], is_continuation: np.ndarray) -> list[int]:
     """Token positions where a word begins: every token but WordPiece's ``##`` continuations."""
     flags = is_continuation[np.asarray(ids, dtype=np.int64)]
@@ -224,10 +212,10 @@ def noise_spans(
     if num_to_mask == 0:
         return list(ids)
     if noise.span_distribution == "poisson":
-        lengths = sample_span_lengths(num_to_mask, noise.poisson_lambda, rng)
+        spans = sample_spans(len(starts), rng, noise.mask_ratio, noise.poisson_lambda)
     else:
         lengths = sample_geometric_span_lengths(num_to_mask, noise.geometric_p, noise.max_span_length, rng)
-    spans = place_spans(len(starts), lengths, rng)
+        spans = place_spans(len(starts), lengths, rng)
     special = vocab.is_special[np.asarray(ids, dtype=np.int64)].tolist()
     actions = rng.random(len(spans)).tolist()
     mask_id = vocab.special.mask

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
 from data_tools.parallel import chunked, ordered_map
-from data_tools.shards import RollingShardWriter, id_type_for_vocab, list_array, load_manifest, shard_paths
+from data_tools.shards import RollingShardWriter, id_type_for_vocab, load_manifest, shard_paths
 from data_tools.wordpiece import BertWordPieceEncoder, file_sha256
 
 STAGE = "tokenize"

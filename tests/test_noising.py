@@ -11,7 +11,6 @@ from data_tools.noising import (
     BartNoiseConfig,
     SpecialIds,
     VocabInfo,
-    apply_text_infilling,
     build_bart_example,
     build_gsg_example,
     noise_spans,
@@ -92,9 +91,15 @@ def test_span_lengths_follow_poisson_by_chi_square():
     assert observed[0] > 0  # zero-length spans (insertions) are kept
 
 
-def test_text_infilling_replaces_each_span_with_one_mask_and_inserts_for_empty_spans():
-    ids = list(range(1, 11))
-    assert apply_text_infilling(ids, [(1, 3), (6, 0), (8, 2)], 103) == [1, 103, 5, 6, 103, 7, 8, 103]
+def test_each_span_becomes_one_mask_and_empty_spans_insert_one():
+    noise = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, whole_word_mask=False)
+    ids = list(range(200, 300))
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        spans = sample_spans(100, np.random.default_rng(seed), 0.3, 3.0)
+        noised = noise_spans(ids, rng, noise, VOCAB)
+        assert noised.count(SPECIAL.mask) == len(spans)
+        assert len(noised) == 100 - 30 + len(spans)
 
 
 @settings(max_examples=150, deadline=None)
