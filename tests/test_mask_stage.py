@@ -1,20 +1,14 @@
 import pyarrow as pa
 import pytest
 
-from data_tools.clean import CleanConfig, clean
 from data_tools.cli import UserError
 from data_tools.mask import MaskConfig, mask
 from data_tools.shards import open_shard
-from data_tools.tokenize_shards import TokenizeConfig, tokenize
 
 
 @pytest.fixture(scope="module")
-def tokenized_dir(tmp_path_factory, clue_lines_file, google_vocab):
-    root = tmp_path_factory.mktemp("mask")
-    clean(CleanConfig(input_paths=[clue_lines_file], output_dir=root / "clean", progress=False))
-    tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab,
-                            progress=False))
-    return root / "tok"
+def tokenized_dir(clue_tokenized_dir):
+    return clue_tokenized_dir
 
 
 def rows(directory, manifest):

@@ -5,21 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from data_tools.clean import CleanConfig, clean
 from data_tools.mask import MaskConfig
 from data_tools.noising import pack_sentences, plan_chunks
-from data_tools.tokenize_shards import TokenizeConfig, tokenize
 from pipeline.data import OnlineMaskedExamples
 from tests.conftest import PROJECT_ROOT, run_command
 
 
 @pytest.fixture(scope="module")
-def tokenized_dir(tmp_path_factory, clue_lines_file, google_vocab):
-    root = tmp_path_factory.mktemp("online")
-    clean(CleanConfig(input_paths=[clue_lines_file], output_dir=root / "clean", progress=False))
-    tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab,
-                            progress=False))
-    return root / "tok"
+def tokenized_dir(clue_tokenized_dir):
+    return clue_tokenized_dir
 
 
 def test_plan_chunks_is_pack_sentences_from_lengths():

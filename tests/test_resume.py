@@ -13,20 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.clean import CleanConfig, clean
 from data_tools.mask import MaskConfig, mask
-from data_tools.tokenize_shards import TokenizeConfig, tokenize
 from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def examples_dir(tmp_path_factory, clue_lines_file, google_vocab) -> Path:
+def examples_dir(tmp_path_factory, clue_tokenized_dir) -> Path:
     root = tmp_path_factory.mktemp("resume")
-    clean(CleanConfig(input_paths=[clue_lines_file], output_dir=root / "clean", progress=False))
-    tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab, progress=False))
-    mask(MaskConfig(input_dir=root / "tok", output_dir=root / "bart", target="bart", seq_length=64, progress=False))
+    mask(MaskConfig(input_dir=clue_tokenized_dir, output_dir=root / "bart", target="bart", seq_length=64,
+                    progress=False))
     ds_config = json.loads((PROJECT_ROOT / "ds_configs" / "cpu_zero2.json").read_text())
     ds_config["optimizer"]["params"]["torch_adam"] = True  # bitwise-reproducible optimizer on CPU
     (root / "ds_torch_adam.json").write_text(json.dumps(ds_config))
