@@ -18,11 +18,6 @@ _SENTENCE_RE = re.compile(
 )
 
 
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each sentence, surrounding whitespace included; whitespace-only pieces dropped."""
-    return [match.span() for match in _SENTENCE_RE.finditer(text) if not match.group().isspace()]
-
-
 def split_sentences(text: str) -> list[str]:
     """Split a document into sentences; whitespace-only pieces are dropped."""
     sentences = []

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.sentences import sentence_spans
+from data_tools.sentences import split_sentences
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_INPUT_CHARS_PER_WORD = 100
@@ -147,14 +147,14 @@ class BertWordPieceEncoder:
         Sentences are those of ``split_sentences``; sentences without tokens are left out.
         """
         if _SENTENCE_SEPARATOR in text or self._special_re.search(text):
-            encoded = [ids for ids in map(self.encode, _split_sentences(text)) if ids]
+            encoded = [ids for ids in map(self.encode, split_sentences(text)) if ids]
             lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
             return np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32), lengths
         # One pass over the whole document, sentences joined by a separator: a context-free
         # character that maps to -1, so each sentence is tokenized exactly as if it were
         # encoded alone. Sentences left without tokens are dropped below.
         ids: list[int] = []
-        joined = _SENTENCE_SEPARATOR.join(_split_sentences(text))
+        joined = _SENTENCE_SEPARATOR.join(split_sentences(text))
         self._encode_chunk(joined, ids, self._separated_char_ids, self._separated_run_re)
         flat = np.array(ids, dtype=np.int32)
         is_token = flat >= 0
@@ -260,10 +260,6 @@ class BertWordPieceEncoder:
             pieces.append(found)
             start = end
         return pieces
-
-
-def _split_sentences(text: str) -> list[str]:
-    return [text[start:end] for start, end in sentence_spans(text)]
 
 
 def _split_on_punctuation(text: str) -> str:

@@ -445,9 +445,9 @@ def train(config: TrainConfig) -> dict:
 
     checkpoint_root = config.output_dir / CHECKPOINTS
     tag = find_resume_tag(checkpoint_root)
-    resuming_universal = tag is not None and json.loads(
-        (checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8")).get("universal", False)
-    if resuming_universal:  # written by zh-to-universal: loadable on any number of ranks
+    saved_state = {} if tag is None else json.loads(
+        (checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
+    if saved_state.get("universal"):  # written by zh-to-universal: loadable on any number of ranks
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
@@ -461,8 +461,7 @@ def train(config: TrainConfig) -> dict:
         if load_path is None:
             raise UserError(f"DeepSpeed could not load {checkpoint_root / tag}; point {checkpoint_root / LATEST} "
                             "at an earlier tag")
-        state = {key: json.loads((checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))[key]
-                 for key in ("step", "consumed_samples")}
+        state = {key: saved_state[key] for key in ("step", "consumed_samples")}
         rng_file = checkpoint_root / tag / f"rng_state_rank{rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
