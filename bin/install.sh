@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Creates .venv in the project root (if missing) and installs the project with every
-# extra into it: data stages, DeepSpeed trainer, test tools. Safe to re-run.
+# extra into it: data stages, DeepSpeed trainer, test tools, benchmark baselines. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-data,train,test}
+EXTRAS=${EXTRAS:-data,train,test,bench}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
 .venv/bin/python -m pip install --quiet -e ".[${EXTRAS}]"

@@ -38,13 +38,33 @@ class ExportConfig:
         self.run_dir, self.output_dir = Path(self.run_dir), Path(self.output_dir)
 
 
+def universal_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 master weights of a universal checkpoint (``zh-to-universal``): one
+    ``zero/<param>/fp32.pt`` per parameter, already whole; buffers from the model states."""
+    zero = tag_dir / "zero"
+    state_dict = {}
+    for param_dir in sorted(p for p in zero.iterdir() if p.is_dir()):
+        fp32 = param_dir / "fp32.pt"
+        if not fp32.is_file():
+            raise UserError(f"universal checkpoint {tag_dir}: {fp32} is missing; re-run zh-to-universal")
+        state_dict[param_dir.name] = torch.load(fp32, map_location="cpu", weights_only=False)["param"]
+    model_states = tag_dir / "mp_rank_00_model_states.pt"
+    if model_states.is_file():
+        module = torch.load(model_states, map_location="cpu", weights_only=False).get("module") or {}
+        for name, tensor in module.items():  # buffers (final_logits_bias) have no optimizer state
+            state_dict.setdefault(name, tensor.float())
+    return state_dict
+
+
 def consolidated_state_dict(checkpoint_root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 master weights merged from every rank's ZeRO-2 partition."""
+    """fp32 master weights merged from every rank's ZeRO-2 partition (or a universal checkpoint)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = checkpoint_root / tag
     if not tag_dir.is_dir():
         raise UserError(f"checkpoint {tag_dir} does not exist; list {checkpoint_root} for the saved tags")
+    if (tag_dir / "zero").is_dir():
+        return universal_state_dict(tag_dir)
     try:
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
     except (FileNotFoundError, ValueError, AssertionError, RuntimeError) as error:
@@ -83,8 +103,35 @@ def write_tokenizer_files(vocab_path: Path, output_dir: Path, model_max_length: 
     })
 
 
+def write_hf_directory(model: torch.nn.Module, vocab_path: Path, output_dir: Path, info: dict) -> None:
+    """The HF directory of DESIGN.md, built in a temp folder beside ``output_dir`` and renamed
+    into place, so a crash never leaves a half-built model where a user expects one."""
+    from transformers import GenerationConfig
+
+    model_config = model.config
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        GenerationConfig(
+            decoder_start_token_id=model_config.decoder_start_token_id,
+            bos_token_id=model_config.bos_token_id,
+            eos_token_id=model_config.eos_token_id,
+            pad_token_id=model_config.pad_token_id,
+            forced_eos_token_id=model_config.eos_token_id,
+            max_length=128,
+        ).save_pretrained(str(staging))
+        write_tokenizer_files(vocab_path, staging, model_config.max_position_embeddings)
+        write_json_atomic(staging / "export_info.json", info)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.replace(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def export(config: ExportConfig) -> Path:
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     run_dir = config.run_dir
     for needed in (MODEL_CONFIG_FILE, VOCAB_FILE):
@@ -106,29 +153,11 @@ def export(config: ExportConfig) -> Path:
     if config.dtype != "fp32":
         model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype])
 
-    config.output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{config.output_dir.name}.", dir=config.output_dir.parent))
-    try:
-        model.save_pretrained(str(staging), safe_serialization=True)
-        GenerationConfig(
-            decoder_start_token_id=model_config.decoder_start_token_id,
-            bos_token_id=model_config.bos_token_id,
-            eos_token_id=model_config.eos_token_id,
-            pad_token_id=model_config.pad_token_id,
-            forced_eos_token_id=model_config.eos_token_id,
-            max_length=128,
-        ).save_pretrained(str(staging))
-        write_tokenizer_files(run_dir / VOCAB_FILE, staging, model_config.max_position_embeddings)
-        trainer_state = json.loads((checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
-        write_json_atomic(staging / "export_info.json", {
-            "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"],
-            "weights": "fp32 master weights" + ("" if config.dtype == "fp32" else f", cast to {config.dtype}"),
-        })
-        if config.output_dir.exists():
-            shutil.rmtree(config.output_dir)
-        staging.replace(config.output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    trainer_state = json.loads((checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
+    write_hf_directory(model, run_dir / VOCAB_FILE, config.output_dir, {
+        "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"],
+        "weights": "fp32 master weights" + ("" if config.dtype == "fp32" else f", cast to {config.dtype}"),
+    })
     print(f"export: {tag} of {run_dir} -> {config.output_dir}", file=sys.stderr)
     return config.output_dir
 

@@ -45,6 +45,13 @@ class ExampleShards:
     def __len__(self) -> int:
         return int(self.shard_starts[-1])
 
+    def lengths(self) -> np.ndarray:
+        """(N, 2) int32 source and target lengths, from the Arrow offsets alone."""
+        return np.concatenate([
+            np.stack([np.diff(source_offsets), np.diff(target_offsets)], axis=1)
+            for source_offsets, _, target_offsets, _ in self.columns
+        ]).astype(np.int32) if self.columns else np.zeros((0, 2), np.int32)
+
     def example(self, index: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The stored example; stored masks do not change with the epoch."""
         return self[index]
@@ -59,55 +66,154 @@ class ExampleShards:
         )
 
 
-@dataclass(frozen=True)
-class SamplerState:
-    consumed_samples: int = 0
+def _pad_to_multiple(length: "int | np.ndarray", multiple: int) -> "int | np.ndarray":
+    return (length + multiple - 1) // multiple * multiple
+
+
+def padded_batch_cost(source_lengths: np.ndarray, target_lengths: np.ndarray, pad_multiple: int = 8) -> int:
+    """Tokens a micro batch occupies once the collator pads it: rows x (padded source + target)."""
+    return len(source_lengths) * int(_pad_to_multiple(int(source_lengths.max()), pad_multiple)
+                                     + _pad_to_multiple(int(target_lengths.max()), pad_multiple))
+
+
+def plan_micro_batches(order: np.ndarray, lengths: np.ndarray | None, micro_batch_size: int, max_tokens: int,
+                       window: int, pad_multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Split an epoch's example order into micro batches: ``(order, bounds)``, batch j being
+    ``order[bounds[j]:bounds[j+1]]``.
+
+    Without ``lengths``, consecutive blocks of ``micro_batch_size``. With them (an (N, 2)
+    array of source and target lengths), each window of ``window`` examples is sorted by
+    length, longest first, so a batch holds examples of similar length and pads little; a
+    batch takes at most ``micro_batch_size`` examples and, when ``max_tokens`` > 0, at most
+    ``max_tokens`` padded tokens (see :func:`padded_batch_cost`). A tail shorter than a full
+    fixed-size batch is left out; under a token budget every example is placed.
+    """
+    if lengths is None:
+        usable = len(order) // micro_batch_size * micro_batch_size
+        return order[:usable], np.arange(0, usable + 1, micro_batch_size, dtype=np.int64)
+    grouped, bounds = [], [0]
+    for start in range(0, len(order), window):
+        members = order[start : start + window]
+        key = lengths[members].sum(axis=1)
+        members = members[np.argsort(-key, kind="stable")]
+        grouped.append(members)
+        offset = bounds[-1]
+        if max_tokens <= 0:
+            cuts = list(range(micro_batch_size, len(members) + 1, micro_batch_size))
+            if cuts and cuts[-1] != len(members):
+                members = members[: cuts[-1]]  # the window's ragged tail does not make a batch
+                grouped[-1] = members
+            bounds.extend(offset + cut for cut in cuts)
+            continue
+        source = _pad_to_multiple(lengths[members, 0], pad_multiple)
+        target = _pad_to_multiple(lengths[members, 1], pad_multiple)
+        position = 0
+        while position < len(members):
+            stop = min(len(members), position + micro_batch_size)
+            rows = np.arange(1, stop - position + 1)
+            cost = rows * (np.maximum.accumulate(source[position:stop]) + np.maximum.accumulate(target[position:stop]))
+            take = max(1, int(np.searchsorted(cost, max_tokens, side="right")))
+            position += take
+            bounds.append(offset + position)
+    if not grouped:
+        return order[:0], np.zeros(1, dtype=np.int64)
+    return np.concatenate(grouped), np.asarray(bounds, dtype=np.int64)
 
 
 class ResumableDistributedSampler:
     """Yields this rank's example indices, micro batch by micro batch, forever (epoch after epoch).
 
-    Each global step of ``micro_batch_size * world_size`` samples takes the next block of
-    the epoch's permutation; rank r gets rows [r*micro, (r+1)*micro) of the block. The
-    tail of an epoch that cannot fill a whole block is left out of that epoch (and
-    reported by :meth:`samples_dropped_per_epoch`).
+    Each epoch is planned from (seed, epoch) alone: a global permutation, split into micro
+    batches (:func:`plan_micro_batches`: fixed size, or grouped by length under a token
+    budget) whose order is shuffled again when grouped; consecutive runs of ``world_size``
+    micro batches form one *group*, and rank r takes the r-th batch of each group. The
+    position is (epoch, micro batches consumed in it), so a resumed run continues exactly;
+    batches that cannot fill a last group are left out of that epoch (``dropped_in_epoch``).
+
+    The micro batch sequence does not depend on the number of ranks (windows are counted in
+    micro batches), so a position saved by 2 ranks means the same data for 1 rank; resuming
+    on another rank count rounds it up to whole groups.
     """
 
     def __init__(self, num_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 consumed_samples: int = 0) -> None:
+                 consumed_samples: int = 0, *, lengths: np.ndarray | None = None, max_tokens: int = 0,
+                 group_window: int = 100, position: dict | None = None) -> None:
         self.block = micro_batch_size * world_size
-        if num_examples < self.block:
+        if num_examples < self.block and lengths is None:
             raise UserError(
                 f"{num_examples} training examples cannot fill one step of micro_batch_size {micro_batch_size} "
                 f"x {world_size} ranks; lower --micro_batch_size or mask more data"
             )
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"lengths has {len(lengths)} rows for {num_examples} examples")
         self.num_examples = num_examples
         self.micro_batch_size = micro_batch_size
         self.rank = rank
+        self.world_size = world_size
         self.seed = seed
+        self.lengths = lengths
+        self.max_tokens = max_tokens
+        self.window = group_window * micro_batch_size
+        if lengths is not None and max_tokens > 0:
+            longest = int(np.max(_pad_to_multiple(lengths[:, 0], 8) + _pad_to_multiple(lengths[:, 1], 8)))
+            if longest > max_tokens:
+                raise UserError(f"--max_tokens_per_batch {max_tokens} is smaller than the longest example "
+                                f"({longest} padded source + target tokens); raise it to at least {longest}")
         self.consumed_samples = consumed_samples
-        self.samples_per_epoch = (num_examples // self.block) * self.block
-        self.epoch = consumed_samples // self.samples_per_epoch  # of the indices yielded last
-
-    def samples_dropped_per_epoch(self) -> int:
-        return self.num_examples - self.samples_per_epoch
+        if position is None:  # fixed-size batches: the position follows from the samples consumed
+            per_epoch = num_examples // self.block * self.block
+            epoch, offset = divmod(consumed_samples, per_epoch)
+            position = {"epoch": epoch, "micro_batches": offset // micro_batch_size}
+        self.epoch = int(position["epoch"])
+        # Saved by a different number of ranks: round up, skipping < world_size micro batches.
+        self.groups = -(-int(position["micro_batches"]) // world_size)
+        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bounds) of the epoch's micro batches, in the order they are trained."""
+        if self._plan is None or self._plan[0] != epoch:
+            order, bounds = plan_micro_batches(self.epoch_permutation(epoch), self.lengths, self.micro_batch_size,
+                                               self.max_tokens, self.window)
+            if self.lengths is not None:  # sorted windows: shuffle the batches so lengths do not trend
+                shuffled = np.random.default_rng([self.seed, epoch, 1]).permutation(len(bounds) - 1)
+                sizes = np.diff(bounds)[shuffled]
+                new_bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+                gather = (np.arange(new_bounds[-1]) - np.repeat(new_bounds[:-1], sizes)
+                          + np.repeat(bounds[:-1][shuffled], sizes))
+                order, bounds = order[gather], new_bounds
+            self._plan = (epoch, order, bounds)
+        return self._plan[1], self._plan[2]
+
+    def groups_in_epoch(self, epoch: int) -> int:
+        _, bounds = self.epoch_plan(epoch)
+        return (len(bounds) - 1) // self.world_size
+
+    def dropped_in_epoch(self, epoch: int) -> int:
+        """Examples of the epoch no rank trains on (a ragged tail)."""
+        _, bounds = self.epoch_plan(epoch)
+        return self.num_examples - int(bounds[self.groups_in_epoch(epoch) * self.world_size])
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "micro_batches": self.groups * self.world_size}
+
     def __iter__(self) -> Iterator[list[int]]:
         while True:
-            epoch, offset = divmod(self.consumed_samples, self.samples_per_epoch)
-            self.epoch = epoch
-            permutation = self.epoch_permutation(epoch)
-            for start in range(offset, self.samples_per_epoch, self.block):
-                first = start + self.rank * self.micro_batch_size
-                self.consumed_samples = start + self.block + epoch * self.samples_per_epoch
-                yield permutation[first : first + self.micro_batch_size].tolist()
-
-
-def _pad_to_multiple(length: int, multiple: int) -> int:
-    return (length + multiple - 1) // multiple * multiple
+            groups = self.groups_in_epoch(self.epoch)
+            if groups == 0:
+                raise UserError(f"{self.num_examples} training examples cannot fill one step of "
+                                f"{self.world_size} micro batches; lower --micro_batch_size or mask more data")
+            if self.groups >= groups:
+                self.epoch, self.groups = self.epoch + 1, 0
+                continue
+            order, bounds = self.epoch_plan(self.epoch)
+            first = self.groups * self.world_size
+            self.groups += 1
+            self.consumed_samples += int(bounds[first + self.world_size] - bounds[first])
+            mine = first + self.rank
+            yield order[bounds[mine] : bounds[mine + 1]].tolist()
 
 
 @dataclass(frozen=True)
@@ -177,8 +283,17 @@ class OnlineMaskedExamples:
             for chunk_index, chunk in enumerate(plan_chunks(lengths, max_tokens)):
                 if self.config.target == "gsg" and len(chunk) < 2:
                     continue  # the mask stage skips these too
-                entries.append((document, chunk_index))
-        return np.asarray(entries, dtype=np.int64).reshape(-1, 2)
+                entries.append((document, chunk_index, sum(end - start for _, start, end in chunk)))
+        return np.asarray(entries, dtype=np.int64).reshape(-1, 3)
+
+    def lengths(self) -> np.ndarray:
+        """(N, 2) estimated source and target lengths: the chunk's tokens + [CLS]/[SEP] for both.
+
+        Exact lengths depend on the epoch's noise; this bound is what length grouping and
+        the token budget plan with (BART's insertion noise can add a few source tokens).
+        """
+        estimate = (self.index[:, 2] + 2).astype(np.int32)
+        return np.stack([estimate, estimate], axis=1)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -187,7 +302,7 @@ class OnlineMaskedExamples:
         from data_tools.mask import mask_chunk
         from data_tools.noising import pack_sentences
 
-        document, chunk_index = (int(v) for v in self.index[index])
+        document, chunk_index = int(self.index[index, 0]), int(self.index[index, 1])
         sentences = [sentence.tolist() for sentence in self.corpus[document]]
         chunk = pack_sentences(sentences, self.config.seq_length - 2)[chunk_index]
         rng = np.random.default_rng([self.config.seed, epoch, document, chunk_index])

@@ -60,6 +60,14 @@ class TrainConfig:
                                     "DeepSpeed JSON config; 'auto' batch sizes and optimizer values are filled in.")
     micro_batch_size: int = option(8, "Examples per rank per forward pass (UER-py: --batch_size).")
     gradient_accumulation_steps: int = option(1, "Micro batches per optimizer step.")
+    group_by_length: bool = option(False, "Put examples of similar length in the same micro batch (sorted within "
+                                   "windows of --length_group_window micro batches' worth of examples, batches shuffled "
+                                   "again) so less compute goes to padding.")
+    max_tokens_per_batch: int = option(0, "Token budget: a micro batch holds at most this many padded source + "
+                                       "target tokens (and at most --micro_batch_size examples); implies "
+                                       "--group_by_length. Examples per step then vary; 0 = fixed-size batches.")
+    length_group_window: int = option(100, "Window sorted by length for --group_by_length / --max_tokens_per_batch, "
+                                      "in units of --micro_batch_size examples (independent of the rank count).")
     global_batch_size: int = option(0, "Examples per optimizer step over all ranks; 0 derives it as "
                                     "micro_batch_size x gradient_accumulation_steps x ranks (and checks it if set).")
     total_steps: int = option(1000, "Optimizer steps to train for (UER-py: --total_steps).")
@@ -95,10 +103,10 @@ class TrainConfig:
         if self.init_from is not None:
             self.init_from = Path(self.init_from)
         positive = ("micro_batch_size", "gradient_accumulation_steps", "total_steps", "save_checkpoint_steps",
-                    "keep_last_checkpoints", "log_every_steps", "eval_every_steps")
+                    "keep_last_checkpoints", "log_every_steps", "eval_every_steps", "length_group_window")
         problems = [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
-        if self.eval_examples < 0:
-            problems.append("--eval_examples must be >= 0")
+        if self.eval_examples < 0 or self.max_tokens_per_batch < 0:
+            problems.append("--eval_examples and --max_tokens_per_batch must be >= 0")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             problems.append("--learning_rate must be positive, --warmup_steps >= 0, --min_lr_ratio in [0, 1]")
         if problems:
@@ -329,7 +337,9 @@ def check_resumable(config: TrainConfig) -> None:
     if not previous.is_file():
         return
     old, resolved = json.loads(previous.read_text(encoding="utf-8")), config_to_dict(config)
-    changed = [k for k in ("data_dir", "model_config", "micro_batch_size", "seed") if old.get(k) != resolved[k]]
+    defaults = {"group_by_length": False, "max_tokens_per_batch": 0, "length_group_window": 100}
+    changed = [k for k in ("data_dir", "model_config", "micro_batch_size", "seed", *defaults)
+               if old.get(k, defaults.get(k)) != resolved[k]]
     if changed:
         raise UserError(
             f"{config.output_dir} holds a run with different {', '.join(changed)}; "
@@ -462,6 +472,8 @@ def train(config: TrainConfig) -> dict:
             raise UserError(f"DeepSpeed could not load {checkpoint_root / tag}; point {checkpoint_root / LATEST} "
                             "at an earlier tag")
         state = {key: saved_state[key] for key in ("step", "consumed_samples")}
+        if "data_position" in saved_state:
+            state["data_position"] = saved_state["data_position"]
         rng_file = checkpoint_root / tag / f"rng_state_rank{rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
@@ -478,9 +490,20 @@ def train(config: TrainConfig) -> dict:
     if config.eval_examples >= len(dataset):
         raise UserError(f"--eval_examples {config.eval_examples} leaves nothing to train on ({len(dataset)} examples)")
     train_examples = len(dataset) - config.eval_examples
+    grouped = config.group_by_length or config.max_tokens_per_batch > 0
     sampler = ResumableDistributedSampler(
-        train_examples, config.micro_batch_size, rank, world_size, config.seed, state["consumed_samples"]
+        train_examples, config.micro_batch_size, rank, world_size, config.seed, state["consumed_samples"],
+        lengths=dataset.lengths()[:train_examples] if grouped else None, max_tokens=config.max_tokens_per_batch,
+        group_window=config.length_group_window, position=state.get("data_position"),
     )
+    state["data_position"] = sampler.state()
+    if rank == 0:
+        left_out = sampler.dropped_in_epoch(sampler.epoch)
+        per_rank = sampler.groups_in_epoch(sampler.epoch)
+        print(f"train: {train_examples} training examples; this epoch: {per_rank} micro batches per rank "
+              f"(~{per_rank // config.gradient_accumulation_steps} optimizer steps), {left_out} examples of its "
+              "ragged tail left out"
+              + (f"; {config.eval_examples} held out for eval" if config.eval_examples else ""), file=sys.stderr)
     collate = Seq2SeqCollator(pad_id=model_config.pad_token_id, decoder_start_id=model_config.decoder_start_token_id)
 
     def eval_batches() -> Iterator[dict]:
@@ -494,9 +517,10 @@ def train(config: TrainConfig) -> dict:
                           collate([dataset.example(i, sampler.epoch) for i in indices]).items()})
                for indices in sampler)
     # Steps after the checkpoint we resumed from are trained again: drop their old records.
-    truncate_records(config.output_dir / "metrics.jsonl", state["step"], rank == 0)
     truncate_records(config.output_dir / f"example_ids_rank{rank}.jsonl", state["step"], config.record_example_ids)
-    fit(engine, scheduler, batches, config, state, rank, world_size, eval_batches)
+    metrics = MetricsLog(config.output_dir, enabled=rank == 0)
+    metrics.truncate(state["step"])
+    fit(engine, scheduler, batches, sampler, config, state, rank, world_size, metrics, eval_batches)
     return state
 
 
@@ -509,16 +533,16 @@ def truncate_records(path: Path, last_step: int, enabled: bool) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfig, state: dict, rank: int,
-        world_size: int, eval_batches: Any = None) -> None:
+def fit(engine: Any, scheduler: Any, batches: Iterator[tuple[list[int], dict]], sampler: Any, config: TrainConfig,
+        state: dict, rank: int, world_size: int, metrics: "MetricsLog", eval_batches: Any = None) -> None:
     """The loop: forward, backward, step; logging and checkpoints on their schedules."""
     import torch.distributed as dist
     from tqdm import tqdm
 
-    global_batch = config.micro_batch_size * config.gradient_accumulation_steps * world_size
     bar = tqdm(total=config.total_steps, initial=state["step"], desc="train", unit=" steps", file=sys.stderr,
                disable=rank != 0 or not config.progress, mininterval=1.0)
-    window = {"loss": 0.0, "tokens": 0, "flops": 0.0, "start": time.perf_counter(), "steps": 0}
+    window = {"loss": 0.0, "tokens": 0, "padded": 0, "flops": 0.0, "start": time.perf_counter(), "steps": 0,
+              "samples": 0}
     skipped = {"total": engine.skipped_steps, "streak": 0}
     model_config = engine.module.config
     engine.train()
@@ -534,9 +558,11 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
             source_lengths = batch["attention_mask"].sum(dim=1).cpu().numpy()
             target_lengths = (batch["labels"] != -100).sum(dim=1).cpu().numpy()
             window["tokens"] += int(source_lengths.sum() + target_lengths.sum())
+            window["padded"] += batch["input_ids"].numel() + batch["labels"].numel()
             window["flops"] += training_flops(model_config, source_lengths, target_lengths)
         state["step"] += 1
-        state["consumed_samples"] += global_batch
+        window["samples"] += sampler.consumed_samples - state["consumed_samples"]
+        state["consumed_samples"], state["data_position"] = sampler.consumed_samples, sampler.state()
         window["steps"] += 1
         if config.record_example_ids:
             with open(config.output_dir / f"example_ids_rank{rank}.jsonl", "a", encoding="utf-8") as handle:
@@ -550,15 +576,16 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[dict], config: TrainConfi
                 f"stopping with the last good checkpoint in {config.output_dir / CHECKPOINTS} intact; "
                 "lower --learning_rate or use ds_configs/zero2_bf16.json"
             )
-        maybe_log(engine, scheduler, config, state, window, rank, world_size, bar)
-        maybe_evaluate(engine, eval_batches, config, state, rank)
+        maybe_log(engine, scheduler, config, state, window, rank, world_size, bar, metrics)
+        maybe_evaluate(engine, eval_batches, config, state, rank, metrics)
         if state["step"] % config.save_checkpoint_steps == 0 or state["step"] == config.total_steps:
             save_checkpoint(engine, config, {**state, "world_size": world_size}, rank)
     bar.close()
     dist.barrier()
 
 
-def maybe_evaluate(engine: Any, eval_batches: Any, config: TrainConfig, state: dict, rank: int) -> None:
+def maybe_evaluate(engine: Any, eval_batches: Any, config: TrainConfig, state: dict, rank: int,
+                   metrics: "MetricsLog") -> None:
     """Token-weighted loss over the held-out examples of every rank, logged as eval_loss."""
     import torch.distributed as dist
 
@@ -573,21 +600,20 @@ def maybe_evaluate(engine: Any, eval_batches: Any, config: TrainConfig, state: d
     engine.train()
     dist.all_reduce(totals)
     eval_loss = (totals[0] / totals[1]).item()
+    metrics.append({"step": state["step"], "eval_loss": eval_loss, "eval_tokens": int(totals[1].item())})
     if rank == 0:
-        with open(config.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": state["step"], "eval_loss": eval_loss,
-                                     "eval_tokens": int(totals[1].item())}) + "\n")
         print(f"step {state['step']}: eval loss {eval_loss:.4f} over {int(totals[1].item())} target tokens",
               file=sys.stderr)
 
 
 def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: dict, window: dict, rank: int,
-              world_size: int, bar: Any) -> None:
+              world_size: int, bar: Any, metrics: "MetricsLog") -> None:
     import torch.distributed as dist
 
     if state["step"] % config.log_every_steps and state["step"] != config.total_steps:
         return
-    totals = torch.tensor([window["loss"], float(window["tokens"]), window["flops"]], dtype=torch.float64)
+    totals = torch.tensor([window["loss"], float(window["tokens"]), window["flops"], float(window["padded"])],
+                          dtype=torch.float64)
     dist.all_reduce(totals)
     micro_batches = window["steps"] * config.gradient_accumulation_steps * world_size
     loss = totals[0].item() / max(1, micro_batches)
@@ -604,49 +630,79 @@ def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: dict, win
         "lr": scheduler.get_last_lr()[0],
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "tokens_per_s": round(totals[1].item() / elapsed, 1),
-        "samples_per_s": round(window["steps"] * config.micro_batch_size * config.gradient_accumulation_steps
-                               * world_size / elapsed, 2),
+        "samples_per_s": round(window["samples"] / elapsed, 2),
         "consumed_samples": state["consumed_samples"],
         "model_tflops_per_s": round(totals[2].item() / elapsed / 1e12, 4),
+        "pad_fraction": round(1.0 - totals[1].item() / max(1.0, totals[3].item()), 4),
     }
+    if torch.cuda.is_available():
+        record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    if engine.fp16_enabled():  # dynamic loss scaling: a falling scale and skipped steps mean overflow
+        record["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", float("nan")))
+        record["skipped_steps"] = int(engine.skipped_steps)
     peak = peak_flops_per_device(config.peak_tflops, device_name())
     if peak:
         record["mfu"] = round(totals[2].item() / elapsed / (world_size * peak), 4)
+    metrics.append(record)
     if rank == 0:
-        with open(config.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-        maybe_write_tensorboard(config.output_dir, record)
         if not config.progress:
             mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
             print(f"step {record['step']}: loss {loss:.4f} lr {record['lr']:.3e} grad norm {record['grad_norm']} "
                   f"{record['tokens_per_s']:.0f} tokens/s {record['model_tflops_per_s']} model TFLOP/s{mfu}",
                   file=sys.stderr)
-    window.update(loss=0.0, tokens=0, flops=0.0, start=time.perf_counter(), steps=0)
+    window.update(loss=0.0, tokens=0, padded=0, flops=0.0, start=time.perf_counter(), steps=0, samples=0)
 
 
 def device_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-_tensorboard: dict = {}
+class MetricsLog:
+    """Rank 0's metric records: ``metrics.jsonl`` (every field, full precision), ``metrics.csv``
+    (fixed columns, for spreadsheets and pandas) and TensorBoard scalars when installed.
 
+    DeepSpeed's own monitor writes no loss series, so the trainer keeps its own.
+    """
 
-def maybe_write_tensorboard(output_dir: Path, record: dict) -> None:
-    """Scalars to output_dir/tensorboard when the tensorboard package is installed."""
-    if "writer" not in _tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    CSV_COLUMNS = ("step", "loss", "eval_loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_s",
+                   "samples_per_s", "consumed_samples", "model_tflops_per_s", "mfu", "pad_fraction", "eval_tokens")
 
-            _tensorboard["writer"] = SummaryWriter(str(output_dir / "tensorboard"))
-        except ImportError:
-            _tensorboard["writer"] = None
-    writer = _tensorboard["writer"]
-    if writer is not None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                writer.add_scalar(f"train/{key}", value, record["step"])
-        writer.flush()
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.jsonl, self.csv = output_dir / "metrics.jsonl", output_dir / "metrics.csv"
+        self.enabled = enabled
+        self.tensorboard: Any = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def truncate(self, last_step: int) -> None:
+        """Drop records of steps after ``last_step`` (a resumed run trains them again)."""
+        truncate_records(self.jsonl, last_step, self.enabled)
+        if self.enabled and self.csv.is_file():
+            header, *rows = self.csv.read_text(encoding="utf-8").splitlines()
+            kept = [row for row in rows if int(row.split(",", 1)[0]) <= last_step]
+            write_text_atomic(self.csv, "".join(line + "\n" for line in [header, *kept]))
+
+    def append(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        new_file = not self.csv.is_file()
+        with open(self.csv, "a", encoding="utf-8") as handle:
+            if new_file:
+                handle.write(",".join(self.CSV_COLUMNS) + "\n")
+            handle.write(",".join("" if record.get(c) is None else repr(record[c]) for c in self.CSV_COLUMNS) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            self.tensorboard.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,8 @@ def test_checkpoints_are_complete_kept_and_pointed_to(chain, target):
     assert (root / "latest").read_text() == "step00000006"
     final = root / "step00000006"
     state = json.loads((final / "trainer_state.json").read_text())
-    assert state == {"step": STEPS, "consumed_samples": STEPS * 4 * 2, "world_size": 2}
+    assert state == {"step": STEPS, "consumed_samples": STEPS * 4 * 2, "world_size": 2,
+                     "data_position": {"epoch": 0, "micro_batches": STEPS * 2}}
     assert {p.name for p in final.glob("rng_state_rank*.pt")} == {"rng_state_rank0.pt", "rng_state_rank1.pt"}
     assert len(list(final.glob("*optim_states.pt"))) == 2  # one ZeRO-2 partition per rank
     metrics = [json.loads(line) for line in (chain[target] / f"run-{target}" / "metrics.jsonl").open()]

@@ -30,12 +30,12 @@ def examples_dir(tmp_path_factory, clue_tokenized_dir) -> Path:
     return root
 
 
-def train_command(root: Path, run_dir: Path, port: int) -> list[str]:
+def train_command(root: Path, run_dir: Path, port: int, *extra: str) -> list[str]:
     return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(PROJECT_ROOT / "pipeline" / "trainer.py"),
             "--data_dir", str(root / "bart"), "--output_dir", str(run_dir), "--model_config", "bart-tiny",
             "--deepspeed_config", str(root / "ds_torch_adam.json"), "--total_steps", str(STEPS),
             "--micro_batch_size", "4", "--save_checkpoint_steps", "4", "--log_every_steps", "1",
-            "--learning_rate", "1e-3", "--warmup_steps", "2", "--record_example_ids", "--no-progress"]
+            "--learning_rate", "1e-3", "--warmup_steps", "2", "--record_example_ids", "--no-progress", *extra]
 
 
 def records(path: Path, key: str) -> dict[int, object]:
@@ -50,18 +50,24 @@ def reference(examples_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_kill_9_then_relaunch_gives_the_uninterrupted_losses_and_examples(examples_dir, reference, tmp_path):
-    crashed = tmp_path / "crashed"
-    process = subprocess.Popen(train_command(examples_dir, crashed, 29651), env=deepspeed_env(),
+def kill_after_step(command: list[str], run_dir: Path, step: int) -> None:
+    """Start the run and SIGKILL every rank and the launcher once ``step`` is logged."""
+    process = subprocess.Popen(command, env=deepspeed_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = crashed / "metrics.jsonl"
+    metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and any(json.loads(line)["step"] >= 6 for line in metrics.read_text().splitlines()):
+        if metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
             break
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # every rank and the launcher, mid-run, after checkpoint 4
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def test_kill_9_then_relaunch_gives_the_uninterrupted_losses_and_examples(examples_dir, reference, tmp_path):
+    crashed = tmp_path / "crashed"
+    kill_after_step(train_command(examples_dir, crashed, 29651), crashed, 6)  # mid-run, after checkpoint 4
+    metrics = crashed / "metrics.jsonl"
     assert (crashed / "checkpoints" / "latest").read_text() == "step00000004"
     assert max(records(metrics, "loss")) >= 6  # steps 5-6 ran and are lost with the crash
 
@@ -74,6 +80,31 @@ def test_kill_9_then_relaunch_gives_the_uninterrupted_losses_and_examples(exampl
     consumed = [i for rank in (0, 1) for ids in records(reference / f"example_ids_rank{rank}.jsonl",
                                                         "example_ids").values() for i in ids]
     assert len(consumed) == len(set(consumed)) == STEPS * 4 * 2  # no example twice within the epoch
+
+
+def test_token_budget_batches_resume_exactly_after_kill_9(examples_dir, tmp_path):
+    """Length-grouped micro batches under a token budget: variable batch sizes, same guarantees."""
+    budget = ("--max_tokens_per_batch", "640", "--micro_batch_size", "16", "--length_group_window", "4")
+    reference_dir, crashed = tmp_path / "reference", tmp_path / "crashed"
+    run_command(train_command(examples_dir, reference_dir, 29653, *budget))
+    kill_after_step(train_command(examples_dir, crashed, 29654, *budget), crashed, 6)
+    assert (crashed / "checkpoints" / "latest").read_text() == "step00000004"
+    result = run_command(train_command(examples_dir, crashed, 29655, *budget))
+    assert "resuming from step00000004 (step 4)" in result.stderr
+    assert records(crashed / "metrics.jsonl", "loss") == records(reference_dir / "metrics.jsonl", "loss")
+    ids = {rank: records(reference_dir / f"example_ids_rank{rank}.jsonl", "example_ids") for rank in (0, 1)}
+    for rank in (0, 1):
+        assert records(crashed / f"example_ids_rank{rank}.jsonl", "example_ids") == ids[rank]
+    consumed = [i for rank in (0, 1) for step_ids in ids[rank].values() for i in step_ids]
+    assert len(consumed) == len(set(consumed))
+    assert len({len(step_ids) for step_ids in ids[0].values()}) > 1  # batch sizes follow the lengths
+    state = json.loads((crashed / "checkpoints" / "step00000008" / "trainer_state.json").read_text())
+    assert state["consumed_samples"] == len(consumed)
+    assert state["data_position"] == {"epoch": 0, "micro_batches": STEPS * 2}
+    csv_steps = [line.split(",")[0] for line in (crashed / "metrics.csv").read_text().splitlines()[1:]]
+    assert csv_steps == [str(step) for step in range(1, STEPS + 1)]  # the lost steps' rows were dropped
+    pad = [r["pad_fraction"] for r in map(json.loads, (crashed / "metrics.jsonl").read_text().splitlines())]
+    assert max(pad) < 0.5
 
 
 def test_two_nodes_on_loopback_match_one_node_with_two_ranks(examples_dir, reference, tmp_path):
@@ -123,3 +154,13 @@ def test_resume_on_fewer_ranks_through_a_universal_checkpoint(examples_dir, refe
     after = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step00000010")
     assert before.keys() == after.keys()
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 5e-3
+    # export reads the universal checkpoint too: the same fp32 master weights as the ZeRO-2 original
+    import torch
+    from transformers import BartForConditionalGeneration
+
+    from pipeline.convert_to_hf import ExportConfig, export
+
+    exported = export(ExportConfig(run_dir=run_dir, output_dir=tmp_path / "hf-universal", tag="step00000008_universal"))
+    weights = BartForConditionalGeneration.from_pretrained(str(exported)).state_dict()
+    assert set(before) <= set(weights)
+    assert all(torch.equal(weights[name], tensor) for name, tensor in before.items())

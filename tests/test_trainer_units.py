@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_tools.cli import UserError
-from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator
+from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator, padded_batch_cost, plan_micro_batches
 from pipeline.model import build_model, load_model_config, packaged_model_configs, weight_decay_groups
 from pipeline.trainer import TrainConfig, lr_multiplier, resolve_batch_sizes
 from tests.conftest import PROJECT_ROOT
@@ -76,6 +76,90 @@ def test_sampler_covers_each_epoch_once_across_ranks_and_resumes_exactly():
     assert take(0, 5 * 8, 10) == take(0, 0, 15)[5:]
     # The next epoch is a different permutation.
     assert take(0, 0, epoch_steps + 1)[-1] != take(0, 0, 1)[0]
+
+
+def _lengths(count: int, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    source = rng.integers(5, 300, count)
+    return np.stack([source, rng.integers(2, 1 + source)], axis=1).astype(np.int32)
+
+
+def test_token_budget_batches_hold_every_example_once_within_budget_and_pad_less():
+    lengths = _lengths(2000)
+    order = np.random.default_rng(0).permutation(2000)
+    grouped, bounds = plan_micro_batches(order, lengths, micro_batch_size=64, max_tokens=4096, window=400)
+    assert sorted(grouped.tolist()) == list(range(2000))  # a budget places every example, once
+    batches = [grouped[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    costs = [padded_batch_cost(lengths[b, 0], lengths[b, 1]) for b in batches]
+    assert max(costs) <= 4096 and max(len(b) for b in batches) <= 64
+    # Greedy: a batch could not have taken the next example of its window.
+    window_of = np.empty(2000, dtype=np.int64)
+    window_of[order] = np.arange(2000) // 400
+    for batch, following in zip(batches, batches[1:]):
+        if window_of[batch[0]] == window_of[following[0]]:
+            extended = np.append(batch, following[0])
+            assert len(extended) > 64 or padded_batch_cost(lengths[extended, 0], lengths[extended, 1]) > 4096
+    fixed = [order[i : i + 16] for i in range(0, 2000, 16)]
+    fixed_padded = sum(padded_batch_cost(lengths[b, 0], lengths[b, 1]) for b in fixed)
+    assert sum(costs) < 0.8 * fixed_padded  # grouping by length cuts the padded tokens
+
+
+def test_group_by_length_keeps_fixed_size_batches_and_leaves_only_ragged_tails_out():
+    lengths = _lengths(1000)
+    order = np.random.default_rng(1).permutation(1000)
+    grouped, bounds = plan_micro_batches(order, lengths, micro_batch_size=16, max_tokens=0, window=96)
+    assert set(np.diff(bounds)) == {16}
+    assert len(set(grouped.tolist())) == len(grouped) == (1000 // 96) * 96 + (1000 % 96) // 16 * 16
+    first = grouped[:16]  # the longest of the first window, together
+    assert lengths[first].sum(axis=1).min() >= np.sort(lengths[order[:96]].sum(axis=1))[-16]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3000])
+def test_length_grouped_sampler_covers_each_epoch_once_across_ranks_and_resumes_exactly(max_tokens):
+    lengths = _lengths(500)
+
+    def sampler(rank, position=None):
+        return ResumableDistributedSampler(500, 8, rank, 2, seed=5, lengths=lengths, max_tokens=max_tokens,
+                                           group_window=8, position=position)
+
+    first = sampler(0)
+    groups = first.groups_in_epoch(0)
+    runs = [iter(sampler(0)), iter(sampler(1))]
+    seen = [i for _ in range(groups) for run in runs for i in next(run)]
+    assert len(seen) == len(set(seen)) == 500 - first.dropped_in_epoch(0)
+    if max_tokens:
+        assert first.dropped_in_epoch(0) < 8 * 2 * 6  # only batches that cannot fill a last group
+    # Resume from the saved position: the continuation equals the uninterrupted run, into the next epoch.
+    uninterrupted = iter(sampler(1))
+    reference = [next(uninterrupted) for _ in range(groups + 5)]
+    partial = sampler(1)
+    run = iter(partial)
+    for _ in range(7):
+        next(run)
+    resumed = iter(sampler(1, position=partial.state()))
+    assert [next(resumed) for _ in range(groups + 5 - 7)] == reference[7:]
+    # The batches are shuffled after grouping: lengths do not trend through the epoch.
+    batch_lengths = [lengths[b].sum(axis=1).mean() for b in reference[:groups]]
+    assert np.corrcoef(np.arange(len(batch_lengths)), batch_lengths)[0, 1] ** 2 < 0.5
+
+
+def test_a_position_saved_by_two_ranks_continues_the_same_batch_sequence_on_one():
+    lengths = _lengths(400)
+    two_ranks = [ResumableDistributedSampler(400, 8, rank, 2, seed=2, lengths=lengths, max_tokens=2500)
+                 for rank in (0, 1)]
+    runs = [iter(sampler) for sampler in two_ranks]
+    for _ in range(5):
+        for run in runs:
+            next(run)
+    after_five = [[next(run) for run in runs] for _ in range(3)]
+    one_rank = iter(ResumableDistributedSampler(400, 8, 0, 1, seed=2, lengths=lengths, max_tokens=2500,
+                                                position={"epoch": 0, "micro_batches": 10}))
+    assert [next(one_rank) for _ in range(6)] == [batch for group in after_five for batch in group]
+
+
+def test_token_budget_below_the_longest_example_is_a_user_error():
+    with pytest.raises(UserError, match="max_tokens_per_batch 100 is smaller than the longest example"):
+        ResumableDistributedSampler(500, 8, 0, 1, seed=0, lengths=_lengths(500), max_tokens=100)
 
 
 def test_sampler_refuses_too_little_data():
