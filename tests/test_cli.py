@@ -19,12 +19,13 @@ from pipeline.convert_to_hf import ExportConfig
 from pipeline.generate import GenerateConfig
 from pipeline.to_universal import UniversalConfig
 from pipeline.trainer import TrainConfig
+from pipeline.uer_interop import ExportUerConfig, ImportUerConfig
 from tests.conftest import FIXTURES, PROJECT_ROOT, VENV_BIN, deepspeed_env
 
 CONFIGS = [CleanConfig, CombineConfig, BuildVocabConfig, TokenizeConfig, VerifyConfig, MaskConfig, TrainConfig,
-           ExportConfig, GenerateConfig, UniversalConfig]
+           ExportConfig, GenerateConfig, UniversalConfig, ImportUerConfig, ExportUerConfig]
 ENTRY_POINTS = ["zh-clean", "zh-clean-combine", "zh-build-vocab", "zh-tokenize", "zh-verify", "zh-mask", "zh-train",
-                "zh-export", "zh-generate", "zh-to-universal"]
+                "zh-export", "zh-generate", "zh-to-universal", "zh-import-uer", "zh-export-uer"]
 
 
 @pytest.mark.parametrize("config_cls", CONFIGS, ids=lambda c: c.__name__)
