@@ -4,14 +4,16 @@ CPU part (always): the trainer's own data path — memory-mapped example shards,
 resumable distributed sampler and the collator, composed as ``pipeline/trainer.py`` does —
 on BART examples from the CLUECorpusSmall sample (seq_length 512) at 1x and 10x the data:
 samples/s for one rank, and how much resident memory grows with 10x the data (it should
-not: shards are mapped, not loaded).
+not: shards are mapped, not loaded); and the share of padded tokens over an epoch of real
+examples with fixed-size, length-grouped and token-budget batches.
 
 GPU part (when CUDA is available): PEGASUS base (source 512, target 128) and BART 4+4
 (512/512) in bf16 with ZeRO-2 (``ds_configs/zero2_bf16.json``), with and without activation
 checkpointing, each at the largest micro batch of ``--micro_batches`` that fits. Ours is
 ``pipeline/trainer.py`` under the ``deepspeed`` launcher; the baseline is transformers'
 ``Seq2SeqTrainer`` with the same model config, examples, collator, micro batch and
-DeepSpeed config, launched the same way, in the same run. Both are timed over the same
+DeepSpeed config, launched the same way, in the same run; ours runs twice, with the same
+random fixed-size batches as the peer and with ``--group_by_length``. All are timed over the same
 steps after a warm-up; tokens/s counts real (unpadded) source + target tokens, MFU uses
 the FLOPs formula of ``pipeline/flops.py`` and the device's peak. ``--cpu_smoke`` runs this
 GPU path on the CPU with the tiny models (fp32) to check the script, not to measure.
@@ -67,6 +69,27 @@ def measure(data_dir: str, batches: int) -> dict:
             "private_growth_mb": private_mb() - private_before}
 
 
+def padding_shares(data_dir: Path, micro_batch: int, max_tokens: int) -> dict[str, float]:
+    """Share of padded tokens over one epoch for fixed-size, length-grouped and token-budget batches."""
+    import numpy as np
+
+    from pipeline.data import ExampleShards, padded_batch_cost, plan_micro_batches
+
+    lengths = ExampleShards(data_dir).lengths()
+    order = np.random.default_rng(0).permutation(len(lengths))
+    shares = {}
+    for name, grouped, budget in (("fixed", None, 0), ("group_by_length", lengths, 0),
+                                  (f"max_tokens_{max_tokens}", lengths, max_tokens)):
+        planned, bounds = plan_micro_batches(order, grouped, micro_batch, budget, window=100 * micro_batch)
+        padded = real = 0
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            batch = planned[start:stop]
+            padded += padded_batch_cost(lengths[batch, 0], lengths[batch, 1])
+            real += int(lengths[batch].sum())
+        shares[name] = 1 - real / padded
+    return shares
+
+
 GPU_CASES = {  # name: (model config, mask target, source length, target length)
     "pegasus-base": ("pegasus-base", "gsg", 512, 128),
     "bart-4+4": ("bart-medium", "bart", 512, 512),
@@ -88,13 +111,13 @@ def _bench_env() -> dict:
 
 
 def run_ours(data_dir: Path, out: Path, model: str, micro: int, steps: int, warmup: int, checkpointing: bool,
-             ds_config: Path, port: int) -> dict:
+             ds_config: Path, port: int, *extra: str) -> dict:
     """pipeline/trainer.py under the deepspeed launcher; figures from its metrics.jsonl."""
     command = [*_deepspeed_command(port), str(PROJECT_ROOT / "pipeline" / "trainer.py"), "--data_dir", str(data_dir),
                "--output_dir", str(out), "--model_config", model, "--deepspeed_config", str(ds_config),
                "--micro_batch_size", str(micro), "--total_steps", str(steps), "--warmup_steps", "2",
                "--log_every_steps", str(warmup), "--save_checkpoint_steps", str(10 * steps), "--keep_last_checkpoints",
-               "1", "--no-progress", *(["--gradient_checkpointing"] if checkpointing else [])]
+               "1", "--no-progress", *(["--gradient_checkpointing"] if checkpointing else []), *extra]
     result = subprocess.run(command, capture_output=True, text=True, env=_bench_env(), cwd=PROJECT_ROOT)
     if result.returncode:
         return {"error": _failure(result.stdout + result.stderr)}
@@ -103,8 +126,14 @@ def run_ours(data_dir: Path, out: Path, model: str, micro: int, steps: int, warm
     # Windows of equal step counts: the rate over all of them is the harmonic mean of theirs.
     figures = {"samples_per_s": len(timed) / sum(1 / r["samples_per_s"] for r in timed),
                "tokens_per_s_logged": len(timed) / sum(1 / r["tokens_per_s"] for r in timed),
+               "model_flops_per_s_logged": 1e12 * len(timed) / sum(1 / r["model_tflops_per_s"] for r in timed),
                "peak_memory_gb": max(r.get("peak_memory_gb", float("nan")) for r in timed)}
     return figures
+
+
+def run_ours_grouped(*args) -> dict:
+    """Ours with --group_by_length: batches of similar length, far less padding on real corpora."""
+    return run_ours(*args, "--group_by_length")
 
 
 def run_hf_baseline(data_dir: Path, out: Path, model: str, micro: int, steps: int, warmup: int,
@@ -214,7 +243,9 @@ def gpu_benchmark(root: Path, tokenized: Path, args: argparse.Namespace) -> list
         tokens_per_example, flops_per_example = mean_example_cost(data_dir, model)
         for checkpointing in (False, True):
             results = {}
-            for system, runner in (("ours", run_ours), ("hf_seq2seq_trainer", run_hf_baseline)):
+            systems = (("ours", run_ours), ("ours_group_by_length", run_ours_grouped),
+                       ("hf_seq2seq_trainer", run_hf_baseline))
+            for system, runner in systems:
                 tried = candidates if system == "ours" else [m for m in candidates if m <= results["ours"]["micro"]]
                 for micro in tried:  # largest micro batch that fits
                     port += 1
@@ -230,11 +261,16 @@ def gpu_benchmark(root: Path, tokenized: Path, args: argparse.Namespace) -> list
                 else:
                     raise SystemExit(f"{system} {name}: no micro batch of {tried} fits")
             for system, result in results.items():
-                result["tokens_per_s"] = result["samples_per_s"] * tokens_per_example
-                result["mfu"] = result["samples_per_s"] * flops_per_example / peak if peak else None
+                if "tokens_per_s_logged" in result:  # ours counts the real tokens and FLOPs of each batch
+                    result["tokens_per_s"] = result["tokens_per_s_logged"]
+                    flops_per_s = result["model_flops_per_s_logged"]
+                else:  # the peer draws uniformly from the same examples: samples/s x per-example means
+                    result["tokens_per_s"] = result["samples_per_s"] * tokens_per_example
+                    flops_per_s = result["samples_per_s"] * flops_per_example
+                result["mfu"] = flops_per_s / peak if peak else None
                 rows.append((name, checkpointing, system, result))
             suffix = "_ckpt" if checkpointing else ""
-            ours, theirs = results["ours"], results["hf_seq2seq_trainer"]
+            same, ours, theirs = results["ours"], results["ours_group_by_length"], results["hf_seq2seq_trainer"]
             figures += [
                 {"metric": f"{name}{suffix}_tokens_per_s", "value": round(ours["tokens_per_s"]), "unit": "tokens/s"},
                 {"metric": f"{name}{suffix}_mfu", "value": None if ours["mfu"] is None else round(ours["mfu"], 4),
@@ -243,7 +279,11 @@ def gpu_benchmark(root: Path, tokenized: Path, args: argparse.Namespace) -> list
                 {"metric": f"{name}{suffix}_hf_trainer_tokens_per_s", "value": round(theirs["tokens_per_s"]),
                  "unit": "tokens/s"},
                 {"metric": f"{name}{suffix}_speedup_vs_hf_trainer",
-                 "value": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3), "unit": "ratio ours/peer"},
+                 "value": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+                 "unit": "ratio ours (--group_by_length) / peer"},
+                {"metric": f"{name}{suffix}_same_batches_speedup_vs_hf_trainer",
+                 "value": round(same["tokens_per_s"] / theirs["tokens_per_s"], 3),
+                 "unit": "ratio ours (fixed random batches, as the peer) / peer"},
             ]
     print(f"\nGPU training throughput on {device}, ZeRO-2 {ds_config.name}, {steps} steps, timed after {warmup}")
     print(f"{'model':14s} {'act. ckpt':>9s} {'system':20s} {'micro':>5s} {'tokens/s':>10s} {'MFU':>7s} "
@@ -300,6 +340,12 @@ def main() -> None:
             output = subprocess.run([sys.executable, __file__, "--measure", str(out), "--batches", str(batches)],
                                     capture_output=True, text=True, check=True, cwd=PROJECT_ROOT).stdout
             results[scale] = json.loads(output.strip().splitlines()[-1])
+        padding = {}
+        for target, seq, tgt in (("gsg", 512, 128), ("bart", 512, 512)):
+            out = root / f"padding-{target}"
+            mask(MaskConfig(input_dir=root / "tok", output_dir=out, target=target, seq_length=seq,
+                            tgt_seq_length=tgt, processes_num=2, progress=False))
+            padding[target] = padding_shares(out, MICRO_BATCH, 16384)
         if torch.cuda.is_available() or args.cpu_smoke:
             gpu_figures = gpu_benchmark(root, root / "tok", args)
         else:
@@ -310,6 +356,12 @@ def main() -> None:
     for scale, result in results.items():
         print(f"{f'{scale}x':8s} {result['examples']:9d} {result['samples_per_s']:10.0f} "
               f"{result['rss_growth_mb']:14.1f} {result['private_growth_mb']:22.1f}")
+    print(f"\npadded share of the tokens a GPU computes, one epoch of CLUECorpusSmall examples, micro batch "
+          f"{MICRO_BATCH} (token budget: at most {MICRO_BATCH} examples)")
+    print(f"{'examples':22s} " + " ".join(f"{name:>20s}" for name in padding["gsg"]))
+    for target, shares in padding.items():
+        label = "PEGASUS gsg 512/128" if target == "gsg" else "BART 512/512"
+        print(f"{label:22s} " + " ".join(f"{share:20.1%}" for share in shares.values()))
     figures = [
         {"metric": "dataloader_samples_per_s", "value": round(results[10]["samples_per_s"]), "unit": "samples/s"},
         {"metric": "dataloader_rss_growth_mb",
@@ -318,6 +370,11 @@ def main() -> None:
          "value": round(results[10]["private_growth_mb"] - results[1]["private_growth_mb"], 1),
          "unit": "MB (10x vs 1x, not file-backed)"},
     ]
+    for target, shares in padding.items():
+        fixed, budget = shares["fixed"], shares["max_tokens_16384"]
+        figures.append({"metric": f"{target}_padding_share_fixed", "value": round(fixed, 4), "unit": "fraction"})
+        figures.append({"metric": f"{target}_padding_share_token_budget", "value": round(budget, 4),
+                        "unit": "fraction"})
     if not args.cpu_smoke:
         figures += gpu_figures
     for figure in figures:

@@ -147,14 +147,20 @@ def test_half_precision_export_is_the_master_weights_cast(chain, tmp_path):
         assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
 
 
-def test_init_from_an_export_starts_from_its_weights(chain, tmp_path):
+@pytest.mark.parametrize("source", ["export", "uer-import"])
+def test_init_from_an_export_or_a_uer_import_starts_from_its_weights(chain, tmp_path, google_vocab, source):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForSeq2SeqLM
 
     export = chain["bart"] / "export-bart"
+    if source == "uer-import":  # our export -> a UER-py 2021 file -> imported back, with the console scripts
+        run_command(["zh-export-uer", "--model_dir", str(export), "--output_file", str(tmp_path / "uer.bin")])
+        run_command(["zh-import-uer", "--checkpoint", str(tmp_path / "uer.bin"), "--vocab_path", str(google_vocab),
+                     "--output_dir", str(tmp_path / "imported"), "--heads_num", "4"])
+        export = tmp_path / "imported"
     run = tmp_path / "continued"
     result = run_command([
-        "deepspeed", "--num_gpus", "2", "--master_port", "29645", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+        "deepspeed", "--num_gpus", "2", "--master_port", "29645" if source == "export" else "29646", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
         "--data_dir", str(chain["bart"] / "examples-bart"), "--output_dir", str(run), "--init_from", str(export),
         "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"), "--total_steps", "1",
         "--learning_rate", "1e-12", "--micro_batch_size", "4", "--no-progress",
