@@ -359,6 +359,12 @@ def import_uer(config: ImportUerConfig) -> Path:
     })
     model = AutoModelForSeq2SeqLM.from_config(model_config)
     load_weights_strict(model, weights.state_dict, source)
+    if not weights.tied_head:
+        # HF BART builds embed_tokens on the same Parameter as `shared`, so save_pretrained writes
+        # one copy, and from_pretrained re-ties them only when tie_word_embeddings is true: an
+        # untied model would reload with random embed_tokens. Separate copies are all saved.
+        for stack in (model.model.encoder, model.model.decoder):
+            stack.embed_tokens.weight = torch.nn.Parameter(model.model.shared.weight.detach().clone())
     write_hf_directory(model, config.vocab_path, config.output_dir, {
         "imported_from": source, "uer_naming": weights.naming, "architecture": weights.architecture,
         "position_table": weights.position_table, "layer_norm": "gamma rescaled by sqrt((H-1)/H)"

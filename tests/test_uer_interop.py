@@ -203,16 +203,20 @@ def test_vocab_size_mismatch_and_untied_decoder_embedding_are_clear_errors(tmp_p
         import_uer(ImportUerConfig(checkpoint=tmp_path / "junk.bin", vocab_path=tiny_vocab, output_dir=tmp_path / "x"))
 
 
-def test_an_untied_uer_head_stays_untied(tmp_path, tiny_vocab, vocab_size):
-    """UER-py since Aug 2023 can save a head that differs from the word embedding."""
+@pytest.mark.parametrize("architecture", ["bart", "pegasus"])
+def test_an_untied_uer_head_stays_untied_and_the_embeddings_survive_a_reload(tmp_path, tiny_vocab, vocab_size,
+                                                                           architecture):
+    """UER-py since Aug 2023 saves a head that differs from the word embedding."""
     from transformers import AutoModelForSeq2SeqLM
 
-    state = uer_state_dict("2024", "bart", vocab_size)
+    state = uer_state_dict("2024", architecture, vocab_size)
     state["target.lm.output_layer.weight"] = state["target.lm.output_layer.weight"] * 2
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(imported(tmp_path, tiny_vocab, state)))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(imported(tmp_path, tiny_vocab, state))).eval()
     assert not model.config.tie_word_embeddings
     assert torch.equal(model.lm_head.weight, state["target.lm.output_layer.weight"])
-    assert torch.equal(model.model.shared.weight, state["embedding.word.embedding.weight"])
+    word = state["embedding.word.embedding.weight"]
+    for embedding in (model.model.shared, model.model.encoder.embed_tokens, model.model.decoder.embed_tokens):
+        assert torch.equal(embedding.weight, word)  # not re-initialized on reload
 
 
 class UerLayerNorm(torch.nn.Module):
