@@ -66,18 +66,22 @@ class ExampleShards:
         )
 
 
+# The collator pads lengths to a multiple of 8 (tensor cores); batch plans count the same padding.
+PAD_MULTIPLE = 8
+
+
 def _pad_to_multiple(length: "int | np.ndarray", multiple: int) -> "int | np.ndarray":
     return (length + multiple - 1) // multiple * multiple
 
 
-def padded_batch_cost(source_lengths: np.ndarray, target_lengths: np.ndarray, pad_multiple: int = 8) -> int:
+def padded_batch_cost(source_lengths: np.ndarray, target_lengths: np.ndarray, pad_multiple: int = PAD_MULTIPLE) -> int:
     """Tokens a micro batch occupies once the collator pads it: rows x (padded source + target)."""
     return len(source_lengths) * int(_pad_to_multiple(int(source_lengths.max()), pad_multiple)
                                      + _pad_to_multiple(int(target_lengths.max()), pad_multiple))
 
 
 def plan_micro_batches(order: np.ndarray, lengths: np.ndarray | None, micro_batch_size: int, max_tokens: int,
-                       window: int, pad_multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                       window: int, pad_multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
     """Split an epoch's example order into micro batches: ``(order, bounds)``, batch j being
     ``order[bounds[j]:bounds[j+1]]``.
 
@@ -155,7 +159,7 @@ class ResumableDistributedSampler:
         self.max_tokens = max_tokens
         self.window = group_window * micro_batch_size
         if lengths is not None and max_tokens > 0:
-            longest = int(np.max(_pad_to_multiple(lengths[:, 0], 8) + _pad_to_multiple(lengths[:, 1], 8)))
+            longest = int(_pad_to_multiple(lengths, PAD_MULTIPLE).sum(axis=1).max())
             if longest > max_tokens:
                 raise UserError(f"--max_tokens_per_batch {max_tokens} is smaller than the longest example "
                                 f"({longest} padded source + target tokens); raise it to at least {longest}")
@@ -226,7 +230,7 @@ class Seq2SeqCollator:
 
     pad_id: int
     decoder_start_id: int
-    pad_multiple: int = 8
+    pad_multiple: int = PAD_MULTIPLE
 
     def __call__(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
         source_length = _pad_to_multiple(max(len(s) for s, _ in examples), self.pad_multiple)

@@ -337,9 +337,11 @@ def check_resumable(config: TrainConfig) -> None:
     if not previous.is_file():
         return
     old, resolved = json.loads(previous.read_text(encoding="utf-8")), config_to_dict(config)
-    defaults = {"group_by_length": False, "max_tokens_per_batch": 0, "length_group_window": 100}
-    changed = [k for k in ("data_dir", "model_config", "micro_batch_size", "seed", *defaults)
-               if old.get(k, defaults.get(k)) != resolved[k]]
+    # Batching flags added later: a run directory written before them used their defaults.
+    batching = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.name in ("group_by_length", "max_tokens_per_batch", "length_group_window")}
+    changed = [k for k in ("data_dir", "model_config", "micro_batch_size", "seed", *batching)
+               if old.get(k, batching.get(k)) != resolved[k]]
     if changed:
         raise UserError(
             f"{config.output_dir} holds a run with different {', '.join(changed)}; "
