@@ -27,6 +27,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 UER_REFERENCE = {"bart": 12_700.0, "gsg_random": 9_700.0}  # instances/s, one core, from issue #4
 

@@ -39,6 +39,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 
 

@@ -223,10 +223,10 @@ def mean_example_cost(data_dir: Path, model: str) -> tuple[float, float]:
 
 
 def gpu_benchmark(root: Path, tokenized: Path, args: argparse.Namespace) -> list[dict]:
+    import torch
+
     from data_tools.mask import MaskConfig, mask
     from pipeline.flops import peak_flops_per_device
-
-    import torch
 
     smoke = args.cpu_smoke
     cases = SMOKE_CASES if smoke else GPU_CASES

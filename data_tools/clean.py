@@ -18,7 +18,8 @@ from typing import Any, Iterator, Literal
 
 from tqdm import tqdm
 
-from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
+from data_tools.cli import config_to_dict, option, required, run_stage
+from data_tools.common import UserError, write_json_atomic
 from data_tools.normalize import (
     TraditionalToSimplified,
     cjk_ratio,

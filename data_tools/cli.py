@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar, get_args, get_origin
 
+from data_tools.common import UserError
+
 ConfigT = TypeVar("ConfigT")
-
-
-class UserError(Exception):
-    """A problem with the user's input or flags: reported in one line, no traceback."""
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
@@ -99,18 +96,6 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return {f.name: convert(getattr(config, f.name)) for f in dataclasses.fields(config)}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and a rename, so readers (and a crash) never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
 
 
 def run_stage(main: Callable[[ConfigT], Any], config_cls: type[ConfigT], argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.clean import STAGE, ShardedJsonlWriter
-from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
+from data_tools.cli import config_to_dict, option, required, run_stage
+from data_tools.common import UserError, write_json_atomic
 from data_tools.shards import load_manifest, shard_paths
 
 

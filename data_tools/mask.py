@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
+from data_tools.cli import config_to_dict, option, required, run_stage
+from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
 from data_tools.noising import (
     BartNoiseConfig,
     SpecialIds,
@@ -36,8 +37,6 @@ from data_tools.noising import (
 )
 from data_tools.parallel import chunked, ordered_map
 from data_tools.shards import RollingShardWriter, id_type_for_vocab, iter_rows, list_array, load_manifest
-from data_tools.tokenize_shards import VOCAB_FILE
-from data_tools.wordpiece import file_sha256
 
 STAGE = "mask"
 

@@ -87,7 +87,7 @@ class TraditionalToSimplified:
         try:
             import opencc
         except ImportError as error:
-            from data_tools.cli import UserError
+            from data_tools.common import UserError
 
             raise UserError("--traditional_to_simplified needs OpenCC: pip install opencc") from error
         self._converter = opencc.OpenCC("t2s")

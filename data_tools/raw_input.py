@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 
 InputFormat = Literal["auto", "line", "uer", "jsonl"]
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")

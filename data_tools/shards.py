@@ -15,8 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from data_tools.cli import UserError
-from data_tools.wordpiece import file_sha256
+from data_tools.common import UserError, file_sha256
 
 MANIFEST = "manifest.json"
 

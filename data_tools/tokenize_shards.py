@@ -21,13 +21,13 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_tools.cli import UserError, config_to_dict, option, required, run_stage, write_json_atomic
+from data_tools.cli import config_to_dict, option, required, run_stage
+from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
 from data_tools.parallel import chunked, ordered_map
 from data_tools.shards import RollingShardWriter, id_type_for_vocab, load_manifest, shard_paths
-from data_tools.wordpiece import BertWordPieceEncoder, file_sha256
+from data_tools.wordpiece import BertWordPieceEncoder
 
 STAGE = "tokenize"
-VOCAB_FILE = "vocab.txt"
 
 
 @dataclass(kw_only=True)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_tools.cli import UserError, required, run_stage
+from data_tools.cli import required, run_stage
+from data_tools.common import UserError, file_sha256
 from data_tools.shards import load_manifest
-from data_tools.wordpiece import file_sha256
 
 ARROW_STAGES = {"tokenize": ("sentences",), "mask": ("source_ids", "target_ids")}
 

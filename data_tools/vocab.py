@@ -13,15 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.cli import (
-    UserError,
-    config_to_dict,
-    option,
-    required,
-    run_stage,
-    write_json_atomic,
-    write_text_atomic,
-)
+from data_tools.cli import config_to_dict, option, required, run_stage
+from data_tools.common import UserError, write_json_atomic, write_text_atomic
 from data_tools.shards import load_manifest, shard_paths
 
 GOOGLE_LAYOUT_HEAD = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

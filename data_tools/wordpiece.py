@@ -15,7 +15,6 @@ go through the full BERT procedure, cached per whitespace-separated word.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import re
 import unicodedata
@@ -92,14 +91,6 @@ def load_vocab(vocab_path: Path) -> dict[str, int]:
         for index, line in enumerate(handle):
             vocab[line.rstrip("\n")] = index
     return vocab
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class BertWordPieceEncoder:

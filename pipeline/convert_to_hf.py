@@ -18,8 +18,8 @@ from typing import Literal
 
 import torch
 
-from data_tools.cli import UserError, option, required, run_stage, write_json_atomic
-from data_tools.tokenize_shards import VOCAB_FILE
+from data_tools.cli import option, required, run_stage
+from data_tools.common import VOCAB_FILE, UserError, write_json_atomic
 from pipeline.trainer import CHECKPOINTS, LATEST, MODEL_CONFIG_FILE, TRAINER_STATE, checkpoint_problem, read_latest_tag
 
 

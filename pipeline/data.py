@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 from data_tools.shards import load_manifest, open_shard, shard_paths
 
 if TYPE_CHECKING:

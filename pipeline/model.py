@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 

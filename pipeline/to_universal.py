@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.cli import UserError, option, required, run_stage, write_json_atomic, write_text_atomic
+from data_tools.cli import option, required, run_stage
+from data_tools.common import UserError, write_json_atomic, write_text_atomic
 from pipeline.trainer import CHECKPOINTS, LATEST, TRAINER_STATE, read_latest_tag
 
 

@@ -24,17 +24,8 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from data_tools.cli import (
-    UserError,
-    config_to_dict,
-    option,
-    required,
-    run_stage,
-    write_json_atomic,
-    write_text_atomic,
-)
-from data_tools.tokenize_shards import VOCAB_FILE
-from data_tools.wordpiece import file_sha256
+from data_tools.cli import config_to_dict, option, required, run_stage
+from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic, write_text_atomic
 from pipeline.flops import peak_flops_per_device, training_flops
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

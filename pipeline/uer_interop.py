@@ -39,7 +39,8 @@ from typing import Literal
 
 import torch
 
-from data_tools.cli import UserError, option, required, run_stage
+from data_tools.cli import option, required, run_stage
+from data_tools.common import UserError
 
 PACKAGED_TEMPLATE = {"bart": "bart-base", "pegasus": "pegasus-base"}
 UER_DEFAULT_MAX_POSITIONS = 1024  # max_seq_length in every UER-py bart/pegasus config

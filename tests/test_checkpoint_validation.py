@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 from pipeline.trainer import checkpoint_problem, find_resume_tag, read_latest_tag
 
 

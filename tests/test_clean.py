@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.clean import CleanConfig, clean
-from data_tools.cli import UserError
+from data_tools.common import UserError
 from tests.conftest import FIXTURES
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from data_tools.clean import CleanConfig
-from data_tools.combine_slices import CombineConfig
 from data_tools.cli import build_parser
+from data_tools.combine_slices import CombineConfig
 from data_tools.mask import MaskConfig
 from data_tools.tokenize_shards import TokenizeConfig
 from data_tools.verify import VerifyConfig

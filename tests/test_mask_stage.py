@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 from data_tools.mask import MaskConfig, mask
 from data_tools.shards import open_shard
 

@@ -72,7 +72,7 @@ def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
 
 
 def test_a_tokenized_corpus_without_mask_flags_is_a_user_error(tmp_path, tokenized_dir):
-    from data_tools.cli import UserError
+    from data_tools.common import UserError
     from pipeline.trainer import TrainConfig, load_training_data
 
     with pytest.raises(UserError, match="pass --online_mask_config"):

@@ -4,11 +4,11 @@ import pyarrow as pa
 import pytest
 
 from data_tools.clean import CleanConfig, clean
-from data_tools.cli import UserError
+from data_tools.common import UserError, file_sha256
 from data_tools.sentences import split_sentences
 from data_tools.shards import open_shard
 from data_tools.tokenize_shards import TokenizeConfig, tokenize
-from data_tools.wordpiece import BertWordPieceEncoder, file_sha256
+from data_tools.wordpiece import BertWordPieceEncoder
 from tests.conftest import FIXTURES
 
 

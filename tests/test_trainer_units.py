@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator, padded_batch_cost, plan_micro_batches
 from pipeline.model import build_model, load_model_config, packaged_model_configs, weight_decay_groups
 from pipeline.trainer import TrainConfig, lr_multiplier, resolve_batch_sizes

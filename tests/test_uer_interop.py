@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from data_tools.cli import UserError
+from data_tools.common import UserError
 from pipeline.uer_interop import ExportUerConfig, ImportUerConfig, export_uer, import_uer, uer_sinusoidal_table
 
 HIDDEN, FFN, POSITIONS, ENCODER_LAYERS, DECODER_LAYERS = 32, 48, 40, 2, 3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_tools.clean import CleanConfig, clean
-from data_tools.cli import UserError
+from data_tools.common import UserError
 from data_tools.mask import MaskConfig, mask
 from data_tools.shards import TokenizedCorpus, iter_rows, load_manifest
 from data_tools.tokenize_shards import TokenizeConfig, tokenize
