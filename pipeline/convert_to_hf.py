@@ -20,7 +20,14 @@ import torch
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import VOCAB_FILE, UserError, write_json_atomic
-from pipeline.trainer import CHECKPOINTS, LATEST, MODEL_CONFIG_FILE, TRAINER_STATE, checkpoint_problem, read_latest_tag
+from pipeline.checkpointing import (
+    CHECKPOINTS,
+    LATEST,
+    MODEL_CONFIG_FILE,
+    TRAINER_STATE,
+    checkpoint_problem,
+    read_latest_tag,
+)
 
 
 @dataclass(kw_only=True)

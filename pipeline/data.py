@@ -7,15 +7,18 @@ takes its own slice, so no example is read twice or skipped within an epoch.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
 from data_tools.common import UserError
 from data_tools.shards import load_manifest, open_shard, shard_paths
+from pipeline.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from data_tools.mask import MaskConfig
@@ -204,6 +207,15 @@ class ResumableDistributedSampler:
         return {"epoch": self.epoch, "micro_batches": self.groups * self.world_size}
 
     def __iter__(self) -> Iterator[list[int]]:
+        for planned in self.planned():
+            yield planned.indices
+
+    def planned(self) -> Iterator["PlannedBatch"]:
+        """This rank's micro batches, each with the position the sampler reaches after it.
+
+        A loader that prepares batches ahead advances the sampler past the batch being
+        trained; the position a checkpoint records must travel with the batch instead.
+        """
         while True:
             groups = self.groups_in_epoch(self.epoch)
             if groups == 0:
@@ -217,7 +229,19 @@ class ResumableDistributedSampler:
             self.groups += 1
             self.consumed_samples += int(bounds[first + self.world_size] - bounds[first])
             mine = first + self.rank
-            yield order[bounds[mine] : bounds[mine + 1]].tolist()
+            yield PlannedBatch(order[bounds[mine] : bounds[mine + 1]].tolist(), self.epoch, self.state(),
+                               self.consumed_samples)
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One micro batch of one rank: example indices, the epoch (online masks depend on it), and
+    the sampler's position and consumed samples (all ranks) once its group is trained."""
+
+    indices: list[int]
+    epoch: int
+    position: dict
+    consumed_samples: int
 
 
 @dataclass(frozen=True)
@@ -225,7 +249,7 @@ class Seq2SeqCollator:
     """Pads a batch (to a multiple of 8, for tensor cores) and builds the decoder inputs.
 
     ``decoder_input_ids = [CLS] + target_ids[:-1]`` and ``labels = target_ids``, with
-    padding in labels set to -100 so the loss ignores it.
+    padding in labels set to ``IGNORE_INDEX`` (-100) so the loss skips it.
     """
 
     pad_id: int
@@ -239,7 +263,7 @@ class Seq2SeqCollator:
         input_ids = torch.full((batch_size, source_length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((batch_size, source_length), dtype=torch.long)
         decoder_input_ids = torch.full((batch_size, target_length), self.pad_id, dtype=torch.long)
-        labels = torch.full((batch_size, target_length), -100, dtype=torch.long)
+        labels = torch.full((batch_size, target_length), IGNORE_INDEX, dtype=torch.long)
         for row, (source, target) in enumerate(examples):
             source_t = torch.from_numpy(source.astype(np.int64))
             target_t = torch.from_numpy(target.astype(np.int64))
@@ -312,3 +336,36 @@ class OnlineMaskedExamples:
         rng = np.random.default_rng([self.config.seed, epoch, document, chunk_index])
         source, target = mask_chunk(chunk, rng, self.config, self.vocab)
         return np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64)
+
+
+def load_training_data(data_dir: Path, online_mask_config: Path | None, output_dir: Path) -> Any:
+    """Stored examples (a mask stage output) or online masking (a tokenize stage output)."""
+    from data_tools.mask import MaskConfig
+
+    stage = load_manifest(data_dir, ("mask", "tokenize"))["stage"]
+    if stage == "mask":
+        if online_mask_config:
+            raise UserError(f"{data_dir} holds masked examples; --online_mask_config needs a tokenize output")
+        return _with_checked_vocab(ExampleShards(data_dir), data_dir)
+    if not online_mask_config:
+        raise UserError(f"{data_dir} is a tokenized corpus: pass --online_mask_config to mask it on the fly, "
+                        "or run the mask stage first")
+    try:
+        flags = json.loads(Path(online_mask_config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"--online_mask_config {online_mask_config}: {error}") from error
+    unknown = set(flags) - {f.name for f in dataclasses.fields(MaskConfig)} | ({"input_dir", "output_dir"} & set(flags))
+    if unknown:
+        raise UserError(f"{online_mask_config}: unknown or not allowed mask flags {sorted(unknown)}")
+    mask_config = MaskConfig(input_dir=data_dir, output_dir=output_dir, **flags)
+    return _with_checked_vocab(OnlineMaskedExamples(data_dir, mask_config), data_dir)
+
+
+def _with_checked_vocab(dataset: Any, data_dir: Path) -> Any:
+    """The vocab beside the data must be the one its ids were made with (the run directory copies it)."""
+    from data_tools.common import VOCAB_FILE, file_sha256
+
+    vocab_path = data_dir / VOCAB_FILE
+    if not vocab_path.is_file() or file_sha256(vocab_path) != dataset.manifest["vocab"]["sha256"]:
+        raise UserError(f"{vocab_path} is missing or differs from the vocab the examples were tokenized with")
+    return dataset

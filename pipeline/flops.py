@@ -24,8 +24,26 @@ from typing import Any
 
 import numpy as np
 
-# Dense bf16/fp16 peak FLOP/s per device (no sparsity), for --peak_tflops auto.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
+# Dense (no sparsity) bf16/fp16 tensor-core peak TFLOP/s per device, from NVIDIA's data sheets,
+# keyed by the exact name torch.cuda.get_device_name() reports. Matched exactly, not by
+# substring: an H100 PCIe (756) or NVL (835) must not be rated as the SXM part (989).
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA H200": 989.4,  # H200 SXM
+    "NVIDIA H200 NVL": 835.5,
+    "NVIDIA GH200 480GB": 989.4,
+    "NVIDIA H800": 989.4,  # H800 SXM5
+    "NVIDIA H800 PCIe": 756.5,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A800-SXM4-80GB": 312.0,
+    "NVIDIA A800 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.1,
+}
 
 
 def training_flops(config: Any, source_lengths: np.ndarray, target_lengths: np.ndarray) -> float:
@@ -45,11 +63,9 @@ def training_flops(config: Any, source_lengths: np.ndarray, target_lengths: np.n
 
 
 def peak_flops_per_device(requested_tflops: float, device_name: str | None) -> float | None:
-    """The peak to divide by: the flag when given (> 0), else a known GPU's, else None (no MFU)."""
+    """The peak to divide by: the flag when given (> 0), else the listed figure of exactly this
+    product, else None (no MFU; the trainer says to pass --peak_tflops)."""
     if requested_tflops > 0:
         return requested_tflops * 1e12
-    if device_name:
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in device_name.upper():
-                return tflops * 1e12
-    return None
+    tflops = PEAK_TFLOPS.get((device_name or "").strip())
+    return None if tflops is None else tflops * 1e12

@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from data_tools.common import UserError
+from data_tools.common import VOCAB_FILE, UserError, file_sha256
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -68,8 +67,9 @@ def build_model(config: Any) -> nn.Module:
     return AutoModelForSeq2SeqLM.from_config(config)
 
 
-def use_fused_layer_norm(model: nn.Module) -> str:
-    """Swap ``nn.LayerNorm`` for apex's ``FusedLayerNorm`` when apex is installed.
+def use_fused_layer_norm(model: nn.Module, device_type: str) -> str:
+    """Swap ``nn.LayerNorm`` for apex's ``FusedLayerNorm`` when apex is installed and the run's
+    accelerator (DeepSpeed's, not merely a visible GPU) is CUDA.
 
     FusedLayerNorm has the same parameters and state_dict keys, so checkpoints and the
     export do not depend on which kernel trained them. Returns the kernel's name.
@@ -78,8 +78,8 @@ def use_fused_layer_norm(model: nn.Module) -> str:
         from apex.normalization import FusedLayerNorm
     except ImportError:
         return "torch.nn.LayerNorm (native kernel; apex not installed)"
-    if not torch.cuda.is_available():
-        return "torch.nn.LayerNorm (native kernel; apex's FusedLayerNorm needs CUDA)"
+    if device_type != "cuda":
+        return f"torch.nn.LayerNorm (native kernel; apex's FusedLayerNorm needs CUDA, the accelerator is {device_type})"
     replaced = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
@@ -105,3 +105,22 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def check_init_from(model_dir: Path, vocab: dict, data_dir: Path) -> None:
+    """The model to continue from must use the vocab the training data was tokenized with."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--init_from {model_dir} has no config.json; pass an exported or published HF model directory")
+    model_values = json.loads(config_file.read_text(encoding="utf-8"))
+    if model_values.get("model_type") not in ("bart", "pegasus"):
+        raise UserError(f"{config_file}: model_type {model_values.get('model_type')!r} is not bart or pegasus")
+    if model_values.get("vocab_size") != vocab["size"]:
+        raise UserError(
+            f"{config_file} has vocab_size {model_values.get('vocab_size')} but {data_dir} was tokenized with "
+            f"{vocab['size']} tokens ({vocab['source']}); tokenize with the model's vocab.txt"
+        )
+    model_vocab = model_dir / VOCAB_FILE
+    if model_vocab.is_file() and file_sha256(model_vocab) != vocab["sha256"]:
+        raise UserError(f"{model_vocab} differs from the vocab {data_dir} was tokenized with ({vocab['source']}); "
+                        "tokenize with the model's vocab.txt")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import UserError, write_json_atomic, write_text_atomic
-from pipeline.trainer import CHECKPOINTS, LATEST, TRAINER_STATE, read_latest_tag
+from pipeline.checkpointing import CHECKPOINTS, LATEST, TRAINER_STATE, read_latest_tag
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from data_tools.common import UserError
-from pipeline.trainer import checkpoint_problem, find_resume_tag, read_latest_tag
+from pipeline.checkpointing import checkpoint_problem, find_resume_tag, read_latest_tag
 
 
 def make_checkpoint(root, tag, ranks=2, partitions=2, complete=True):
@@ -15,6 +15,7 @@ def make_checkpoint(root, tag, ranks=2, partitions=2, complete=True):
     (directory / "mp_rank_00_model_states.pt").write_bytes(b"x")
     for rank in range(partitions):
         (directory / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+        (directory / f"rng_state_rank{rank}.pt").write_bytes(b"x")
     if complete:
         (directory / "trainer_state.json").write_text(json.dumps({"step": 1, "consumed_samples": 8,
                                                                   "world_size": ranks}))
@@ -27,6 +28,8 @@ def test_complete_and_incomplete_checkpoints(tmp_path):
     assert "1 optimizer partitions but was written by 2 ranks" in checkpoint_problem(
         make_checkpoint(tmp_path, "step00000008", partitions=1))
     assert checkpoint_problem(tmp_path / "step00000010") == "does not exist"
+    (make_checkpoint(tmp_path, "step00000012") / "rng_state_rank1.pt").unlink()
+    assert checkpoint_problem(tmp_path / "step00000012") == "is missing rng_state_rank1.pt"  # no exact resume
 
 
 def test_training_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys):

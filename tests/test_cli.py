@@ -18,7 +18,7 @@ from data_tools.vocab import BuildVocabConfig
 from pipeline.convert_to_hf import ExportConfig
 from pipeline.generate import GenerateConfig
 from pipeline.to_universal import UniversalConfig
-from pipeline.trainer import TrainConfig
+from pipeline.train_config import TrainConfig
 from pipeline.uer_interop import ExportUerConfig, ImportUerConfig
 from tests.conftest import FIXTURES, PROJECT_ROOT, VENV_BIN, deepspeed_env
 

@@ -21,5 +21,14 @@ def test_training_flops_equal_a_hand_count():
 
 def test_peak_flops():
     assert peak_flops_per_device(100.0, "anything") == pytest.approx(1e14)
-    assert peak_flops_per_device(0, "NVIDIA H100 80GB HBM3") == pytest.approx(989e12)
+    assert peak_flops_per_device(0, "NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
     assert peak_flops_per_device(0, "cpu") is None
+
+
+def test_peak_flops_match_the_exact_product_not_a_substring():
+    # An H100 PCIe or NVL is slower than the SXM part: rating it as SXM would understate MFU by a quarter.
+    assert peak_flops_per_device(0, "NVIDIA H100 PCIe") == pytest.approx(756.5e12)
+    assert peak_flops_per_device(0, "NVIDIA H100 NVL") == pytest.approx(835.5e12)
+    assert peak_flops_per_device(0, "NVIDIA H200") == pytest.approx(989.4e12)
+    assert peak_flops_per_device(0, "NVIDIA A100-SXM4-80GB") == pytest.approx(312e12)
+    assert peak_flops_per_device(0, "NVIDIA H100 Something New") is None  # unknown: no guess, --peak_tflops

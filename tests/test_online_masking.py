@@ -73,11 +73,11 @@ def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
 
 def test_a_tokenized_corpus_without_mask_flags_is_a_user_error(tmp_path, tokenized_dir):
     from data_tools.common import UserError
-    from pipeline.trainer import TrainConfig, load_training_data
+    from pipeline.data import load_training_data
 
     with pytest.raises(UserError, match="pass --online_mask_config"):
-        load_training_data(TrainConfig(data_dir=tokenized_dir, output_dir=tmp_path))
+        load_training_data(tokenized_dir, None, tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"preset": "bart_paper", "output_dir": "x", "nonsense": 1}))
     with pytest.raises(UserError, match="nonsense"):
-        load_training_data(TrainConfig(data_dir=tokenized_dir, output_dir=tmp_path, online_mask_config=bad))
+        load_training_data(tokenized_dir, bad, tmp_path)

@@ -10,8 +10,9 @@ import torch
 
 from data_tools.common import UserError
 from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator, padded_batch_cost, plan_micro_batches
+from pipeline.ds_config import lr_multiplier, resolve_batch_sizes
 from pipeline.model import build_model, load_model_config, packaged_model_configs, weight_decay_groups
-from pipeline.trainer import TrainConfig, lr_multiplier, resolve_batch_sizes
+from pipeline.train_config import TrainConfig
 from tests.conftest import PROJECT_ROOT
 
 DS_CONFIGS = sorted((PROJECT_ROOT / "ds_configs").glob("*.json"))
@@ -221,12 +222,3 @@ def test_skip_streak_counts_consecutive_skipped_steps():
         streak, total = skip_streak(total, skipped_now, streak), skipped_now
         history.append(streak)
     assert history == [0, 1, 2, 3, 0, 1, 2]
-
-
-def test_slurm_variables_become_ranks_only_without_a_launcher():
-    from pipeline.trainer import slurm_rank_env
-
-    slurm = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16"}
-    assert slurm_rank_env(slurm) == {"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16"}
-    assert slurm_rank_env({**slurm, "RANK": "0"}) == {}  # torchrun/deepspeed already set them
-    assert slurm_rank_env({}) == {}

@@ -1,0 +1,199 @@
+"""Checkpoints: their layout, what makes one complete, which one to resume from, and saving
+and loading them with the trainer's own state (step, data position, every rank's RNG).
+
+The export and ``zh-to-universal`` import this module, never the trainer. Layout of a run
+directory's ``checkpoints/``::
+
+    <tag>/                      DeepSpeed's files (model states, one optimizer partition per rank)
+    <tag>/rng_state_rank<R>.pt  rank R's RNG streams, plain tensors (loads with weights_only=True)
+    <tag>/trainer_state.json    written last, after every rank finished: marks the tag complete
+    latest                      the newest complete tag, replaced atomically
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_tools.common import UserError, write_json_atomic, write_text_atomic
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+@dataclass
+class TrainerState:
+    """What the loop carries from step to step and a checkpoint restores."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    # The sampler's position after the last micro batch trained (not the last one prefetched);
+    # None in checkpoints older than length grouping, where consumed_samples defines it.
+    data_position: dict | None = None
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "TrainerState":
+        return cls(step=saved["step"], consumed_samples=saved["consumed_samples"],
+                   data_position=saved.get("data_position"))
+
+
+def rng_file_name(rank: int) -> str:
+    return f"rng_state_rank{rank}.pt"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:08d}"
+
+
+# -- RNG streams as plain tensors ------------------------------------------------------------------
+
+
+def rng_state(accelerator: Any) -> dict:
+    """Every random stream this rank draws from, as tensors and numbers (no pickled objects)."""
+    python_version, python_keys, python_gauss = random.getstate()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {
+        "python_version": python_version, "python_keys": torch.tensor(python_keys, dtype=torch.int64),
+        "python_gauss": python_gauss,
+        "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)), "numpy_pos": int(numpy_pos),
+        "numpy_has_gauss": int(numpy_has_gauss), "numpy_gauss": float(numpy_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if accelerator.device_name() != "cpu":  # dropout on a GPU draws from the device's generator
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, accelerator: Any) -> None:
+    random.setstate((state["python_version"], tuple(state["python_keys"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if accelerator.device_name() != "cpu":
+        if "accelerator" not in state:
+            print("train: this checkpoint holds no GPU RNG state (written on a CPU): dropout masks after the resume "
+                  "differ from an uninterrupted run", file=sys.stderr)
+        else:
+            accelerator.set_rng_state(state["accelerator"])
+
+
+def load_rng_file(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise UserError(f"{path} is not a readable RNG state of this trainer ({error.__class__.__name__}); "
+                        "resume from another checkpoint (--tag / checkpoints/latest)") from error
+
+
+# -- completeness and tag resolution ---------------------------------------------------------------
+
+
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """What makes a checkpoint directory unusable, or None when it is complete."""
+    if not tag_dir.is_dir():
+        return "does not exist"
+    state_file = tag_dir / TRAINER_STATE
+    if not state_file.is_file():
+        return f"has no {TRAINER_STATE} (it was never completed)"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except ValueError:
+        return f"has an unreadable {TRAINER_STATE}"
+    if state.get("universal"):
+        return None if (tag_dir / "zero").is_dir() else "is a universal checkpoint without its zero/ folder"
+    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        return "is missing mp_rank_00_model_states.pt"
+    partitions = len(list(tag_dir.glob("*optim_states.pt")))
+    if state.get("world_size") and partitions != state["world_size"]:
+        return f"has {partitions} optimizer partitions but was written by {state['world_size']} ranks"
+    for rank in range(state.get("world_size") or 0):  # exact resume needs every rank's RNG
+        if not (tag_dir / rng_file_name(rank)).is_file():
+            return f"is missing {rng_file_name(rank)}"
+    return None
+
+
+def read_trainer_state(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def read_latest_tag(checkpoint_root: Path) -> str | None:
+    """The tag ``latest`` points to if it is complete; None for a run without checkpoints."""
+    latest = checkpoint_root / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text(encoding="utf-8").strip()
+    problem = checkpoint_problem(checkpoint_root / tag)
+    if problem:
+        raise UserError(f"{latest} points to {checkpoint_root / tag}, which {problem}; pass an earlier --tag")
+    return tag
+
+
+def find_resume_tag(checkpoint_root: Path) -> str | None:
+    """The checkpoint to resume from: ``latest``, or when it fails validation, the newest
+    complete earlier one (said on stderr). None for a fresh run."""
+    latest = checkpoint_root / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text(encoding="utf-8").strip()
+    problem = checkpoint_problem(checkpoint_root / tag)
+    if problem is None:
+        return tag
+    earlier = sorted((p.name for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("step")),
+                     reverse=True)
+    for candidate in earlier:
+        if candidate != tag and checkpoint_problem(checkpoint_root / candidate) is None:
+            print(f"train: {checkpoint_root / tag} {problem}; resuming from the previous complete checkpoint "
+                  f"{candidate}", file=sys.stderr)
+            return candidate
+    raise UserError(f"{latest} points to {checkpoint_root / tag}, which {problem}, and no earlier complete "
+                    f"checkpoint is in {checkpoint_root}; delete {latest} to start over")
+
+
+# -- save and load -----------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine: Any, checkpoint_root: Path, state: TrainerState, rank: int, world_size: int,
+                    keep_last: int, accelerator: Any) -> str:
+    """Write the checkpoint under its tag, wait for every rank, then mark it complete and move
+    ``latest`` to it; older tags beyond ``keep_last`` are deleted only after that."""
+    import torch.distributed as dist
+
+    tag = tag_for_step(state.step)
+    saved = {**asdict(state), "world_size": world_size}
+    engine.save_checkpoint(str(checkpoint_root), tag=tag, client_state={"trainer_state": saved}, save_latest=False)
+    torch.save(rng_state(accelerator), checkpoint_root / tag / rng_file_name(rank))
+    dist.barrier()
+    if rank == 0:
+        write_json_atomic(checkpoint_root / tag / TRAINER_STATE, saved)  # marks the tag complete
+        write_text_atomic(checkpoint_root / LATEST, tag)
+        tags = sorted(p.name for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[:-keep_last]:
+            shutil.rmtree(checkpoint_root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, rank: int, accelerator: Any) -> TrainerState:
+    """Model, optimizer and scheduler through DeepSpeed; step, data position and this rank's RNG from our files."""
+    load_path, _ = engine.load_checkpoint(str(checkpoint_root), tag=tag)
+    if load_path is None:
+        raise UserError(f"DeepSpeed could not load {checkpoint_root / tag}; point {checkpoint_root / LATEST} "
+                        "at an earlier tag")
+    rng_file = checkpoint_root / tag / rng_file_name(rank)
+    if rng_file.is_file():
+        set_rng_state(load_rng_file(rng_file), accelerator)
+    else:  # a universal checkpoint resumed on more ranks than wrote it
+        print(f"train: {rng_file} does not exist (more ranks than wrote {tag}): rank {rank} starts fresh RNG streams",
+              file=sys.stderr)
+    return TrainerState.from_json(read_trainer_state(checkpoint_root / tag))

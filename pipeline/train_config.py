@@ -1,0 +1,111 @@
+"""The training run's configuration: one dataclass, the ``zh-train`` flags generated from it.
+
+Kept in its own module so the trainer's parts (checkpoints, metrics, data loading) and the
+export can import it without importing the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from data_tools.cli import config_to_dict, option, required
+from data_tools.common import UserError
+
+# Flags that define a run's data, model and data order: a run directory can only be continued with the same values.
+RUN_DEFINING_FLAGS = ("data_dir", "model_config", "micro_batch_size", "seed", "group_by_length",
+                      "max_tokens_per_batch", "length_group_window")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Pretrain a BART or PEGASUS model with DeepSpeed ZeRO stage 2."""
+
+    data_dir: Path = required("Output directory of the mask stage (examples-*.arrow), or of the tokenize stage "
+                              "to mask online (with --online_mask_config).")
+    online_mask_config: Path | None = option(None, "JSON of mask flags (e.g. {\"preset\": \"pegasus_paper\", "
+                                             "\"seq_length\": 512}) to mask a tokenized corpus on the fly: "
+                                             "fresh masks every epoch, nothing stored.")
+    output_dir: Path = required("Run directory: configs, vocab, metrics.jsonl and checkpoints/.")
+    model_config: str = option("bart-tiny", "Packaged config name (bart-tiny, bart-medium, bart-base, "
+                               "pegasus-tiny, pegasus-base) or a path to an HF config.json.")
+    deepspeed_config: Path = option(Path("ds_configs/zero2_bf16.json"),
+                                    "DeepSpeed JSON config; 'auto' batch sizes and optimizer values are filled in.")
+    micro_batch_size: int = option(8, "Examples per rank per forward pass (UER-py: --batch_size).")
+    gradient_accumulation_steps: int = option(1, "Micro batches per optimizer step.")
+    group_by_length: bool = option(False, "Put examples of similar length in the same micro batch (sorted within "
+                                   "windows of --length_group_window micro batches' worth of examples, batches shuffled "
+                                   "again) so less compute goes to padding.")
+    max_tokens_per_batch: int = option(0, "Token budget: a micro batch holds at most this many padded source + "
+                                       "target tokens (and at most --micro_batch_size examples); implies "
+                                       "--group_by_length. Examples per step then vary; 0 = fixed-size batches.")
+    length_group_window: int = option(100, "Window sorted by length for --group_by_length / --max_tokens_per_batch, "
+                                      "in units of --micro_batch_size examples (independent of the rank count).")
+    global_batch_size: int = option(0, "Examples per optimizer step over all ranks; 0 derives it as "
+                                    "micro_batch_size x gradient_accumulation_steps x ranks (and checks it if set).")
+    total_steps: int = option(1000, "Optimizer steps to train for (UER-py: --total_steps).")
+    learning_rate: float = option(1e-4, "Peak learning rate.")
+    warmup_steps: int = option(100, "Linear warmup steps from 0 to the peak learning rate.")
+    lr_decay: Literal["linear", "cosine", "constant"] = option("linear", "Decay after warmup, to min_lr_ratio x peak.")
+    min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak.")
+    weight_decay: float = option(0.01, "Decoupled weight decay (not applied to biases and norms).")
+    seed: int = option(7, "Seed for initialization, data order and dropout.")
+    save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
+    keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
+    max_skipped_steps: int = option(100, "fp16: stop when this many optimizer steps in a row were skipped for "
+                                    "overflow (the loss scale cannot recover); the last good checkpoint stays.")
+    eval_examples: int = option(0, "Hold out the last N examples (never trained on) for an eval loss; 0 = no eval.")
+    eval_every_steps: int = option(500, "Compute the eval loss every N steps (and at the end) when --eval_examples.")
+    log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
+    init_from: Path | None = option(None, "HF model directory to start from instead of random weights (an export of "
+                                    "this pipeline or a published model such as uer/pegasus-base-chinese-"
+                                    "cluecorpussmall); its config.json replaces --model_config.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
+    progress: bool = option(True, "Show a progress bar on rank 0.")
+    peak_tflops: float = option(0.0, "Peak dense bf16 TFLOP/s of one device for MFU; 0 = the data-sheet figure of "
+                                "the exact product (pipeline/flops.py: H100 SXM 989, PCIe 756, NVL 835, A100 312, "
+                                "...), no MFU on other devices.")
+    record_example_ids: bool = option(False, "Write the example indices each rank trains on, per step, to "
+                                      "example_ids_rank<R>.jsonl (to audit data order and resume).")
+    data_workers: int = option(2, "Background processes that read, mask and collate the next micro batches while the "
+                               "accelerator computes (pinned memory, non-blocking copies); 0 = prepare each batch "
+                               "in the training process, in the step's time.")
+    allow_cpu_mixed_precision: bool = option(False, "Let a bf16/fp16 DeepSpeed config run on DeepSpeed's CPU "
+                                             "accelerator (emulated, slow: for debugging only).")
+    local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")
+
+    def __post_init__(self) -> None:
+        self.data_dir, self.output_dir = Path(self.data_dir), Path(self.output_dir)
+        self.deepspeed_config = Path(self.deepspeed_config)
+        if self.online_mask_config is not None:
+            self.online_mask_config = Path(self.online_mask_config)
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
+        positive = ("micro_batch_size", "gradient_accumulation_steps", "total_steps", "save_checkpoint_steps",
+                    "keep_last_checkpoints", "log_every_steps", "eval_every_steps", "length_group_window")
+        problems = [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
+        if self.eval_examples < 0 or self.max_tokens_per_batch < 0 or self.data_workers < 0:
+            problems.append("--eval_examples, --max_tokens_per_batch and --data_workers must be >= 0")
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            problems.append("--learning_rate must be positive, --warmup_steps >= 0, --min_lr_ratio in [0, 1]")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+def check_resumable(config: TrainConfig) -> None:
+    """A run directory can only be continued with the flags that define its data and model."""
+    previous = config.output_dir / "train_config.json"
+    if not previous.is_file():
+        return
+    old, resolved = json.loads(previous.read_text(encoding="utf-8")), config_to_dict(config)
+    # A run directory written before a flag existed used that flag's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = [key for key in RUN_DEFINING_FLAGS if old.get(key, defaults[key]) != resolved[key]]
+    if changed:
+        raise UserError(
+            f"{config.output_dir} holds a run with different {', '.join(changed)}; "
+            "use a new --output_dir or the original flags to resume"
+        )
