@@ -1,9 +1,12 @@
-# Sourced by the other bin/ scripts: the project root, its .venv on PATH, and DeepSpeed's
-# CPU accelerator when no GPU is visible (override with DS_ACCELERATOR=cuda).
+# Sourced by the other bin/ scripts: the project root, its .venv on PATH, DeepSpeed's CPU
+# accelerator when no GPU is visible (override with DS_ACCELERATOR=cuda), and the GPUs of this node.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$ROOT/.venv/bin:$PATH"
-if [ -z "${DS_ACCELERATOR:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+if [ -z "${DS_ACCELERATOR:-}" ] && [ "${GPUS_PER_NODE:-0}" -eq 0 ]; then
   export DS_ACCELERATOR=cpu
 fi
-# DeepSpeed JIT-builds its ops (FusedAdam, shm comm) on first use: keep them across runs.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
+# DeepSpeed JIT-builds its ops (FusedAdam, shm comm) on first use and keeps them here. Node-local
+# (/tmp), never on shared storage: nodes would build into one directory at once, and a build killed
+# midway leaves a lock file that every rank waits on forever (the trainer names stale locks at start).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/zh-seq2seq-torch-extensions-$(id -u)}"

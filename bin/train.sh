@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Stage 4: DeepSpeed ZeRO-2 training. NUM_RANKS processes on this node; for several
-# nodes pass the launcher's flags through LAUNCHER_ARGS (e.g. "--hostfile hostfile").
+# Stage 4: DeepSpeed ZeRO-2 training. NUM_RANKS processes per node (default: this node's GPUs,
+# or 2 CPU ranks without a GPU); for several nodes pass the launcher's flags through
+# LAUNCHER_ARGS (e.g. "--hostfile hostfile --master_addr node-1"): NUM_RANKS then applies per host.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 DATA_DIR=${DATA_DIR:-work/examples-bart}
 RUN_DIR=${RUN_DIR:-work/run-bart}
 MODEL_CONFIG=${MODEL_CONFIG:-bart-tiny}
+if [ "${GPUS_PER_NODE:-0}" -gt 0 ]; then NUM_RANKS=${NUM_RANKS:-$GPUS_PER_NODE}; fi
 NUM_RANKS=${NUM_RANKS:-2}
 MASTER_PORT=${MASTER_PORT:-29500}
 LAUNCHER_ARGS=${LAUNCHER_ARGS:-}

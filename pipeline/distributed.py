@@ -93,6 +93,13 @@ def init_distributed(accelerator: Any) -> Ranks:
     return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
+def use_deterministic_kernels() -> None:
+    """Kernels without atomics-order nondeterminism (embedding backward, some cuBLAS paths), so two
+    runs on a GPU give bitwise-equal losses. Called before CUDA or cuBLAS is first used."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -73,6 +73,8 @@ class TrainConfig:
     data_workers: int = option(2, "Background processes that read, mask and collate the next micro batches while the "
                                "accelerator computes (pinned memory, non-blocking copies); 0 = prepare each batch "
                                "in the training process, in the step's time.")
+    deterministic: bool = option(False, "Deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS "
+                                 "workspace config; slower): bitwise-reproducible GPU runs, e.g. to audit a resume.")
     allow_cpu_mixed_precision: bool = option(False, "Let a bf16/fp16 DeepSpeed config run on DeepSpeed's CPU "
                                              "accelerator (emulated, slow: for debugging only).")
     local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")

@@ -42,6 +42,7 @@ from pipeline.distributed import (
     init_distributed,
     launcher_world_size,
     seed_everything,
+    use_deterministic_kernels,
     warn_stale_extension_locks,
 )
 from pipeline.ds_config import load_ds_config, lr_schedule, mixed_precision, resolve_batch_sizes
@@ -74,6 +75,8 @@ def train(config: TrainConfig) -> TrainerState:
     if config.init_from is not None:
         check_init_from(config.init_from, vocab, config.data_dir)
     warn_stale_extension_locks()
+    if config.deterministic:
+        use_deterministic_kernels()
 
     ranks = init_distributed(accelerator)
     model_config = run_model_config(config, vocab)

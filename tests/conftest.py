@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 # DeepSpeed picks its accelerator at import; without a GPU the tests use its CPU one.
-if not Path("/dev/nvidia0").exists():
+if not Path("/dev/nvidia0").exists() and not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+# ZH_SHARED_DATA points elsewhere where ../shared does not exist (a GPU machine with a copy of the data).
+SHARED_DATA = Path(os.environ.get("ZH_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -78,9 +79,18 @@ def deepspeed_env() -> dict[str, str]:
     return env
 
 
-def run_command(args: list[str], timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+def gpu_env() -> dict[str, str]:
+    """DeepSpeed on the GPU (the gpu tier), its JIT-built ops cached as for the CPU tests."""
+    env = deepspeed_env()
+    env["DS_ACCELERATOR"] = "cuda"
+    return env
+
+
+def run_command(args: list[str], timeout: int = 900, env: dict[str, str] | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
     """Run a command, failing the test with its output when it exits non-zero."""
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=deepspeed_env(), **kwargs)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env or deepspeed_env(),
+                            **kwargs)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
                     f"\n--- stderr\n{result.stderr[-8000:]}")

@@ -46,6 +46,7 @@ def test_examples_are_fresh_each_epoch_and_reproducible(tmp_path, tokenized_dir,
         assert changed == 0  # principal selection has no randomness: the same gaps every epoch
 
 
+@pytest.mark.slow
 def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
     mask_flags = tmp_path / "mask.json"
     mask_flags.write_text(json.dumps({"preset": "pegasus_paper", "seq_length": 64, "tgt_seq_length": 32}))

@@ -16,6 +16,9 @@ import torch
 
 from tests.conftest import PROJECT_ROOT, run_command
 
+# Multi-process DeepSpeed runs: deselect with -m "not slow" for a fast inner loop (CI runs them).
+pytestmark = pytest.mark.slow
+
 STEPS = 6
 TARGETS = {"bart": "BartForConditionalGeneration", "gsg": "PegasusForConditionalGeneration"}
 

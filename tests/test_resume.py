@@ -16,6 +16,9 @@ import pytest
 from data_tools.mask import MaskConfig, mask
 from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
 
+# Multi-process DeepSpeed runs: deselect with -m "not slow" for a fast inner loop (CI runs them).
+pytestmark = pytest.mark.slow
+
 STEPS = 8
 
 
@@ -50,9 +53,9 @@ def reference(examples_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-def kill_after_step(command: list[str], run_dir: Path, step: int) -> None:
-    """Start the run and SIGKILL every rank and the launcher once ``step`` is logged."""
-    process = subprocess.Popen(command, env=deepspeed_env(),
+def kill_after_step(command: list[str], run_dir: Path, step: int, env: dict[str, str] | None = None) -> None:
+    """Start the run and SIGKILL every rank, worker and the launcher once ``step`` is logged."""
+    process = subprocess.Popen(command, env=env or deepspeed_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 600

@@ -56,6 +56,11 @@ def test_shipped_deepspeed_configs_resolve_and_keep_the_required_settings(path):
         assert resolved["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's FusedAdam
     if path.name != "cpu_zero2.json":
         assert zero["overlap_comm"] is True
+        # Gradients summed over ranks in fp32, not bf16/fp16 (README: "ZeRO-2 settings").
+        assert resolved["communication_data_type"] == "fp32"
+        # Buckets well below the smaller seed model (BART 4+4, ~83M parameters), so reduction starts
+        # during backward and overlap_comm has something to overlap.
+        assert zero["reduce_bucket_size"] <= 83e6 / 3 and zero["allgather_bucket_size"] <= 83e6 / 3
     if resolved.get("bf16", {}).get("enabled"):
         assert resolved["data_types"]["grad_accum_dtype"] == "fp32"
 
