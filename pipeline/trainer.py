@@ -70,10 +70,10 @@ def train(config: TrainConfig) -> TrainerState:
     raw_ds_config, ds_config_path = load_ds_config(config.deepspeed_config)
     check_resumable(config)
     ds_config = resolve_batch_sizes(config, raw_ds_config, launcher_world_size(), str(ds_config_path))
-    accelerator = get_accelerator()
-    check_accelerator(accelerator, mixed_precision(ds_config), config.allow_cpu_mixed_precision, ds_config_path)
     if config.init_from is not None:
         check_init_from(config.init_from, vocab, config.data_dir)
+    accelerator = get_accelerator()
+    check_accelerator(accelerator, mixed_precision(ds_config), config.allow_cpu_mixed_precision, ds_config_path)
     warn_stale_extension_locks()
     if config.deterministic:
         use_deterministic_kernels()

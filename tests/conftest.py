@@ -65,6 +65,16 @@ def clue_tokenized_dir(tmp_path_factory, clue_lines_file, google_vocab) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bart_examples_dir(tmp_path_factory, clue_tokenized_dir) -> Path:
+    """BART examples (seq_length 64) of the CLUE sample for the training runs. Shared; do not modify."""
+    from data_tools.mask import MaskConfig, mask
+
+    output = tmp_path_factory.mktemp("bart-examples") / "bart"
+    mask(MaskConfig(input_dir=clue_tokenized_dir, output_dir=output, target="bart", seq_length=64, progress=False))
+    return output
+
+
+@pytest.fixture(scope="session")
 def tiny_vocab() -> Path:
     return FIXTURES / "tiny_vocab.txt"
 

@@ -10,18 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.mask import MaskConfig, mask
 from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def examples_dir(tmp_path_factory, clue_tokenized_dir) -> Path:
-    root = tmp_path_factory.mktemp("distributed")
-    mask(MaskConfig(input_dir=clue_tokenized_dir, output_dir=root / "bart", target="bart", seq_length=64,
-                    progress=False))
-    return root / "bart"
 
 
 def trainer_flags(data_dir: Path, output_dir: str | Path, *extra: str) -> list[str]:
@@ -30,14 +21,14 @@ def trainer_flags(data_dir: Path, output_dir: str | Path, *extra: str) -> list[s
             "--log_every_steps", "1", "--no-progress", *extra]
 
 
-def test_every_collective_of_the_trainer_takes_a_tensor_on_the_engine_device(examples_dir, tmp_path):
+def test_every_collective_of_the_trainer_takes_a_tensor_on_the_engine_device(bart_examples_dir, tmp_path):
     """tests/collective_guard.py wraps torch.distributed's collectives and fails the run on a tensor
     off the accelerator's device. On CPU ranks this proves the wrapped run covers logging, eval,
     the shared-directory check and checkpoints; on a GPU (tests/test_gpu.py) the same run is the real check."""
     run_dir = tmp_path / "run"
     result = run_command(["deepspeed", "--num_gpus", "2", "--master_port", "29720",
                           str(PROJECT_ROOT / "tests" / "collective_guard.py"),
-                          *trainer_flags(examples_dir, run_dir, "--total_steps", "4", "--eval_examples", "16",
+                          *trainer_flags(bart_examples_dir, run_dir, "--total_steps", "4", "--eval_examples", "16",
                                          "--eval_every_steps", "2", "--save_checkpoint_steps", "2")])
     for rank in (0, 1):
         line = next(line for line in result.stderr.splitlines() if f"collective guard rank {rank}:" in line)
@@ -51,7 +42,7 @@ def test_every_collective_of_the_trainer_takes_a_tensor_on_the_engine_device(exa
     assert len([r for r in records if "eval_loss" in r]) == 2
 
 
-def test_a_run_directory_not_shared_between_nodes_stops_the_run(examples_dir, tmp_path):
+def test_a_run_directory_not_shared_between_nodes_stops_the_run(bart_examples_dir, tmp_path):
     """Two 'nodes' (torchrun --nnodes 2 on loopback) started in different working directories with a
     relative --output_dir: each sees its own directory, as nodes with local disks would."""
     nodes = []
@@ -61,7 +52,7 @@ def test_a_run_directory_not_shared_between_nodes_stops_the_run(examples_dir, tm
         nodes.append(subprocess.Popen(
             ["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
              "--master_addr", "127.0.0.1", "--master_port", "29725", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
-             *trainer_flags(examples_dir, "run", "--total_steps", "2")],
+             *trainer_flags(bart_examples_dir, "run", "--total_steps", "2")],
             cwd=cwd, env=deepspeed_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode != 0 for node in nodes), outputs

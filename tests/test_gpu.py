@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools.mask import MaskConfig, mask
 from tests.conftest import PROJECT_ROOT, gpu_env, run_command
 
 pytestmark = [
@@ -27,14 +26,6 @@ pytestmark = [
 ]
 
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def examples_dir(tmp_path_factory, clue_tokenized_dir) -> Path:
-    root = tmp_path_factory.mktemp("gpu")
-    mask(MaskConfig(input_dir=clue_tokenized_dir, output_dir=root / "bart", target="bart", seq_length=128,
-                    progress=False))
-    return root / "bart"
 
 
 def ds_config(tmp_path: Path, name: str, **changes) -> Path:
@@ -59,11 +50,11 @@ def losses(run_dir: Path) -> dict[int, float]:
             if "loss" in r}
 
 
-def test_bf16_zero2_with_cuda_fused_adam_and_every_collective_on_the_gpu(examples_dir, tmp_path):
+def test_bf16_zero2_with_cuda_fused_adam_and_every_collective_on_the_gpu(bart_examples_dir, tmp_path):
     """The first GPU run of a user: bf16, ZeRO-2, FusedAdam's CUDA op, NCCL; the collective guard fails
     the run if any collective gets a CPU tensor (NCCL's own error would be the user's first log step)."""
     run_dir = tmp_path / "run"
-    result = run_command(train_command(PROJECT_ROOT / "tests" / "collective_guard.py", examples_dir, run_dir,
+    result = run_command(train_command(PROJECT_ROOT / "tests" / "collective_guard.py", bart_examples_dir, run_dir,
                                        PROJECT_ROOT / "ds_configs" / "zero2_bf16.json", 29760,
                                        "--eval_examples", "32", "--eval_every_steps", "4"), env=gpu_env())
     assert "bf16 on 1 x cuda" in result.stderr and "optimizer FusedAdam" in result.stderr
@@ -77,9 +68,9 @@ def test_bf16_zero2_with_cuda_fused_adam_and_every_collective_on_the_gpu(example
     assert any(abs(r["loss"] - float(torch.tensor(r["loss"]).bfloat16())) > 0 for r in trained)
 
 
-def test_fp16_dynamic_loss_scaling_and_the_skipped_step_stop(examples_dir, tmp_path):
+def test_fp16_dynamic_loss_scaling_and_the_skipped_step_stop(bart_examples_dir, tmp_path):
     run_dir = tmp_path / "fp16"
-    run_command(train_command(PROJECT_ROOT / "pipeline" / "trainer.py", examples_dir, run_dir,
+    run_command(train_command(PROJECT_ROOT / "pipeline" / "trainer.py", bart_examples_dir, run_dir,
                               PROJECT_ROOT / "ds_configs" / "zero2_fp16.json", 29761), env=gpu_env())
     trained = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert all("loss_scale" in r and "skipped_steps" in r for r in trained)
@@ -87,7 +78,7 @@ def test_fp16_dynamic_loss_scaling_and_the_skipped_step_stop(examples_dir, tmp_p
     # A scale that starts at 2^40 overflows step after step: the run stops with one line, exit 2.
     overflowing = ds_config(tmp_path, "zero2_fp16.json",
                             fp16={"initial_scale_power": 40, "hysteresis": 1, "min_loss_scale": 1})
-    command = train_command(PROJECT_ROOT / "pipeline" / "trainer.py", examples_dir, tmp_path / "overflow",
+    command = train_command(PROJECT_ROOT / "pipeline" / "trainer.py", bart_examples_dir, tmp_path / "overflow",
                             overflowing, 29762, "--max_skipped_steps", "3")
     result = subprocess.run(command, capture_output=True, text=True, env=gpu_env(), timeout=900)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -114,7 +105,7 @@ def test_apex_fused_layer_norm_equals_torch_layer_norm_and_keeps_the_state_dict(
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)  # bf16: ~3 significant digits
 
 
-def test_kill_9_then_resume_on_gpu_replays_dropout_bitwise(examples_dir, tmp_path):
+def test_kill_9_then_resume_on_gpu_replays_dropout_bitwise(bart_examples_dir, tmp_path):
     """Dropout on (bart-tiny: 0.1) draws from the CUDA generator: without its state in the checkpoint,
     the resumed steps would differ. Deterministic kernels so two runs can be compared bit for bit."""
     from tests.test_resume import kill_after_step
@@ -122,26 +113,26 @@ def test_kill_9_then_resume_on_gpu_replays_dropout_bitwise(examples_dir, tmp_pat
     config = PROJECT_ROOT / "ds_configs" / "zero2_bf16.json"
     script = PROJECT_ROOT / "pipeline" / "trainer.py"
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    run_command(train_command(script, examples_dir, reference, config, 29763, "--deterministic"), env=gpu_env())
-    kill_after_step(train_command(script, examples_dir, crashed, config, 29764, "--deterministic"), crashed, 6,
+    run_command(train_command(script, bart_examples_dir, reference, config, 29763, "--deterministic"), env=gpu_env())
+    kill_after_step(train_command(script, bart_examples_dir, crashed, config, 29764, "--deterministic"), crashed, 6,
                     env=gpu_env())
     assert (crashed / "checkpoints" / "latest").read_text() == "step00000004"
     rng = torch.load(crashed / "checkpoints" / "step00000004" / "rng_state_rank0.pt", weights_only=True)
     assert "accelerator" in rng  # the CUDA generator's state travels with the checkpoint
-    result = run_command(train_command(script, examples_dir, crashed, config, 29765, "--deterministic"),
+    result = run_command(train_command(script, bart_examples_dir, crashed, config, 29765, "--deterministic"),
                          env=gpu_env())
     assert "resuming from step00000004 (step 4)" in result.stderr
     assert losses(crashed) == losses(reference)
 
 
-def test_export_of_a_gpu_trained_checkpoint_equals_its_fp32_master_weights(examples_dir, tmp_path):
+def test_export_of_a_gpu_trained_checkpoint_equals_its_fp32_master_weights(bart_examples_dir, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import BartForConditionalGeneration
 
     from pipeline.convert_to_hf import ExportConfig, export
 
     run_dir = tmp_path / "run"
-    run_command(train_command(PROJECT_ROOT / "pipeline" / "trainer.py", examples_dir, run_dir,
+    run_command(train_command(PROJECT_ROOT / "pipeline" / "trainer.py", bart_examples_dir, run_dir,
                               PROJECT_ROOT / "ds_configs" / "zero2_bf16.json", 29766), env=gpu_env())
     master = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step00000008")
     exported = BartForConditionalGeneration.from_pretrained(str(export(ExportConfig(

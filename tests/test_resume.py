@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.mask import MaskConfig, mask
 from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
 
 # Multi-process DeepSpeed runs: deselect with -m "not slow" for a fast inner loop (CI runs them).
@@ -23,10 +22,10 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def examples_dir(tmp_path_factory, clue_tokenized_dir) -> Path:
+def examples_dir(tmp_path_factory, bart_examples_dir) -> Path:
+    """The shared BART examples as root/"bart", beside a DeepSpeed config with torch's Adam."""
     root = tmp_path_factory.mktemp("resume")
-    mask(MaskConfig(input_dir=clue_tokenized_dir, output_dir=root / "bart", target="bart", seq_length=64,
-                    progress=False))
+    (root / "bart").symlink_to(bart_examples_dir)
     ds_config = json.loads((PROJECT_ROOT / "ds_configs" / "cpu_zero2.json").read_text())
     ds_config["optimizer"]["params"]["torch_adam"] = True  # bitwise-reproducible optimizer on CPU
     (root / "ds_torch_adam.json").write_text(json.dumps(ds_config))
