@@ -9,4 +9,7 @@ fi
 # DeepSpeed JIT-builds its ops (FusedAdam, shm comm) on first use and keeps them here. Node-local
 # (/tmp), never on shared storage: nodes would build into one directory at once, and a build killed
 # midway leaves a lock file that every rank waits on forever (the trainer names stale locks at start).
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/zh-seq2seq-torch-extensions-$(id -u)}"
+# One directory per checkout: builds record their include paths (this checkout's .venv), so two
+# checkouts sharing a directory would rebuild each other's ops every time.
+CHECKOUT_ID=$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/zh-seq2seq-torch-extensions-$(id -u)-$CHECKOUT_ID}"

@@ -1,0 +1,73 @@
+"""The benchmark scripts' pure helpers (no timing asserts: the benchmarks measure, tests check arithmetic)."""
+
+import importlib.util
+import math
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("bench_train_throughput",
+                                                  PROJECT_ROOT / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(step, consumed, samples_per_s, tokens_per_s, **extra):
+    return {"step": step, "loss": 1.0, "consumed_samples": consumed, "samples_per_s": samples_per_s,
+            "tokens_per_s": tokens_per_s, "model_tflops_per_s": 0.5, "pad_fraction": 0.5, **extra}
+
+
+def test_window_totals_sum_the_windows_after_the_first(throughput):
+    records = [
+        record(10, 80, 1.0, 999.0, data_wait_fraction=0.9),  # start-up window: left out
+        record(20, 160, 8.0, 100.0, data_wait_fraction=0.1),  # 80 samples in 10 s
+        {"step": 20, "eval_loss": 2.0, "eval_tokens": 5},  # eval records are not windows
+        record(30, 240, 4.0, 400.0, data_wait_fraction=0.4, peak_memory_gb=3.0),  # 80 samples in 20 s
+    ]
+    totals = throughput.window_totals(records, after_step=10)
+    assert totals["steps"] == 20 and totals["seconds"] == pytest.approx(30)
+    assert totals["samples_per_s"] == pytest.approx(160 / 30)
+    assert totals["tokens_per_s"] == pytest.approx((100 * 10 + 400 * 20) / 30)
+    assert totals["flops_per_s"] == pytest.approx(0.5e12)
+    assert totals["seconds_per_step"] == pytest.approx(1.5)
+    assert totals["pad_fraction"] == pytest.approx(0.5)
+    assert totals["data_wait_fraction"] == pytest.approx((0.1 * 10 + 0.4 * 20) / 30)
+    assert totals["peak_memory_gb"] == 3.0
+
+
+def test_window_totals_without_data_wait_or_timed_windows(throughput):
+    totals = throughput.window_totals([record(2, 16, 8.0, 10.0), record(4, 32, 8.0, 10.0)], after_step=2)
+    assert totals["data_wait_fraction"] is None and math.isnan(totals["peak_memory_gb"])
+    with pytest.raises(ValueError):
+        throughput.window_totals([record(2, 16, 8.0, 10.0)], after_step=2)
+
+
+def test_batch_totals_and_helpers(throughput):
+    batches = [{"indices": [1, 2], "tokens": 30, "padded": 40, "flops": 6.0},
+               {"indices": [3, 4], "tokens": 10, "padded": 40, "flops": 2.0}]
+    totals = throughput.batch_totals(batches, seconds=2.0)
+    assert totals == {"steps": 2, "samples_per_s": 2.0, "tokens_per_s": 20.0, "flops_per_s": 4.0,
+                      "seconds_per_step": 1.0, "pad_fraction": 0.5}
+    assert throughput.micro_batch_candidates(64) == [64, 32, 16, 8, 4, 2, 1]
+    assert throughput.number(float("nan"), 2) is None and throughput.number(1.234, 2) == 1.23
+    assert throughput.ratio(3.0, 2.0) == 1.5 and throughput.ratio(1.0, 0.0) is None
+
+
+def test_fixed_batches_are_the_trainers_and_run_into_the_next_epoch(throughput):
+    from pipeline.data import ResumableDistributedSampler
+
+    batches = throughput.fixed_batches(20, 8, 5, seed=7)  # 2 full batches per epoch
+    sampler = iter(ResumableDistributedSampler(20, 8, rank=0, world_size=1, seed=7))
+    assert batches == [next(sampler) for _ in range(5)]
+    assert all(len(batch) == 8 for batch in batches)
+    assert len(set(batches[0] + batches[1])) == 16 and batches[:2] != batches[2:4]
+
+
+def test_step_lines_are_the_trainers(throughput):
+    assert throughput.STEP_LINE.match("step 30: loss 9.9419 lr 0.000e+00 grad norm 0.3 654 tokens/s").group(1) == "30"
+    assert not throughput.STEP_LINE.match("step 20: eval loss 9.9 over 100 target tokens")
