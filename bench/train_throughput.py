@@ -90,7 +90,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -267,14 +266,10 @@ def padding_shares(data_dir: Path, micro_batch: int, max_tokens: int) -> dict[st
 # -- launching the trainers -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _deepspeed_command() -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(_free_port())]
+    from pipeline.distributed import free_port
+
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port())]
 
 
 def _bench_env() -> dict:
@@ -297,12 +292,6 @@ def _failure(output: str) -> str:
     if "out of memory" in output.lower():
         return "OOM"
     return "failed: " + output.strip()[-3000:]
-
-
-def trainer_has_data_workers() -> bool:
-    """Whether this checkout's trainer takes --data_workers (it is being added)."""
-    return any("data_workers" in path.read_text(encoding="utf-8", errors="replace")
-               for path in (PROJECT_ROOT / "pipeline").rglob("*.py"))
 
 
 STEP_LINE = re.compile(r"^step (\d+): loss ")  # what the trainer prints at each log step with --no-progress
@@ -513,9 +502,6 @@ def online_mask_wait(root: Path, tokenized: Path, quick: bool) -> dict:
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
     report = {"device": device, "steps": 30 if quick else 60, "runs": {}}
     report["prepare_s"] = online_mask_prepare_seconds(tokenized, root)
-    if not trainer_has_data_workers():
-        report["skipped"] = "pipeline/ has no --data_workers yet (background batch preparation)"
-        return report
     flags = root / "online_mask.json"
     flags.write_text(json.dumps(ONLINE_MASK_FLAGS))
     ds_config = PROJECT_ROOT / "ds_configs" / ("zero2_bf16.json" if on_gpu else "cpu_zero2.json")

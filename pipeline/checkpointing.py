@@ -184,8 +184,10 @@ def save_checkpoint(engine: Any, checkpoint_root: Path, state: TrainerState, ran
     return tag
 
 
-def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, rank: int, accelerator: Any) -> TrainerState:
-    """Model, optimizer and scheduler through DeepSpeed; step, data position and this rank's RNG from our files."""
+def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, saved: dict, rank: int,
+                    accelerator: Any) -> TrainerState:
+    """Model, optimizer and scheduler through DeepSpeed; step and data position from ``saved`` (the tag's
+    trainer_state.json), this rank's RNG from its file."""
     load_path, _ = engine.load_checkpoint(str(checkpoint_root), tag=tag)
     if load_path is None:
         raise UserError(f"DeepSpeed could not load {checkpoint_root / tag}; point {checkpoint_root / LATEST} "
@@ -196,4 +198,4 @@ def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, rank: int, acc
     else:  # a universal checkpoint resumed on more ranks than wrote it
         print(f"train: {rng_file} does not exist (more ranks than wrote {tag}): rank {rank} starts fresh RNG streams",
               file=sys.stderr)
-    return TrainerState.from_json(read_trainer_state(checkpoint_root / tag))
+    return TrainerState.from_json(saved)

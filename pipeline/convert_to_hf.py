@@ -8,7 +8,6 @@ classes). It is written to a temp folder and renamed, so it is never half-built.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -24,9 +23,9 @@ from pipeline.checkpointing import (
     CHECKPOINTS,
     LATEST,
     MODEL_CONFIG_FILE,
-    TRAINER_STATE,
     checkpoint_problem,
     read_latest_tag,
+    read_trainer_state,
 )
 
 
@@ -160,7 +159,7 @@ def export(config: ExportConfig) -> Path:
     if config.dtype != "fp32":
         model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype])
 
-    trainer_state = json.loads((checkpoint_root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
+    trainer_state = read_trainer_state(checkpoint_root / tag)
     write_hf_directory(model, run_dir / VOCAB_FILE, config.output_dir, {
         "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"],
         "weights": "fp32 master weights" + ("" if config.dtype == "fp32" else f", cast to {config.dtype}"),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from data_tools.common import UserError
+from data_tools.common import VOCAB_FILE, UserError, file_sha256
 from data_tools.shards import load_manifest, open_shard, shard_paths
 from pipeline.loss import IGNORE_INDEX
 
@@ -363,8 +363,6 @@ def load_training_data(data_dir: Path, online_mask_config: Path | None, output_d
 
 def _with_checked_vocab(dataset: Any, data_dir: Path) -> Any:
     """The vocab beside the data must be the one its ids were made with (the run directory copies it)."""
-    from data_tools.common import VOCAB_FILE, file_sha256
-
     vocab_path = data_dir / VOCAB_FILE
     if not vocab_path.is_file() or file_sha256(vocab_path) != dataset.manifest["vocab"]["sha256"]:
         raise UserError(f"{vocab_path} is missing or differs from the vocab the examples were tokenized with")

@@ -36,7 +36,8 @@ class Ranks:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a 1-process group or a launcher of our own."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -83,7 +84,7 @@ def init_distributed(accelerator: Any) -> Ranks:
     os.environ.update(slurm_rank_env(os.environ, visible_device_count(accelerator)))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)  # before the process group, so NCCL binds the right device

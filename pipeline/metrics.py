@@ -25,7 +25,7 @@ class MetricsWindow:
     """Statistics of the optimizer steps since the last log step, on this rank."""
 
     device: torch.device
-    loss_sum: torch.Tensor = None  # type: ignore[assignment]  # sum of micro-batch losses, on the device
+    loss_sum: torch.Tensor = field(init=False)  # sum of micro-batch losses, on the device
     micro_batches: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
@@ -36,8 +36,7 @@ class MetricsWindow:
     start: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
-        if self.loss_sum is None:
-            self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def next_batch(self, batches: Iterator[LoadedBatch]) -> LoadedBatch:
         """The next micro batch; the time spent waiting for it counts as data wait."""

@@ -9,7 +9,6 @@ ranks, loads it with ``load_universal`` and carries on from the same step and sa
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import UserError, write_json_atomic, write_text_atomic
-from pipeline.checkpointing import CHECKPOINTS, LATEST, TRAINER_STATE, read_latest_tag
+from pipeline.checkpointing import CHECKPOINTS, LATEST, TRAINER_STATE, read_latest_tag, read_trainer_state
 
 
 @dataclass(kw_only=True)
@@ -39,7 +38,7 @@ def to_universal(config: UniversalConfig) -> str:
     if tag is None:
         raise UserError(f"{root / LATEST} not found: the run has no complete checkpoint to convert")
     source = root / tag
-    state = json.loads((source / TRAINER_STATE).read_text(encoding="utf-8"))
+    state = read_trainer_state(source)
     if state.get("universal"):
         raise UserError(f"{source} is already a universal checkpoint")
     target_tag = f"{tag}_universal"

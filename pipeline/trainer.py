@@ -89,13 +89,15 @@ def train(config: TrainConfig) -> TrainerState:
     model, norm_kernel = build_training_model(config, model_config, accelerator.device_name())
     checkpoint_root = config.output_dir / CHECKPOINTS
     tag = find_resume_tag(checkpoint_root)
-    if tag is not None and read_trainer_state(checkpoint_root / tag).get("universal"):
+    saved = {} if tag is None else read_trainer_state(checkpoint_root / tag)
+    if saved.get("universal"):
         # written by zh-to-universal: loadable on any number of ranks
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=weight_decay_groups(model, config.weight_decay),
         lr_scheduler=lr_schedule(config), config=ds_config)
-    state = TrainerState() if tag is None else load_checkpoint(engine, checkpoint_root, tag, ranks.rank, accelerator)
+    state = TrainerState() if tag is None else load_checkpoint(engine, checkpoint_root, tag, saved, ranks.rank,
+                                                               accelerator)
     if ranks.is_main:
         precision = mixed_precision(ds_config)
         print(f"train: {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
@@ -230,7 +232,7 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[LoadedBatch], config: Tra
             window = MetricsWindow(engine.device)
         if eval_batches is not None:
             maybe_evaluate(engine, eval_batches, config, state, ranks, metrics)
-        if state.step % config.save_checkpoint_steps == 0 or state.step == config.total_steps:
+        if is_due(state.step, config.save_checkpoint_steps, config.total_steps):
             save_checkpoint(engine, config.output_dir / CHECKPOINTS, state, ranks.rank, ranks.world_size,
                             config.keep_last_checkpoints, get_accelerator())
     bar.close()
