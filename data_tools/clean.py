@@ -27,8 +27,10 @@ from data_tools.normalize import (
     repeated_char_ratio,
     repeated_line_ratio,
 )
+from data_tools.outputs import overwrite_option, staged_dir
 from data_tools.parallel import chunked, ordered_map
 from data_tools.raw_input import RawDocument, expand_input_paths, iter_documents
+from data_tools.shards import check_stage_output
 
 STAGE = "clean"
 
@@ -77,14 +79,19 @@ class CleanConfig:
     )
     documents_per_shard: int = option(100_000, "Documents per output shard.")
     progress: bool = option(True, "Show a progress bar.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.input_paths = [Path(p) for p in self.input_paths]
         self.output_dir = Path(self.output_dir)
         if self.min_chars < 0 or self.max_chars < self.min_chars:
             raise UserError(f"--min_chars {self.min_chars} / --max_chars {self.max_chars}: need 0 <= min <= max")
-        if not 0.0 <= self.min_cjk_ratio <= 1.0:
-            raise UserError(f"--min_cjk_ratio {self.min_cjk_ratio} must lie in [0, 1]")
+        for name in ("min_cjk_ratio", "max_repeated_line_ratio", "max_repeated_char_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"--{name} {getattr(self, name)} must lie in [0, 1]")
+        if self.minhash_num_perm <= 0 or self.num_slices <= 0:
+            raise UserError(f"--minhash_num_perm {self.minhash_num_perm} and --num_slices {self.num_slices} must be "
+                            "positive")
         if min(self.documents_per_shard, self.max_line_bytes, self.processes_num, self.chunk_documents) <= 0:
             raise UserError("--documents_per_shard, --max_line_bytes, --processes_num, --chunk_documents must be positive")
         if not 0 <= self.near_dedup_threshold < 1:
@@ -104,6 +111,7 @@ class ShardedJsonlWriter:
         self._hash = None
         self._count = 0
         self._chars = 0
+        self._bytes = 0
 
     def write(self, text: str) -> None:
         if self._handle is None or self._count >= self.documents_per_shard:
@@ -115,6 +123,7 @@ class ShardedJsonlWriter:
         line = (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
         self._handle.write(line)
         self._hash.update(line)
+        self._bytes += len(line)
         self._count += 1
         self._chars += len(text)
 
@@ -122,8 +131,9 @@ class ShardedJsonlWriter:
         if self._handle is None:
             return
         self._handle.close()
-        self.shards[-1].update(documents=self._count, characters=self._chars, sha256=self._hash.hexdigest())
-        self._handle, self._count, self._chars = None, 0, 0
+        self.shards[-1].update(documents=self._count, characters=self._chars, bytes=self._bytes,
+                               sha256=self._hash.hexdigest())
+        self._handle, self._count, self._chars, self._bytes = None, 0, 0, 0
 
     def close(self) -> list[dict]:
         self._close_shard()
@@ -250,10 +260,13 @@ def clean(config: CleanConfig) -> dict:
     files = expand_input_paths(config.input_paths)[config.slice_index :: config.num_slices]
     if not files:
         raise UserError(f"slice {config.slice_index} of {config.num_slices} has no input files; use fewer slices")
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in config.output_dir.glob("documents-*.jsonl"):
-        stale.unlink()
+    check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_paths": config.input_paths})
+    with staged_dir(config.output_dir) as staging:
+        manifest = _clean_into(staging, files, config)
+    return manifest
 
+
+def _clean_into(staging: Path, files: list[Path], config: CleanConfig) -> dict:
     dropped: Counter[str] = Counter()
     kept = chars_kept = 0
     kept_per_file: Counter[str] = Counter()
@@ -261,7 +274,7 @@ def clean(config: CleanConfig) -> dict:
     near_duplicates = (
         NearDuplicateIndex(config.near_dedup_threshold, config.minhash_num_perm) if config.near_dedup_threshold else None
     )
-    writer = ShardedJsonlWriter(config.output_dir, config.documents_per_shard)
+    writer = ShardedJsonlWriter(staging, config.documents_per_shard)
     progress = _ReadProgress(config.progress)
     raw_documents = progress.track(
         document
@@ -304,6 +317,12 @@ def clean(config: CleanConfig) -> dict:
             f"no documents read from {', '.join(map(str, files))}: the input is empty; check --input_paths"
         )
     assert kept + sum(dropped.values()) == read, "clean lost documents without counting them"
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
+    if kept == 0:
+        raise UserError(
+            f"every document was dropped ({summary}); nothing was written: loosen --min_chars/--min_cjk_ratio or "
+            "check --input_format"
+        )
     manifest = {
         "stage": STAGE,
         "config": config_to_dict(config),
@@ -323,15 +342,10 @@ def clean(config: CleanConfig) -> dict:
         ],
         "shards": shards,
     }
-    write_json_atomic(config.output_dir / "manifest.json", manifest)
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
+    write_json_atomic(staging / "manifest.json", manifest)
     seconds = time.perf_counter() - progress.started
     print(f"clean: read {read} documents ({progress.bytes / 1e6:.1f} MB, {progress.bytes / 1e6 / seconds:.1f} MB/s), "
           f"kept {kept}, dropped: {summary} -> {config.output_dir}", file=sys.stderr)
-    if kept == 0:
-        raise UserError(
-            f"every document was dropped ({summary}); loosen --min_chars/--min_cjk_ratio or check --input_format"
-        )
     return manifest
 
 

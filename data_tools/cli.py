@@ -76,6 +76,44 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
     return parser
 
 
+def check_field_types(config: Any) -> None:
+    """Every field of a config dataclass holds a value of its annotated type (a Literal one of its
+    choices), so a config built from JSON or the Python API fails in one line like the CLI does.
+    ``int`` fields refuse bools; ``float`` fields take ints; ``Path`` fields take strings."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        tp, optional = _unwrap_optional(hints[field.name])
+        if value is None:
+            if optional:
+                continue
+            raise UserError(f"{field.name} must be given (got null)")
+        if not _matches(value, tp):
+            expected = (f"one of {list(get_args(tp))}" if get_origin(tp) is Literal
+                        else getattr(tp, "__name__", str(tp)))
+            raise UserError(f"{field.name} must be {expected}, got {value!r}")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return value in get_args(tp) and type(value) is type(get_args(tp)[0])
+    if origin in (list, tuple, Sequence):
+        (item_type,) = get_args(tp)[:1]
+        return isinstance(value, (list, tuple)) and all(_matches(item, item_type) for item in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is Path:
+        return isinstance(value, (str, Path))
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
 def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None = None) -> ConfigT:
     """Parse ``argv`` into ``config_cls``; unknown flags are an error."""
     parser = build_parser(config_cls)
@@ -104,8 +142,12 @@ def run_stage(main: Callable[[ConfigT], Any], config_cls: type[ConfigT], argv: S
         config = parse_config(config_cls, argv)
         main(config)
     except UserError as error:
-        prog = Path(sys.argv[0]).name
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the file system refused (permissions, full disk, a path that is a directory)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{Path(sys.argv[0]).name}: error: {where}{error.strerror or error}; the previous complete "
+              "output is untouched", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

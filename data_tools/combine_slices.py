@@ -18,7 +18,8 @@ from pathlib import Path
 from data_tools.clean import STAGE, ShardedJsonlWriter
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import UserError, write_json_atomic
-from data_tools.shards import load_manifest, shard_paths
+from data_tools.outputs import overwrite_option, staged_dir
+from data_tools.shards import check_stage_output, load_manifest, shard_paths
 
 
 @dataclass(kw_only=True)
@@ -29,12 +30,13 @@ class CombineConfig:
     output_dir: Path = required("Directory for the combined documents-NNNNN.jsonl shards and manifest.json.")
     deduplicate: bool = option(True, "Drop exact duplicates across slices (duplicate).")
     documents_per_shard: int = option(100_000, "Documents per output shard.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.input_dirs = [Path(p) for p in self.input_dirs]
         self.output_dir = Path(self.output_dir)
-        if self.output_dir.resolve() in {p.resolve() for p in self.input_dirs}:
-            raise UserError(f"--output_dir {self.output_dir} must differ from every --input_dirs")
+        if self.documents_per_shard <= 0:
+            raise UserError(f"--documents_per_shard {self.documents_per_shard} must be positive")
 
 
 def combine(config: CombineConfig) -> dict:
@@ -43,24 +45,29 @@ def combine(config: CombineConfig) -> dict:
     indices = [index for index, _, _ in slices]
     if len(set(indices)) != len(indices):
         raise UserError(f"two inputs are the same slice ({indices}); pass each slice's directory once")
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in config.output_dir.glob("documents-*.jsonl"):
-        stale.unlink()
+    check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_dirs": config.input_dirs})
+    with staged_dir(config.output_dir) as staging:
+        manifest = _combine_into(staging, slices, config)
+    print(f"clean-combine: {len(slices)} slices, {manifest['counts']['documents_read']} read, "
+          f"{manifest['counts']['documents_kept']} kept -> {config.output_dir}", file=sys.stderr)
+    return manifest
 
+
+def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: CombineConfig) -> dict:
     counts: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
     for _, _, manifest in slices:
         for key in ("documents_read", "characters_read", "bytes_read", "documents_with_invalid_utf8_replaced"):
             counts[key] += manifest["counts"].get(key, 0)
         dropped.update(manifest["counts"]["documents_dropped"])
-    writer = ShardedJsonlWriter(config.output_dir, config.documents_per_shard)
+    writer = ShardedJsonlWriter(staging, config.documents_per_shard)
     seen: set[bytes] = set()
     kept = chars_kept = 0
     for _, directory, manifest in slices:
         for path in shard_paths(directory, manifest):
             with open(path, encoding="utf-8") as handle:
                 for line in handle:
-                    text = json.loads(line)["text"]
+                    text = json.loads(line)["text"]  # the shard's sha256 was checked against its manifest
                     if config.deduplicate:
                         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
                         if digest in seen:
@@ -88,9 +95,7 @@ def combine(config: CombineConfig) -> dict:
         "inputs": [entry for _, _, m in slices for entry in m["inputs"]],
         "shards": shards,
     }
-    write_json_atomic(config.output_dir / "manifest.json", manifest)
-    print(f"clean-combine: {len(slices)} slices, {counts['documents_read']} read, {kept} kept -> {config.output_dir}",
-          file=sys.stderr)
+    write_json_atomic(staging / "manifest.json", manifest)
     return manifest
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 # Every stage output and run directory carries the vocab its ids refer to, under this name.
 VOCAB_FILE = "vocab.txt"
+# The tokens every stage relies on: padding, unknown, the decoder start / source start, end, mask.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 class UserError(Exception):

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_tools.cli import config_to_dict, option, required, run_stage
+from data_tools.cli import check_field_types, config_to_dict, option, required, run_stage
 from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
 from data_tools.noising import (
     BartNoiseConfig,
@@ -35,10 +35,21 @@ from data_tools.noising import (
     pack_sentences,
     select_gap_sentences,
 )
+from data_tools.outputs import overwrite_option, staged_dir
 from data_tools.parallel import chunked, ordered_map
-from data_tools.shards import RollingShardWriter, id_type_for_vocab, iter_rows, list_array, load_manifest
+from data_tools.shards import (
+    RollingShardWriter,
+    check_stage_output,
+    id_type_for_vocab,
+    iter_rows,
+    list_array,
+    load_manifest,
+    shard_paths,
+)
 
 STAGE = "mask"
+# Longer than any position table of a BART/PEGASUS config; guards against a mistyped length.
+MAX_SEQ_LENGTH = 1 << 16
 
 
 # Recipes that reproduce published models, applied to every flag left at its default.
@@ -108,8 +119,10 @@ class MaskConfig:
     examples_per_shard: int = option(200_000, "Examples (rows) per output shard.")
     batch_rows: int = option(5_000, "Rows per Arrow record batch.")
     progress: bool = option(True, "Show a progress bar.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # the same one-line errors from the CLI, the Python API and online-mask JSON
         self.input_dir, self.output_dir = Path(self.input_dir), Path(self.output_dir)
         if self.preset:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -120,19 +133,28 @@ class MaskConfig:
                     setattr(self, name, value)
         if not self.target:
             raise UserError("give --target bart|gsg or a --preset")
-        if self.seq_length < 8 or self.tgt_seq_length < 2:
-            raise UserError(f"--seq_length {self.seq_length} / --tgt_seq_length {self.tgt_seq_length} are too small")
+        if not 8 <= self.seq_length <= MAX_SEQ_LENGTH or not 2 <= self.tgt_seq_length <= MAX_SEQ_LENGTH:
+            raise UserError(f"--seq_length {self.seq_length} must lie in [8, {MAX_SEQ_LENGTH}] and --tgt_seq_length "
+                            f"{self.tgt_seq_length} in [2, {MAX_SEQ_LENGTH}]")
         for name in ("mask_ratio", "gap_sentence_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UserError(f"--{name} {getattr(self, name)} must lie strictly between 0 and 1")
-        if self.random_ratio + self.keep_ratio > 1 or min(self.random_ratio, self.keep_ratio, self.insert_ratio) < 0:
-            raise UserError("--random_ratio and --keep_ratio must be >= 0 and add up to at most 1")
+        for name in ("random_ratio", "keep_ratio", "permute_sentence_ratio", "rotate_ratio", "insert_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"--{name} {getattr(self, name)} must lie in [0, 1]")
+        if self.random_ratio + self.keep_ratio > 1:
+            raise UserError(f"--random_ratio {self.random_ratio} + --keep_ratio {self.keep_ratio} must be at most 1")
+        if not 0.0 < self.geometric_p <= 1.0:
+            raise UserError(f"--geometric_p {self.geometric_p} must lie in (0, 1]")
         if self.replace_length not in (-1, 0, 1):
             raise UserError(f"--replace_length {self.replace_length} must be -1, 0 or 1")
         positive = ("poisson_lambda", "dup_factor", "max_span_length", "examples_per_shard", "processes_num",
-                    "chunk_documents")
-        if min(getattr(self, name) for name in positive) <= 0:
-            raise UserError(f"{', '.join('--' + name for name in positive)} must be positive")
+                    "chunk_documents", "batch_rows")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} {getattr(self, name)} must be positive")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed} must be >= 0")
 
     def bart_noise(self) -> BartNoiseConfig:
         return BartNoiseConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BartNoiseConfig)})
@@ -169,9 +191,13 @@ def mask_document(
 
 
 def load_vocab_info(tokenized_dir: Path, manifest: dict) -> VocabInfo:
-    """The vocab facts noising needs, from the vocab.txt the tokenize stage copied."""
+    """The vocab facts noising needs, from the vocab.txt the tokenize stage copied (checked against its sha256)."""
+    vocab_path = Path(tokenized_dir) / VOCAB_FILE
+    if not vocab_path.is_file() or file_sha256(vocab_path) != manifest["vocab"]["sha256"]:
+        raise UserError(f"{vocab_path} is missing or differs from the vocab the corpus was tokenized with (its "
+                        "manifest's vocab.sha256); re-run the tokenize stage")
     special = SpecialIds.from_manifest(manifest["vocab"]["special_token_ids"])
-    tokens = (Path(tokenized_dir) / VOCAB_FILE).read_text(encoding="utf-8").split("\n")[: manifest["vocab"]["size"]]
+    tokens = vocab_path.read_text(encoding="utf-8").split("\n")[: manifest["vocab"]["size"]]
     return VocabInfo.from_tokens(tokens, special)
 
 
@@ -206,11 +232,18 @@ def _numbered_chunks(rows: Iterator, size: int) -> Iterator[tuple[int, list]]:
 def mask(config: MaskConfig) -> dict:
     tokenized = load_manifest(config.input_dir, "tokenize")
     vocab = load_vocab_info(config.input_dir, tokenized)
+    check_stage_output(config.output_dir, STAGE, "examples", config.overwrite, {"--input_dir": config.input_dir})
+    shard_paths(config.input_dir, tokenized)  # every shard checked against the manifest before masking starts
+    with staged_dir(config.output_dir) as staging:
+        manifest = _mask_into(staging, tokenized, vocab, config)
+    return manifest
+
+
+def _mask_into(staging: Path, tokenized: dict, vocab: VocabInfo, config: MaskConfig) -> dict:
     id_type = id_type_for_vocab(tokenized["vocab"]["size"])
     schema = pa.schema([pa.field("source_ids", pa.list_(id_type)), pa.field("target_ids", pa.list_(id_type))])
-    config.output_dir.mkdir(parents=True, exist_ok=True)
     writer = RollingShardWriter(
-        config.output_dir, "examples", schema, config.examples_per_shard, config.batch_rows,
+        staging, "examples", schema, config.examples_per_shard, config.batch_rows,
         to_columns=lambda examples: {"source_ids": list_array([s for s, _ in examples], id_type),
                                      "target_ids": list_array([t for _, t in examples], id_type)},
         row_stats=lambda example: {"source_tokens": len(example[0]), "target_tokens": len(example[1])},
@@ -224,26 +257,32 @@ def mask(config: MaskConfig) -> dict:
     chunks = (
         (pass_index, first, documents_chunk)
         for pass_index in range(config.dup_factor)
-        for first, documents_chunk in _numbered_chunks(iter_rows(config.input_dir, tokenized, "sentences"),
-                                                        config.chunk_documents)
+        for first, documents_chunk in _numbered_chunks(
+            iter_rows(config.input_dir, tokenized, "sentences", checksum=False), config.chunk_documents)
     )
+    read = longest_source = longest_target = 0
     for chunk_examples, chunk_skipped, chunk_documents in ordered_map(
         _mask_chunk, chunks, config.processes_num, initializer=_init_worker, initargs=(config, vocab)
     ):
         bar.update(chunk_documents)
+        read += chunk_documents
         skipped.update(chunk_skipped)
         for example in chunk_examples:
             writer.add(example)
+            longest_source, longest_target = max(longest_source, len(example[0])), max(longest_target, len(example[1]))
     shards = writer.close()
     bar.close()
 
+    if read != documents * config.dup_factor:
+        raise UserError(f"{config.input_dir} holds {read // config.dup_factor} documents but its manifest counts "
+                        f"{documents}; re-run the tokenize stage")
     total = sum(shard["rows"] for shard in shards)
     if total == 0:
         raise UserError(
             f"no examples built from {config.input_dir} (skipped: {dict(skipped)}); "
             "gsg needs documents of at least two sentences"
         )
-    shutil.copyfile(config.input_dir / VOCAB_FILE, config.output_dir / VOCAB_FILE)
+    shutil.copyfile(config.input_dir / VOCAB_FILE, staging / VOCAB_FILE)
     manifest = {
         "stage": STAGE,
         "target": config.target,
@@ -259,10 +298,12 @@ def mask(config: MaskConfig) -> dict:
             "examples": total,
             "source_tokens": sum(s["source_tokens"] for s in shards),
             "target_tokens": sum(s["target_tokens"] for s in shards),
+            "max_source_length": longest_source,  # the trainer checks them against the model's positions
+            "max_target_length": longest_target,
         },
         "shards": shards,
     }
-    write_json_atomic(config.output_dir / "manifest.json", manifest)
+    write_json_atomic(staging / "manifest.json", manifest)
     print(f"mask: {total} {config.target} examples in {len(shards)} shards -> {config.output_dir}", file=sys.stderr)
     return manifest
 

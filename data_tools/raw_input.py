@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal
@@ -72,6 +73,18 @@ def _decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a corrupt or mislabelled plain/gzip/zstd file raises while it is read."""
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def read_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     """Yield ``(line_number, bytes)``; ``bytes`` is None for a line longer than the limit.
 
@@ -82,8 +95,9 @@ def read_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | N
         while True:
             try:
                 chunk = handle.readline(max_line_bytes + 1)
-            except (OSError, EOFError) as error:
-                raise UserError(f"{path}: read failed after line {line_number}: {error}") from error
+            except _read_errors() as error:
+                raise UserError(f"{path}: cannot be read after line {line_number} ({type(error).__name__}: {error}); "
+                                "is it really a file of its suffix's format (plain text, .gz, .zst)?") from error
             if not chunk:
                 return
             line_number += 1

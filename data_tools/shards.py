@@ -7,6 +7,7 @@ opening a shard costs nothing and rows are paged in on demand.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from data_tools.common import UserError, file_sha256
+from data_tools.common import SPECIAL_TOKENS, VOCAB_FILE, UserError, file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -55,7 +56,8 @@ class ArrowShardWriter:
     def close(self) -> dict:
         self._writer.close()
         self._sink.close()
-        return {"file": self.path.name, "rows": self.rows, "sha256": file_sha256(self.path)}
+        return {"file": self.path.name, "rows": self.rows, "bytes": self.path.stat().st_size,
+                "sha256": file_sha256(self.path)}
 
 
 def open_shard(path: Path) -> pa.Table:
@@ -67,36 +69,150 @@ def open_shard(path: Path) -> pa.Table:
         raise UserError(f"cannot read Arrow shard {path}: {error}; re-run the stage that wrote it") from error
 
 
+# Per-shard row count field of each stage's manifest.
+ROW_FIELD = {"clean": "documents", "tokenize": "rows", "mask": "rows"}
+
+
 def load_manifest(directory: Path, expected_stage: str | Iterable[str]) -> dict:
-    """Read a stage's manifest, checking it comes from the stage we expect."""
+    """Read a stage's manifest, checking it comes from the stage we expect and has the fields
+    the next stages read (a hand-edited or foreign manifest is refused in one line)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise UserError(f"{path} not found: {directory} is not the output of a finished stage; run that stage first")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); re-run the stage that wrote it") from error
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} holds a JSON {type(manifest).__name__}, not an object; re-run the stage that wrote it")
     stages = {expected_stage} if isinstance(expected_stage, str) else set(expected_stage)
     if manifest.get("stage") not in stages:
         raise UserError(
             f"{path} was written by stage {manifest.get('stage')!r}, expected {' or '.join(sorted(stages))}; "
             "check the directory you passed"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{path}: {problem}; re-run the {manifest['stage']} stage that wrote it")
     return manifest
 
 
-def shard_paths(directory: Path, manifest: dict) -> list[Path]:
-    paths = [Path(directory) / shard["file"] for shard in manifest["shards"]]
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"shard {path} listed in {Path(directory) / MANIFEST} is missing; re-run that stage")
+def manifest_problem(manifest: dict) -> str | None:
+    """The first field a stage's manifest lacks or holds with the wrong type, or None."""
+    stage = manifest["stage"]
+    if not isinstance(manifest.get("counts"), dict):
+        return "field 'counts' is missing or not an object"
+    if not isinstance(manifest.get("config"), dict):
+        return "field 'config' is missing or not an object"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "field 'shards' is missing or not a list"
+    for index, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"shards[{index}] is not an object"
+        name = shard.get("file")
+        if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+            return f"shards[{index}].file {name!r} is not a file name inside the directory"
+        if not isinstance(shard.get("sha256"), str):
+            return f"shards[{index}].sha256 is missing"
+        for field in (ROW_FIELD[stage], *(["bytes"] if "bytes" in shard else [])):
+            if not isinstance(shard.get(field), int) or isinstance(shard.get(field), bool) or shard[field] < 0:
+                return f"shards[{index}].{field} is missing or not a count"
+    if stage == "clean":
+        for field in ("documents_read", "documents_kept"):
+            if not isinstance(manifest["counts"].get(field), int):
+                return f"counts.{field} is missing or not a count"
+        if not isinstance(manifest["counts"].get("documents_dropped"), dict):
+            return "counts.documents_dropped is missing or not an object"
+        return None
+    vocab = manifest.get("vocab")
+    if not isinstance(vocab, dict):
+        return "field 'vocab' is missing or not an object"
+    if not isinstance(vocab.get("size"), int) or vocab["size"] <= 0 or not isinstance(vocab.get("sha256"), str):
+        return "vocab.size or vocab.sha256 is missing"
+    special = vocab.get("special_token_ids")
+    if not isinstance(special, dict) or any(not isinstance(special.get(t), int) for t in SPECIAL_TOKENS):
+        return f"vocab.special_token_ids must give the id of each of {', '.join(SPECIAL_TOKENS)}"
+    if stage == "tokenize" and not isinstance(manifest["counts"].get("documents_kept"), int):
+        return "counts.documents_kept is missing or not a count"
+    return None
+
+
+def check_stage_output(output_dir: Path, stage: str, shard_prefix: str, overwrite: bool,
+                       inputs: dict[str, Path | Iterable[Path] | None]) -> None:
+    """Before a stage starts: its output is apart from its inputs, and an existing output
+    directory is an earlier output of the same stage holding only what the stage writes."""
+    from data_tools.outputs import check_apart, check_replaceable_dir
+
+    check_apart(output_dir, "--output_dir", inputs)
+
+    def owns(manifest: dict, name: str) -> bool:
+        listed = {shard.get("file") for shard in manifest.get("shards") or [] if isinstance(shard, dict)}
+        return name in listed or name in (MANIFEST, VOCAB_FILE) or name.startswith(f"{shard_prefix}-")
+
+    check_replaceable_dir(output_dir, "--output_dir", f"the {stage} stage", MANIFEST,
+                          lambda manifest: manifest.get("stage") == stage, owns, overwrite)
+
+
+def scan_jsonl(path: Path) -> tuple[str, int]:
+    """sha256 and line count of a file, in one pass."""
+    digest, lines = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            lines += block.count(b"\n")
+    return digest.hexdigest(), lines
+
+
+def arrow_rows(path: Path) -> int:
+    """Rows of an Arrow stream shard, from its record batch headers (memory-mapped, cheap)."""
+    return open_shard(path).num_rows
+
+
+def shard_problem(path: Path, shard: dict, stage: str, checksum: bool = True) -> str | None:
+    """What makes one shard disagree with its manifest entry (missing, size, sha256, rows), or None."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if "bytes" in shard and size != shard["bytes"]:
+        return f"has {size} bytes, the manifest says {shard['bytes']} (truncated or modified)"
+    rows_field = ROW_FIELD[stage]
+    if stage == "clean":  # counting lines reads the file anyway, so hash it too
+        digest, rows = scan_jsonl(path)
+    else:
+        digest, rows = file_sha256(path) if checksum else None, None
+    if digest is not None and digest != shard["sha256"]:
+        return (f"sha256 {digest[:16]}… differs from the manifest's {shard['sha256'][:16]}… "
+                f"({size} bytes: truncated or modified)")
+    if rows is None:
+        try:
+            rows = arrow_rows(path)
+        except UserError:
+            return "cannot be read as an Arrow stream (truncated or not a shard)"
+    if rows != shard[rows_field]:
+        return f"has {rows} {rows_field}, the manifest says {shard[rows_field]}"
+    return None
+
+
+def shard_paths(directory: Path, manifest: dict, checksum: bool = True) -> list[Path]:
+    """The shards of a stage's output, each checked against its manifest entry before anyone
+    reads it (existence, size, row count, and sha256 unless ``checksum`` is False)."""
+    directory = Path(directory)
+    paths = []
+    for shard in manifest["shards"]:
+        path = directory / shard["file"]
+        problem = shard_problem(path, shard, manifest["stage"], checksum)
+        if problem:
+            raise UserError(f"shard {path} {problem}; re-run the {manifest['stage']} stage that wrote {directory} "
+                            f"(zh-verify {directory} checks every shard)")
+        paths.append(path)
     return paths
 
 
-def iter_rows(directory: Path, manifest: dict, column: str) -> Iterator[list]:
+def iter_rows(directory: Path, manifest: dict, column: str, checksum: bool = True) -> Iterator[list]:
     """Every row of ``column`` across a stage's shards, in order, one Python list per row."""
-    for path in shard_paths(directory, manifest):
+    for path in shard_paths(directory, manifest, checksum):
         table = open_shard(path)
         for batch in table.column(column).chunks:
             yield from batch.to_pylist()
@@ -124,8 +240,6 @@ class RollingShardWriter:
         self._writer: ArrowShardWriter | None = None
         self._pending: list = []
         self._stats: Counter[str] = Counter()
-        for stale in self.output_dir.glob(f"{prefix}-*.arrow"):
-            stale.unlink()
 
     def add(self, row: Any) -> None:
         if self._writer is None:
@@ -162,12 +276,12 @@ class TokenizedCorpus:
     views into the mapped files, so opening a corpus of any size costs almost nothing.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, checksum: bool = True) -> None:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory, "tokenize")
         self._shards = []
         rows = []
-        for path in shard_paths(self.directory, self.manifest):
+        for path in shard_paths(self.directory, self.manifest, checksum):
             # One entry per record batch: combine_chunks() would copy the shard into memory.
             for column in open_shard(path).column("sentences").chunks:
                 sentences = column.values

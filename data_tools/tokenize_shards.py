@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
+from data_tools.outputs import overwrite_option, staged_dir
 from data_tools.parallel import chunked, ordered_map
-from data_tools.shards import RollingShardWriter, id_type_for_vocab, load_manifest, shard_paths
-from data_tools.wordpiece import BertWordPieceEncoder
+from data_tools.shards import RollingShardWriter, check_stage_output, id_type_for_vocab, load_manifest, shard_paths
+from data_tools.wordpiece import BertWordPieceEncoder, load_encoder
 
 STAGE = "tokenize"
 
@@ -42,12 +43,15 @@ class TokenizeConfig:
     chunk_documents: int = option(2_000, "Documents per chunk handed to a worker.")
     documents_per_shard: int = option(50_000, "Documents (rows) per output shard.")
     batch_rows: int = option(2_000, "Rows per Arrow record batch.")
+    max_unk_ratio: float = option(0.05, "Stop (writing nothing) when more than this share of all tokens is [UNK]: "
+                                  "the vocab does not fit the corpus. The share is recorded in the manifest.")
     progress: bool = option(True, "Show a progress bar.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.input_dir, self.output_dir, self.vocab_path = map(Path, (self.input_dir, self.output_dir, self.vocab_path))
-        if not self.vocab_path.is_file():
-            raise UserError(f"vocab {self.vocab_path} not found; pass --vocab_path or build one with build-vocab")
+        if not 0.0 <= self.max_unk_ratio <= 1.0:
+            raise UserError(f"--max_unk_ratio {self.max_unk_ratio} must lie in [0, 1]")
         if min(self.documents_per_shard, self.batch_rows, self.processes_num, self.chunk_documents) <= 0:
             raise UserError("--documents_per_shard, --batch_rows, --processes_num, --chunk_documents must be positive")
 
@@ -79,18 +83,19 @@ def _init_worker(vocab_path: Path, do_lower_case: bool) -> None:
     _worker["encoder"] = BertWordPieceEncoder(vocab_path, do_lower_case=do_lower_case)
 
 
-def _tokenize_chunk(chunk: tuple[Path, int, list[bytes]]) -> tuple[list[Document], int]:
-    """The documents of one chunk of JSONL lines, and the chunk's size in bytes."""
+def _tokenize_chunk(chunk: tuple[Path, int, list[bytes]]) -> tuple[list[Document], int, int]:
+    """The documents of one chunk of JSONL lines, the chunk's size in bytes and its [UNK] count."""
     path, first_line, lines = chunk
     encoder = _worker["encoder"]
     documents = []
     for line_number, line in enumerate(lines, start=first_line):
         try:
             text = json.loads(line)["text"]
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError) as error:  # the shard's sha256 matched: a foreign manifest
             raise UserError(f"{path}:{line_number}: not a {{'text': ...}} line ({error}); re-run clean") from error
         documents.append(tokenize_document(text, encoder))
-    return documents, sum(map(len, lines))
+    unknown = sum(int(np.count_nonzero(ids == encoder.unk_id)) for ids, _ in documents)
+    return documents, sum(map(len, lines)), unknown
 
 
 def _read_chunks(paths: list[Path], chunk_documents: int) -> Iterator[tuple[Path, int, list[bytes]]]:
@@ -102,21 +107,26 @@ def _read_chunks(paths: list[Path], chunk_documents: int) -> Iterator[tuple[Path
 
 def tokenize(config: TokenizeConfig) -> dict:
     clean_manifest = load_manifest(config.input_dir, "clean")
-    inputs = shard_paths(config.input_dir, clean_manifest)
-    try:
-        encoder = BertWordPieceEncoder(config.vocab_path, do_lower_case=config.do_lower_case)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{config.vocab_path}: {error}") from error
+    encoder = load_encoder(config.vocab_path, config.do_lower_case)
+    check_stage_output(config.output_dir, STAGE, "tokenized", config.overwrite,
+                       {"--input_dir": config.input_dir, "--vocab_path": config.vocab_path})
+    inputs = shard_paths(config.input_dir, clean_manifest)  # each checked against the clean manifest
+    with staged_dir(config.output_dir) as staging:
+        manifest = _tokenize_into(staging, inputs, clean_manifest, encoder, config)
+    return manifest
+
+
+def _tokenize_into(staging: Path, inputs: list[Path], clean_manifest: dict, encoder: BertWordPieceEncoder,
+                   config: TokenizeConfig) -> dict:
     id_type = id_type_for_vocab(encoder.vocab_size)
     schema = pa.schema([pa.field("sentences", pa.list_(pa.list_(id_type)))])
-    config.output_dir.mkdir(parents=True, exist_ok=True)
     writer = RollingShardWriter(
-        config.output_dir, "tokenized", schema, config.documents_per_shard, config.batch_rows,
+        staging, "tokenized", schema, config.documents_per_shard, config.batch_rows,
         to_columns=lambda documents: {"sentences": sentences_array(documents, id_type)},
         row_stats=lambda document: {"sentences": len(document[1]), "tokens": len(document[0])},
     )
     dropped: Counter[str] = Counter()
-    read = 0
+    read = unknown = 0
     started = time.perf_counter()
     total_bytes = sum(path.stat().st_size for path in inputs)
     bar = tqdm(total=total_bytes / 1e6, desc="tokenize", unit=" MB", disable=not config.progress, file=sys.stderr,
@@ -124,7 +134,8 @@ def tokenize(config: TokenizeConfig) -> dict:
     chunks = _read_chunks(inputs, config.chunk_documents)
     results = ordered_map(_tokenize_chunk, chunks, config.processes_num, initializer=_init_worker,
                           initargs=(config.vocab_path, config.do_lower_case))
-    for documents, chunk_bytes in results:
+    for documents, chunk_bytes, chunk_unknown in results:
+        unknown += chunk_unknown
         for document in documents:
             read += 1
             if len(document[1]):
@@ -138,9 +149,18 @@ def tokenize(config: TokenizeConfig) -> dict:
     kept = sum(shard["rows"] for shard in shards)
     if kept + sum(dropped.values()) != read:
         raise AssertionError("tokenize lost documents without counting them")
+    if read != clean_manifest["counts"]["documents_kept"]:
+        raise UserError(f"{config.input_dir} holds {read} documents but its manifest counts "
+                        f"{clean_manifest['counts']['documents_kept']} kept; re-run the clean stage")
     if kept == 0:
         raise UserError(f"no document of {config.input_dir} produced any token; check the vocab and the input")
-    shutil.copyfile(config.vocab_path, config.output_dir / VOCAB_FILE)
+    tokens = sum(s["tokens"] for s in shards)
+    unk_ratio = unknown / max(1, tokens)
+    if unk_ratio > config.max_unk_ratio:
+        raise UserError(f"{unk_ratio:.1%} of the tokens are [UNK] under {config.vocab_path} (limit --max_unk_ratio "
+                        f"{config.max_unk_ratio}); nothing was written: use a vocab that covers the corpus (zh-build-vocab "
+                        "builds one) or raise --max_unk_ratio")
+    shutil.copyfile(config.vocab_path, staging / VOCAB_FILE)
     manifest = {
         "stage": STAGE,
         "config": config_to_dict(config),
@@ -148,7 +168,7 @@ def tokenize(config: TokenizeConfig) -> dict:
         "vocab": {
             "file": VOCAB_FILE,
             "source": str(config.vocab_path),
-            "sha256": file_sha256(config.vocab_path),
+            "sha256": file_sha256(staging / VOCAB_FILE),
             "size": encoder.vocab_size,
             "special_token_ids": encoder.special_ids,
         },
@@ -159,16 +179,18 @@ def tokenize(config: TokenizeConfig) -> dict:
             "documents_kept": kept,
             "documents_dropped": dict(dropped),
             "sentences": sum(s["sentences"] for s in shards),
-            "tokens": sum(s["tokens"] for s in shards),
+            "tokens": tokens,
+            "unk_tokens": unknown,
+            "unk_ratio": round(unk_ratio, 6),
         },
         "shards": shards,
     }
-    write_json_atomic(config.output_dir / "manifest.json", manifest)
-    counts = manifest["counts"]
+    write_json_atomic(staging / "manifest.json", manifest)
     seconds = time.perf_counter() - started
     print(
-        f"tokenize: {kept} documents, {counts['sentences']} sentences, {counts['tokens']} tokens "
-        f"in {len(shards)} shards ({total_bytes / 1e6 / seconds:.1f} MB/s) -> {config.output_dir}",
+        f"tokenize: {kept} documents, {manifest['counts']['sentences']} sentences, {tokens} tokens "
+        f"({unk_ratio:.2%} [UNK]) in {len(shards)} shards ({total_bytes / 1e6 / seconds:.1f} MB/s) -> "
+        f"{config.output_dir}",
         file=sys.stderr,
     )
     return manifest

@@ -1,7 +1,8 @@
 """verify: check a stage's shards against its manifest.
 
-For every shard: it exists, its sha256 matches, it opens, and its row, sentence and
-token counts match; for Arrow stages every id is below the vocab size. The first bad
+The directory's vocab.txt matches the manifest's sha256. For every shard: it exists, its
+size and sha256 match, it opens, and its row, sentence and token counts match; for Arrow
+stages every id is below the vocab size. The first bad
 shard is named with what is wrong, and the exit status is non-zero.
 """
 
@@ -15,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_tools.cli import required, run_stage
-from data_tools.common import UserError, file_sha256
-from data_tools.shards import load_manifest
+from data_tools.common import VOCAB_FILE, UserError, file_sha256
+from data_tools.shards import ROW_FIELD, load_manifest, shard_problem
 
 ARROW_STAGES = {"tokenize": ("sentences",), "mask": ("source_ids", "target_ids")}
 
@@ -50,24 +51,12 @@ def _column_facts(column: pa.ChunkedArray) -> tuple[int, int, int]:
 
 
 def verify_shard(path: Path, shard: dict, stage: str, vocab_size: int | None) -> str | None:
-    """What is wrong with one shard, or None."""
-    if not path.is_file():
-        return "is missing"
-    size = path.stat().st_size
-    digest = file_sha256(path)
-    if digest != shard["sha256"]:
-        return (f"sha256 {digest[:16]}… differs from the manifest's {shard['sha256'][:16]}… "
-                f"({size} bytes: truncated or modified)")
-    if stage == "clean":
-        with open(path, encoding="utf-8") as handle:
-            rows = sum(1 for _ in handle)
-        return None if rows == shard["documents"] else f"has {rows} documents, the manifest says {shard['documents']}"
-    try:
-        table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-    except (OSError, pa.ArrowInvalid) as error:
-        return f"cannot be read as an Arrow stream ({error})"
-    if table.num_rows != shard["rows"]:
-        return f"has {table.num_rows} rows, the manifest says {shard['rows']}"
+    """What is wrong with one shard, or None: the checks every stage makes on its input
+    (existence, size, sha256, rows), then each count of the manifest and every id's range."""
+    problem = shard_problem(path, shard, stage, checksum=True)
+    if problem or stage == "clean":
+        return problem
+    table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
     facts = {name: _column_facts(table.column(name)) for name in ARROW_STAGES[stage]}
     if stage == "tokenize":
         tokens, sentences, _ = facts["sentences"]
@@ -86,15 +75,22 @@ def verify_shard(path: Path, shard: dict, stage: str, vocab_size: int | None) ->
 def verify(config: VerifyConfig) -> dict:
     manifest = load_manifest(config.directory, ("clean", "tokenize", "mask"))
     stage = manifest["stage"]
-    vocab_size = manifest.get("vocab", {}).get("size")
+    vocab = manifest.get("vocab")
+    if vocab is not None:  # the ids mean nothing without the exact vocab they were made with
+        vocab_path = config.directory / VOCAB_FILE
+        if not vocab_path.is_file():
+            raise UserError(f"{vocab_path} is missing; re-run the {stage} stage")
+        if file_sha256(vocab_path) != vocab["sha256"]:
+            raise UserError(f"{vocab_path} differs from the vocab the manifest records (sha256 "
+                            f"{vocab['sha256'][:16]}…); re-run the {stage} stage")
     for shard in manifest["shards"]:
         path = config.directory / shard["file"]
-        problem = verify_shard(path, shard, stage, vocab_size)
+        problem = verify_shard(path, shard, stage, None if vocab is None else vocab["size"])
         if problem:
             raise UserError(f"{path} {problem}; re-run the {stage} stage")
-    rows = sum(shard.get("rows", shard.get("documents", 0)) for shard in manifest["shards"])
-    print(f"verify: {config.directory}: {len(manifest['shards'])} {stage} shards, {rows} rows, all match the manifest",
-          file=sys.stderr)
+    rows = sum(shard[ROW_FIELD[stage]] for shard in manifest["shards"])
+    print(f"verify: {config.directory}: {len(manifest['shards'])} {stage} shards, {rows} rows"
+          + (", vocab.txt" if vocab is not None else "") + ", all match the manifest", file=sys.stderr)
     return manifest
 
 

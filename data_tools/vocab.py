@@ -7,6 +7,7 @@ exported tokenizer treat a built vocab and Google's the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -14,9 +15,17 @@ from pathlib import Path
 from typing import Iterator
 
 from data_tools.cli import config_to_dict, option, required, run_stage
-from data_tools.common import UserError, write_json_atomic, write_text_atomic
+from data_tools.common import UserError, file_sha256, write_json_atomic
+from data_tools.outputs import (
+    check_apart,
+    check_replaceable_file,
+    overwrite_option,
+    read_json_object,
+    staged_file,
+)
 from data_tools.shards import load_manifest, shard_paths
 
+REPORT_FILE = "build-vocab.json"
 GOOGLE_LAYOUT_HEAD = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -30,11 +39,19 @@ class BuildVocabConfig:
     min_frequency: int = option(2, "Minimum count of a word piece to enter the vocab.")
     limit_alphabet: int = option(8_000, "Most distinct single characters kept (Chinese needs thousands).")
     do_lower_case: bool = option(True, "Lower-case and strip accents before counting, as BertTokenizer does.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.input_dir, self.output_path = Path(self.input_dir), Path(self.output_path)
         if self.vocab_size <= len(GOOGLE_LAYOUT_HEAD):
             raise UserError(f"--vocab_size {self.vocab_size} must exceed the {len(GOOGLE_LAYOUT_HEAD)} reserved tokens")
+        if self.min_frequency < 1 or self.limit_alphabet < 1:
+            raise UserError(f"--min_frequency {self.min_frequency} and --limit_alphabet {self.limit_alphabet} must be "
+                            "at least 1")
+
+    @property
+    def report_path(self) -> Path:
+        return self.output_path.with_name(REPORT_FILE)
 
 
 def google_layout(learned_tokens: list[str], vocab_size: int) -> list[str]:
@@ -44,9 +61,21 @@ def google_layout(learned_tokens: list[str], vocab_size: int) -> list[str]:
     return tokens[:vocab_size]
 
 
-def _iter_texts(input_dir: Path) -> Iterator[str]:
-    manifest = load_manifest(input_dir, "clean")
-    for path in shard_paths(input_dir, manifest):
+def written_by_build_vocab(config: BuildVocabConfig) -> tuple[bool, bool]:
+    """Whether the existing vocab file and report are this command's earlier output: the report
+    beside the vocab records the vocab's sha256 (reports of older versions: its path)."""
+    report = read_json_object(config.report_path)
+    if report is None or report.get("stage") != "build-vocab":
+        return False, False
+    if not config.output_path.is_file():
+        return False, True
+    if "vocab_sha256" in report:
+        return report["vocab_sha256"] == file_sha256(config.output_path), True
+    return report.get("config", {}).get("output_path") == str(config.output_path), True
+
+
+def _iter_texts(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 yield json.loads(line)["text"]
@@ -55,11 +84,17 @@ def _iter_texts(input_dir: Path) -> Iterator[str]:
 def build_vocab(config: BuildVocabConfig) -> list[str]:
     from tokenizers import BertWordPieceTokenizer
 
+    check_apart(config.output_path, "--output_path", {"--input_dir": config.input_dir})
+    own_vocab, own_report = written_by_build_vocab(config)
+    check_replaceable_file(config.output_path, "--output_path", "zh-build-vocab", own_vocab, config.overwrite)
+    check_replaceable_file(config.report_path, "its report", "zh-build-vocab", own_report, config.overwrite)
+    shards = shard_paths(config.input_dir, load_manifest(config.input_dir, "clean"))  # checked before reading
+
     tokenizer = BertWordPieceTokenizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=config.do_lower_case
     )
     tokenizer.train_from_iterator(
-        _iter_texts(config.input_dir),
+        _iter_texts(shards),
         vocab_size=config.vocab_size,
         min_frequency=config.min_frequency,
         limit_alphabet=config.limit_alphabet,
@@ -68,12 +103,13 @@ def build_vocab(config: BuildVocabConfig) -> list[str]:
     )
     learned = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
     tokens = google_layout(learned, config.vocab_size)
-    config.output_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(config.output_path, "".join(f"{token}\n" for token in tokens))
-    write_json_atomic(
-        config.output_path.with_name("build-vocab.json"),
-        {"stage": "build-vocab", "config": config_to_dict(config), "size": len(tokens)},
-    )
+    text = "".join(f"{token}\n" for token in tokens)
+    with staged_file(config.output_path) as staging:
+        staging.write_text(text, encoding="utf-8")
+    write_json_atomic(config.report_path, {
+        "stage": "build-vocab", "config": config_to_dict(config), "size": len(tokens),
+        "vocab_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    })
     print(f"build-vocab: {len(tokens)} tokens -> {config.output_path}", file=sys.stderr)
     return tokens
 

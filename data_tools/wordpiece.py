@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.common import SPECIAL_TOKENS, UserError
 from data_tools.sentences import split_sentences
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_INPUT_CHARS_PER_WORD = 100
 # A private-use character (BERT deletes it as a control character, so no real token
 # comes from it) that marks sentence boundaries inside encode_document.
@@ -93,6 +93,20 @@ def load_vocab(vocab_path: Path) -> dict[str, int]:
     return vocab
 
 
+def load_encoder(vocab_path: Path, do_lower_case: bool = True, flag: str = "--vocab_path") -> "BertWordPieceEncoder":
+    """The encoder of a vocab file, every problem with the file reported in one line."""
+    vocab_path = Path(vocab_path)
+    if not vocab_path.is_file():
+        raise UserError(f"{flag} {vocab_path} is not a file; pass a BERT vocab.txt (one token per line)")
+    try:
+        return BertWordPieceEncoder(vocab_path, do_lower_case=do_lower_case)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{flag} {vocab_path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                        "pass a BERT vocab.txt") from error
+    except ValueError as error:
+        raise UserError(f"{flag} {error}") from error
+
+
 class BertWordPieceEncoder:
     """Text -> token ids, exactly as BertTokenizer(vocab, do_lower_case) without special tokens added."""
 
@@ -101,10 +115,13 @@ class BertWordPieceEncoder:
         self.vocab = load_vocab(self.vocab_path)
         self.vocab_size = max(self.vocab.values()) + 1 if self.vocab else 0
         self.do_lower_case = do_lower_case
-        if "[UNK]" not in self.vocab:
-            raise ValueError(f"{vocab_path} has no [UNK] token; it is not a BERT vocab")
+        missing = [token for token in SPECIAL_TOKENS if token not in self.vocab]
+        if missing:
+            # Without them every example would start, end and mask with [UNK] (or fail outright).
+            raise ValueError(f"{vocab_path} lacks the special token(s) {', '.join(missing)} that every BERT vocab has; "
+                             "use Google's Chinese vocab or one built by zh-build-vocab")
         self.unk_id = self.vocab["[UNK]"]
-        self.special_ids = {token: self.vocab.get(token, self.unk_id) for token in SPECIAL_TOKENS}
+        self.special_ids = {token: self.vocab[token] for token in SPECIAL_TOKENS}
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True)))
         self._char_ids = self._build_fast_char_table()
         fast_chars = "".join(re.escape(c) for c in self._char_ids if not is_cjk_codepoint(ord(c)))

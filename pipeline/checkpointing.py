@@ -6,13 +6,21 @@ directory's ``checkpoints/``::
 
     <tag>/                      DeepSpeed's files (model states, one optimizer partition per rank)
     <tag>/rng_state_rank<R>.pt  rank R's RNG streams, plain tensors (loads with weights_only=True)
-    <tag>/trainer_state.json    written last, after every rank finished: marks the tag complete
+    <tag>/trainer_state.json    written last, after every rank finished: marks the tag complete and
+                                records every file's size
     latest                      the newest complete tag, replaced atomically
+
+Loading never unpickles arbitrary objects: the trainer's own files load with
+``weights_only=True``, and DeepSpeed's files (which DeepSpeed itself loads with
+``weights_only=False``) are first opened with ``weights_only=True`` and an allow-list of the
+few DeepSpeed types they hold (:data:`DEEPSPEED_CHECKPOINT_TYPES`), so a crafted file is refused
+before DeepSpeed, the export or ``zh-to-universal`` reads it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import shutil
@@ -30,6 +38,18 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG_FILE = "model_config.json"
+# Setting it to 1 skips the allow-list check of DeepSpeed's files (for checkpoints of a DeepSpeed
+# version that stores a type the list lacks, from a source you trust).
+TRUST_ENV = "ZH_TRUST_CHECKPOINTS"
+
+
+def deepspeed_checkpoint_types() -> list[type]:
+    """The non-tensor types DeepSpeed 0.19's ZeRO-2 checkpoints pickle, besides containers and numbers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 @dataclass
@@ -99,8 +119,41 @@ def load_rng_file(path: Path) -> dict:
 # -- completeness and tag resolution ---------------------------------------------------------------
 
 
+class UnsafeCheckpointError(UserError):
+    """A checkpoint file holds a pickled object outside the allow-list: never fall back silently."""
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be loaded safely (truncated, not a torch file), or None. The file is opened
+    with ``weights_only=True`` and the DeepSpeed allow-list, memory-mapped: only its pickle is read,
+    so checking a multi-GB optimizer partition costs milliseconds. A pickled object outside the
+    allow-list raises :class:`UnsafeCheckpointError`."""
+    if os.environ.get(TRUST_ENV) == "1":
+        return None
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise UnsafeCheckpointError(
+            f"{path} holds a pickled object this trainer does not load ({reason[:160]}): refusing to "
+            f"unpickle it, since a crafted checkpoint can run code; load only checkpoints from a source you trust "
+            f"(set {TRUST_ENV}=1 to skip this check for one you do)") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        return f"has a file that cannot be read: {path.name} ({str(error).splitlines()[0][:120]})"
+    return None
+
+
+def load_checkpoint_file(path: Path) -> Any:
+    """A DeepSpeed or trainer file, unpickled with ``weights_only=True`` and the DeepSpeed allow-list."""
+    with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def checkpoint_problem(tag_dir: Path) -> str | None:
-    """What makes a checkpoint directory unusable, or None when it is complete."""
+    """What makes a checkpoint directory unusable, or None when it is complete. Checks the files,
+    not only their presence: sizes against those recorded at save time, and every torch file opens."""
     if not tag_dir.is_dir():
         return "does not exist"
     state_file = tag_dir / TRAINER_STATE
@@ -108,19 +161,39 @@ def checkpoint_problem(tag_dir: Path) -> str | None:
         return f"has no {TRAINER_STATE} (it was never completed)"
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         return f"has an unreadable {TRAINER_STATE}"
+    if not isinstance(state, dict) or any(not isinstance(state.get(key), int) for key in ("step", "consumed_samples")):
+        return f"has a {TRAINER_STATE} without integer step and consumed_samples"
+    for name, size in (state.get("files") or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"is missing {name}"
+        if path.stat().st_size != size:
+            return f"has {name} of {path.stat().st_size} bytes, {size} when it was saved (truncated or modified)"
     if state.get("universal"):
-        return None if (tag_dir / "zero").is_dir() else "is a universal checkpoint without its zero/ folder"
-    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
-        return "is missing mp_rank_00_model_states.pt"
-    partitions = len(list(tag_dir.glob("*optim_states.pt")))
-    if state.get("world_size") and partitions != state["world_size"]:
-        return f"has {partitions} optimizer partitions but was written by {state['world_size']} ranks"
-    for rank in range(state.get("world_size") or 0):  # exact resume needs every rank's RNG
-        if not (tag_dir / rng_file_name(rank)).is_file():
-            return f"is missing {rng_file_name(rank)}"
+        if not (tag_dir / "zero").is_dir():
+            return "is a universal checkpoint without its zero/ folder"
+    else:
+        if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+            return "is missing mp_rank_00_model_states.pt"
+        partitions = len(list(tag_dir.glob("*optim_states.pt")))
+        if state.get("world_size") and partitions != state["world_size"]:
+            return f"has {partitions} optimizer partitions but was written by {state['world_size']} ranks"
+        for rank in range(state.get("world_size") or 0):  # exact resume needs every rank's RNG
+            if not (tag_dir / rng_file_name(rank)).is_file():
+                return f"is missing {rng_file_name(rank)}"
+    for path in sorted(tag_dir.rglob("*.pt")):
+        problem = torch_file_problem(path)
+        if problem:
+            return problem
     return None
+
+
+def checkpoint_files(tag_dir: Path) -> dict[str, int]:
+    """Every file of a checkpoint (relative path -> bytes), recorded when it is marked complete."""
+    return {str(path.relative_to(tag_dir)): path.stat().st_size for path in sorted(tag_dir.rglob("*"))
+            if path.is_file() and path.name != TRAINER_STATE}
 
 
 def read_trainer_state(tag_dir: Path) -> dict:
@@ -174,8 +247,8 @@ def save_checkpoint(engine: Any, checkpoint_root: Path, state: TrainerState, ran
     engine.save_checkpoint(str(checkpoint_root), tag=tag, client_state={"trainer_state": saved}, save_latest=False)
     torch.save(rng_state(accelerator), checkpoint_root / tag / rng_file_name(rank))
     dist.barrier()
-    if rank == 0:
-        write_json_atomic(checkpoint_root / tag / TRAINER_STATE, saved)  # marks the tag complete
+    if rank == 0:  # marks the tag complete, with the size of every file every rank wrote
+        write_json_atomic(checkpoint_root / tag / TRAINER_STATE, {**saved, "files": checkpoint_files(checkpoint_root / tag)})
         write_text_atomic(checkpoint_root / LATEST, tag)
         tags = sorted(p.name for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep_last]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,11 +18,13 @@ import torch
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import VOCAB_FILE, UserError, write_json_atomic
+from data_tools.outputs import check_apart, check_replaceable_dir, overwrite_option, staged_dir
 from pipeline.checkpointing import (
     CHECKPOINTS,
     LATEST,
     MODEL_CONFIG_FILE,
     checkpoint_problem,
+    load_checkpoint_file,
     read_latest_tag,
     read_trainer_state,
 )
@@ -34,11 +35,13 @@ class ExportConfig:
     """Consolidate a DeepSpeed ZeRO-2 checkpoint into a HuggingFace model directory."""
 
     run_dir: Path = required("The training run's --output_dir (holds model_config.json, vocab.txt, checkpoints/).")
-    output_dir: Path = required("HF model directory to write (replaced if it exists).")
+    output_dir: Path = required("HF model directory to write; an earlier export there is replaced once the new one "
+                                "is complete, any other existing directory is refused (see --overwrite).")
     tag: str = option("", "Checkpoint tag to export (e.g. step00001000); empty = the one 'latest' points to.")
     dtype: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "Weights to write: the fp32 master weights, or those weights cast to bf16/fp16 (half the size); "
         "recorded as the dtype in config.json.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.run_dir, self.output_dir = Path(self.run_dir), Path(self.output_dir)
@@ -53,10 +56,10 @@ def universal_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         fp32 = param_dir / "fp32.pt"
         if not fp32.is_file():
             raise UserError(f"universal checkpoint {tag_dir}: {fp32} is missing; re-run zh-to-universal")
-        state_dict[param_dir.name] = torch.load(fp32, map_location="cpu", weights_only=False)["param"]
+        state_dict[param_dir.name] = load_checkpoint_file(fp32)["param"]
     model_states = tag_dir / "mp_rank_00_model_states.pt"
     if model_states.is_file():
-        module = torch.load(model_states, map_location="cpu", weights_only=False).get("module") or {}
+        module = load_checkpoint_file(model_states).get("module") or {}
         for name, tensor in module.items():  # buffers (final_logits_bias) have no optimizer state
             state_dict.setdefault(name, tensor.float())
     return state_dict
@@ -79,7 +82,11 @@ def consolidated_state_dict(checkpoint_root: Path, tag: str) -> dict[str, torch.
 
 def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load every weight; only keys the model ties to another may be absent."""
-    result = model.load_state_dict(state_dict, strict=False)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # a tensor of the wrong shape
+        details = " ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise UserError(f"{source}: weights do not fit the model ({details[:300]})") from error
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
         name for name, _ in model.named_parameters()
     }
@@ -109,15 +116,33 @@ def write_tokenizer_files(vocab_path: Path, output_dir: Path, model_max_length: 
     })
 
 
+EXPORT_INFO = "export_info.json"
+HF_FILES = {"config.json", "generation_config.json", VOCAB_FILE, "tokenizer_config.json", "special_tokens_map.json",
+            EXPORT_INFO}
+
+
+def check_hf_output(output_dir: Path, writer: str, overwrite: bool, inputs: dict[str, Path | None]) -> None:
+    """``output_dir`` may replace only an earlier HF directory written by ``writer`` (its
+    export_info.json says so) holding nothing but the files it writes."""
+    check_apart(output_dir, "--output_dir", inputs)
+
+    def is_own(info: dict) -> bool:  # exports of earlier versions carry no written_by, only their keys
+        legacy = {"zh-export": "run_dir", "zh-import-uer": "imported_from"}[writer]
+        return info.get("written_by", writer if legacy in info else None) == writer
+
+    def owns(info: dict, name: str) -> bool:
+        return name in HF_FILES or (name.startswith("model") and ".safetensors" in name)
+
+    check_replaceable_dir(output_dir, "--output_dir", writer, EXPORT_INFO, is_own, owns, overwrite)
+
+
 def write_hf_directory(model: torch.nn.Module, vocab_path: Path, output_dir: Path, info: dict) -> None:
     """The HF directory of DESIGN.md, built in a temp folder beside ``output_dir`` and renamed
     into place, so a crash never leaves a half-built model where a user expects one."""
     from transformers import GenerationConfig
 
     model_config = model.config
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir) as staging:
         model.save_pretrained(str(staging), safe_serialization=True)
         GenerationConfig(
             decoder_start_token_id=model_config.decoder_start_token_id,
@@ -128,12 +153,7 @@ def write_hf_directory(model: torch.nn.Module, vocab_path: Path, output_dir: Pat
             max_length=128,
         ).save_pretrained(str(staging))
         write_tokenizer_files(vocab_path, staging, model_config.max_position_embeddings)
-        write_json_atomic(staging / "export_info.json", info)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.replace(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json_atomic(staging / EXPORT_INFO, info)
 
 
 def export(config: ExportConfig) -> Path:
@@ -143,6 +163,7 @@ def export(config: ExportConfig) -> Path:
     for needed in (MODEL_CONFIG_FILE, VOCAB_FILE):
         if not (run_dir / needed).is_file():
             raise UserError(f"{run_dir / needed} not found: {run_dir} is not a training run directory")
+    check_hf_output(config.output_dir, "zh-export", config.overwrite, {"--run_dir": run_dir})
     checkpoint_root = run_dir / CHECKPOINTS
     tag = config.tag or read_latest_tag(checkpoint_root)
     if tag is None:
@@ -151,7 +172,11 @@ def export(config: ExportConfig) -> Path:
     if problem:
         raise UserError(f"checkpoint {checkpoint_root / tag} {problem}; export another --tag")
 
-    model_config = AutoConfig.from_pretrained(str(run_dir / MODEL_CONFIG_FILE))
+    try:
+        model_config = AutoConfig.from_pretrained(str(run_dir / MODEL_CONFIG_FILE))
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{run_dir / MODEL_CONFIG_FILE} is not a readable HF config ({error}); it was written by "
+                        "zh-train: restore it from the run") from error
     model = AutoModelForSeq2SeqLM.from_config(model_config)
     state_dict = consolidated_state_dict(checkpoint_root, tag)
     load_weights_strict(model, state_dict, str(checkpoint_root / tag))
@@ -161,7 +186,7 @@ def export(config: ExportConfig) -> Path:
 
     trainer_state = read_trainer_state(checkpoint_root / tag)
     write_hf_directory(model, run_dir / VOCAB_FILE, config.output_dir, {
-        "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"],
+        "written_by": "zh-export", "run_dir": str(run_dir), "tag": tag, "step": trainer_state["step"],
         "weights": "fp32 master weights" + ("" if config.dtype == "fp32" else f", cast to {config.dtype}"),
     })
     print(f"export: {tag} of {run_dir} -> {config.output_dir}", file=sys.stderr)

@@ -27,16 +27,14 @@ if TYPE_CHECKING:
 class ExampleShards:
     """Random access to (source_ids, target_ids) by global example index, zero-copy."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, checksum: bool = True) -> None:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory, "mask")
         # One entry per Arrow record batch: combine_chunks() would copy whole shards into memory.
         self.columns: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         row_counts = []
-        for path, shard in zip(shard_paths(self.directory, self.manifest), self.manifest["shards"]):
+        for path in shard_paths(self.directory, self.manifest, checksum):  # size, rows (and sha256) checked
             table = open_shard(path)
-            if table.num_rows != shard["rows"]:
-                raise UserError(f"{path} has {table.num_rows} rows, its manifest says {shard['rows']}; re-run mask")
             for source, target in zip(table.column("source_ids").chunks, table.column("target_ids").chunks):
                 self.columns.append((
                     source.offsets.to_numpy(), source.values.to_numpy(zero_copy_only=True),
@@ -54,6 +52,11 @@ class ExampleShards:
             np.stack([np.diff(source_offsets), np.diff(target_offsets)], axis=1)
             for source_offsets, _, target_offsets, _ in self.columns
         ]).astype(np.int32) if self.columns else np.zeros((0, 2), np.int32)
+
+    def max_lengths(self) -> tuple[int, int]:
+        """The longest source and target stored."""
+        lengths = self.lengths()
+        return (int(lengths[:, 0].max()), int(lengths[:, 1].max())) if len(lengths) else (0, 0)
 
     def example(self, index: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The stored example; stored masks do not change with the epoch."""
@@ -289,11 +292,11 @@ class OnlineMaskedExamples:
     (seed, epoch, document, chunk), so any rank, worker or resumed run rebuilds it exactly.
     """
 
-    def __init__(self, tokenized_dir: Path, mask_config: "MaskConfig") -> None:
+    def __init__(self, tokenized_dir: Path, mask_config: "MaskConfig", checksum: bool = True) -> None:
         from data_tools.mask import load_vocab_info
         from data_tools.shards import TokenizedCorpus
 
-        self.corpus = TokenizedCorpus(tokenized_dir)
+        self.corpus = TokenizedCorpus(tokenized_dir, checksum)
         self.manifest = self.corpus.manifest
         self.config = mask_config
         self.vocab = load_vocab_info(tokenized_dir, self.manifest)
@@ -323,6 +326,11 @@ class OnlineMaskedExamples:
         estimate = (self.index[:, 2] + 2).astype(np.int32)
         return np.stack([estimate, estimate], axis=1)
 
+    def max_lengths(self) -> tuple[int, int]:
+        """Bounds on the source and target lengths masking can produce with these settings."""
+        target = self.config.tgt_seq_length if self.config.target == "gsg" else self.config.seq_length
+        return self.config.seq_length, target
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -338,15 +346,16 @@ class OnlineMaskedExamples:
         return np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64)
 
 
-def load_training_data(data_dir: Path, online_mask_config: Path | None, output_dir: Path) -> Any:
-    """Stored examples (a mask stage output) or online masking (a tokenize stage output)."""
+def load_training_data(data_dir: Path, online_mask_config: Path | None, output_dir: Path, checksum: bool = True) -> Any:
+    """Stored examples (a mask stage output) or online masking (a tokenize stage output), every shard
+    checked against its manifest (sha256 too unless ``checksum`` is False)."""
     from data_tools.mask import MaskConfig
 
     stage = load_manifest(data_dir, ("mask", "tokenize"))["stage"]
     if stage == "mask":
         if online_mask_config:
             raise UserError(f"{data_dir} holds masked examples; --online_mask_config needs a tokenize output")
-        return _with_checked_vocab(ExampleShards(data_dir), data_dir)
+        return _with_checked_vocab(ExampleShards(data_dir, checksum), data_dir)
     if not online_mask_config:
         raise UserError(f"{data_dir} is a tokenized corpus: pass --online_mask_config to mask it on the fly, "
                         "or run the mask stage first")
@@ -354,11 +363,17 @@ def load_training_data(data_dir: Path, online_mask_config: Path | None, output_d
         flags = json.loads(Path(online_mask_config).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UserError(f"--online_mask_config {online_mask_config}: {error}") from error
+    if not isinstance(flags, dict):
+        raise UserError(f"--online_mask_config {online_mask_config} holds a JSON {type(flags).__name__}; it must be an "
+                        "object of mask flags, e.g. {\"preset\": \"bart_paper\", \"seq_length\": 512}")
     unknown = set(flags) - {f.name for f in dataclasses.fields(MaskConfig)} | ({"input_dir", "output_dir"} & set(flags))
     if unknown:
         raise UserError(f"{online_mask_config}: unknown or not allowed mask flags {sorted(unknown)}")
-    mask_config = MaskConfig(input_dir=data_dir, output_dir=output_dir, **flags)
-    return _with_checked_vocab(OnlineMaskedExamples(data_dir, mask_config), data_dir)
+    try:
+        mask_config = MaskConfig(input_dir=data_dir, output_dir=output_dir, **flags)
+    except UserError as error:
+        raise UserError(f"--online_mask_config {online_mask_config}: {error}") from error
+    return _with_checked_vocab(OnlineMaskedExamples(data_dir, mask_config, checksum), data_dir)
 
 
 def _with_checked_vocab(dataset: Any, data_dir: Path) -> Any:

@@ -97,12 +97,39 @@ def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix.rstrip("."), node
 
 
+# Sections the trainer reads: each must be a JSON object when present.
+DS_CONFIG_SECTIONS = ("bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "checkpoint", "gradient_clipping")
+
+
+def ds_config_problem(values: Any) -> str | None:
+    """What makes valid JSON an unusable DeepSpeed config for this trainer, or None."""
+    if not isinstance(values, dict):
+        return f"holds a JSON {type(values).__name__}, not an object"
+    for section in DS_CONFIG_SECTIONS[:-1]:
+        if section in values and not isinstance(values[section], dict):
+            return f"\"{section}\" must be an object, got {json.dumps(values[section])}"
+    if "params" in values.get("optimizer", {}) and not isinstance(values["optimizer"]["params"], dict):
+        return "\"optimizer.params\" must be an object"
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = values.get(key, "auto")
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            return f"\"{key}\" must be a positive integer or \"auto\", got {json.dumps(value)}"
+    clipping = values.get("gradient_clipping", 0)
+    if not isinstance(clipping, (int, float)) or isinstance(clipping, bool) or clipping < 0:
+        return f"\"gradient_clipping\" must be a number >= 0, got {json.dumps(clipping)}"
+    return None
+
+
 def load_ds_config(path: Path) -> tuple[dict, Path]:
     """Read a DeepSpeed config given relative to the working directory or the project."""
     for candidate in (path, PROJECT_ROOT / path):
         if candidate.is_file():
             try:
-                return json.loads(candidate.read_text(encoding="utf-8")), candidate
-            except ValueError as error:
+                values = json.loads(candidate.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as error:
                 raise UserError(f"DeepSpeed config {candidate} is not valid JSON: {error}") from error
+            problem = ds_config_problem(values)
+            if problem:
+                raise UserError(f"DeepSpeed config {candidate}: {problem}; see ds_configs/ for working ones")
+            return values, candidate
     raise UserError(f"DeepSpeed config {path} not found; pass --deepspeed_config (see ds_configs/)")

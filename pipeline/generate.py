@@ -10,10 +10,11 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable, Iterator, TextIO
 
 from data_tools.cli import option, required, run_stage
-from data_tools.common import UserError
+from data_tools.common import VOCAB_FILE, UserError
+from data_tools.outputs import check_apart, check_replaceable_file, overwrite_option, staged_file
 
 _CJK = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 _SPACE_NEXT_TO_CJK = re.compile(rf"(?<={_CJK}) +| +(?={_CJK})")
@@ -24,8 +25,9 @@ class GenerateConfig:
     """Generate text with an exported BART or PEGASUS model."""
 
     model_dir: Path = required("Exported HF model directory.")
-    input_file: str = option("-", "One input per line; '-' reads stdin.")
-    output_file: str = option("-", "Where to write one output per line; '-' writes stdout.")
+    input_file: str = option("-", "One input per line (UTF-8); '-' reads stdin.")
+    output_file: str = option("-", "Where to write one output per line, whole once every input is done; '-' writes "
+                              "stdout as it goes. An existing file is refused unless --overwrite.")
     batch_size: int = option(16, "Inputs per generate() call.")
     max_length: int = option(64, "Maximum generated tokens.")
     max_source_length: int = option(512, "Inputs are truncated to this many tokens.")
@@ -35,11 +37,19 @@ class GenerateConfig:
     top_p: float = option(1.0, "With --do_sample: nucleus sampling mass.")
     temperature: float = option(1.0, "With --do_sample: softmax temperature.")
     seed: int = option(0, "Seed for sampling.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise UserError(f"{self.model_dir} has no config.json; pass an exported model directory")
+        for name in ("batch_size", "max_length", "max_source_length", "num_beams", "temperature"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} {getattr(self, name)} must be positive")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top_k {self.top_k} must be >= 0 and --top_p {self.top_p} lie in (0, 1]")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed} must be >= 0")
 
 
 def remove_cjk_spaces(text: str) -> str:
@@ -48,10 +58,14 @@ def remove_cjk_spaces(text: str) -> str:
 
 
 def load_model(model_dir: Path):  # noqa: ANN201 - HF types
-    from transformers import AutoModelForSeq2SeqLM, BertTokenizer
+    from transformers import BertTokenizer
 
+    from pipeline.model import load_hf_model
+
+    model = load_hf_model(model_dir, "--model_dir")
+    if not (model_dir / VOCAB_FILE).is_file():
+        raise UserError(f"--model_dir {model_dir} has no {VOCAB_FILE}; pass a directory written by zh-export")
     tokenizer = BertTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
     model.eval()
     return tokenizer, model
 
@@ -80,26 +94,48 @@ def _batches(lines: Iterable[str], size: int) -> Iterable[list[str]]:
         yield batch
 
 
+def _decoded_lines(handle: BinaryIO, name: str) -> Iterator[str]:
+    """The lines of a UTF-8 byte stream; a line that is not UTF-8 stops with its number."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{name}:{number}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                            "convert the input to UTF-8") from error
+
+
 def generate(config: GenerateConfig) -> None:
     import torch
 
+    to_file = config.output_file != "-"
+    if to_file:
+        output = Path(config.output_file)
+        check_apart(output, "--output_file", {"--input_file": None if config.input_file == "-" else
+                                              Path(config.input_file), "--model_dir": config.model_dir})
+        check_replaceable_file(output, "--output_file", "zh-generate", False, config.overwrite)
     torch.manual_seed(config.seed)
     tokenizer, model = load_model(config.model_dir)
     try:
-        source = sys.stdin if config.input_file == "-" else open(config.input_file, encoding="utf-8")  # noqa: SIM115
+        source = sys.stdin.buffer if config.input_file == "-" else open(config.input_file, "rb")  # noqa: SIM115
     except OSError as error:
         raise UserError(f"cannot read --input_file {config.input_file}: {error.strerror}") from error
-    sink = sys.stdout if config.output_file == "-" else open(config.output_file, "w", encoding="utf-8")  # noqa: SIM115
+    lines = _decoded_lines(source, "stdin" if config.input_file == "-" else config.input_file)
     try:
-        for batch in _batches(source, config.batch_size):
-            for text in generate_texts(tokenizer, model, batch, config):
-                sink.write(text + "\n")
-            sink.flush()
+        if to_file:  # the file appears whole, once every input is generated
+            with staged_file(output) as staging, open(staging, "w", encoding="utf-8") as sink:
+                _generate_into(sink, tokenizer, model, lines, config)
+        else:
+            _generate_into(sys.stdout, tokenizer, model, lines, config)
     finally:
-        if source is not sys.stdin:
+        if source is not sys.stdin.buffer:
             source.close()
-        if sink is not sys.stdout:
-            sink.close()
+
+
+def _generate_into(sink: TextIO, tokenizer, model, lines: Iterable[str], config: GenerateConfig) -> None:  # noqa: ANN001
+    for batch in _batches(lines, config.batch_size):
+        for text in generate_texts(tokenizer, model, batch, config):
+            sink.write(text + "\n")
+        sink.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

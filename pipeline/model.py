@@ -107,14 +107,39 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def read_hf_config(model_dir: Path, flag: str) -> dict:
+    """The values of an HF model directory's config.json, which must be a BART or PEGASUS config."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{flag} {model_dir} has no config.json; pass an exported or published HF model directory")
+    try:
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_file} is not valid JSON ({error}); re-export the model") from error
+    if not isinstance(values, dict) or values.get("model_type") not in ("bart", "pegasus"):
+        found = values.get("model_type") if isinstance(values, dict) else type(values).__name__
+        raise UserError(f"{config_file}: model_type {found!r} is not bart or pegasus")
+    return values
+
+
+def load_hf_model(model_dir: Path, flag: str) -> nn.Module:
+    """An HF BART/PEGASUS model in fp32; a broken config or truncated weights give one line."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    read_hf_config(model_dir, flag)
+    try:
+        # fp32 whatever the saved dtype (.float(): the dtype keyword changed name across transformers versions)
+        return AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).float()
+    except Exception as error:  # transformers and safetensors raise many types here; all mean a broken directory
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{flag} {model_dir}: the model cannot be loaded ({type(error).__name__}: {first_line}); "
+                        "re-export it or check its files") from error
+
+
 def check_init_from(model_dir: Path, vocab: dict, data_dir: Path) -> None:
     """The model to continue from must use the vocab the training data was tokenized with."""
     config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"--init_from {model_dir} has no config.json; pass an exported or published HF model directory")
-    model_values = json.loads(config_file.read_text(encoding="utf-8"))
-    if model_values.get("model_type") not in ("bart", "pegasus"):
-        raise UserError(f"{config_file}: model_type {model_values.get('model_type')!r} is not bart or pegasus")
+    model_values = read_hf_config(model_dir, "--init_from")
     if model_values.get("vocab_size") != vocab["size"]:
         raise UserError(
             f"{config_file} has vocab_size {model_values.get('vocab_size')} but {data_dir} was tokenized with "

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import UserError, write_json_atomic, write_text_atomic
-from pipeline.checkpointing import CHECKPOINTS, LATEST, TRAINER_STATE, read_latest_tag, read_trainer_state
+from pipeline.checkpointing import (
+    CHECKPOINTS,
+    LATEST,
+    TRAINER_STATE,
+    checkpoint_files,
+    checkpoint_problem,
+    read_latest_tag,
+    read_trainer_state,
+)
 
 
 @dataclass(kw_only=True)
@@ -38,6 +46,9 @@ def to_universal(config: UniversalConfig) -> str:
     if tag is None:
         raise UserError(f"{root / LATEST} not found: the run has no complete checkpoint to convert")
     source = root / tag
+    problem = checkpoint_problem(source)  # also refuses files outside DeepSpeed's allow-list before they are unpickled
+    if problem:
+        raise UserError(f"checkpoint {source} {problem}; convert another --tag")
     state = read_trainer_state(source)
     if state.get("universal"):
         raise UserError(f"{source} is already a universal checkpoint")
@@ -54,7 +65,8 @@ def to_universal(config: UniversalConfig) -> str:
         raise UserError(f"ds_to_universal failed on {source}: {result.stderr.strip().splitlines()[-1:]}")
     for rng_file in source.glob("rng_state_rank*.pt"):
         shutil.copyfile(rng_file, staging / rng_file.name)
-    write_json_atomic(staging / TRAINER_STATE, {**state, "universal": True, "converted_from": tag})
+    write_json_atomic(staging / TRAINER_STATE, {**state, "universal": True, "converted_from": tag,
+                                                "files": checkpoint_files(staging)})
     shutil.rmtree(root / target_tag, ignore_errors=True)
     staging.replace(root / target_tag)
     write_text_atomic(root / LATEST, target_tag)

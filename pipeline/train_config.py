@@ -15,6 +15,7 @@ from typing import Literal
 from data_tools.cli import config_to_dict, option, required
 from data_tools.common import UserError
 
+TRAIN_CONFIG_FILE = "train_config.json"
 # Flags that define a run's data, model and data order: a run directory can only be continued with the same values.
 RUN_DEFINING_FLAGS = ("data_dir", "model_config", "micro_batch_size", "seed", "group_by_length",
                       "max_tokens_per_batch", "length_group_window")
@@ -77,6 +78,8 @@ class TrainConfig:
                                  "workspace config; slower): bitwise-reproducible GPU runs, e.g. to audit a resume.")
     allow_cpu_mixed_precision: bool = option(False, "Let a bf16/fp16 DeepSpeed config run on DeepSpeed's CPU "
                                              "accelerator (emulated, slow: for debugging only).")
+    verify_data_sha256: bool = option(True, "At start-up, check every data shard's sha256 against the manifest "
+                                      "(sizes and row counts are always checked); about a minute per 100 GB.")
     local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")
 
     def __post_init__(self) -> None:
@@ -87,22 +90,33 @@ class TrainConfig:
         if self.init_from is not None:
             self.init_from = Path(self.init_from)
         positive = ("micro_batch_size", "gradient_accumulation_steps", "total_steps", "save_checkpoint_steps",
-                    "keep_last_checkpoints", "log_every_steps", "eval_every_steps", "length_group_window")
+                    "keep_last_checkpoints", "log_every_steps", "eval_every_steps", "length_group_window",
+                    "max_skipped_steps")
         problems = [f"--{name} must be positive" for name in positive if getattr(self, name) <= 0]
         if self.eval_examples < 0 or self.max_tokens_per_batch < 0 or self.data_workers < 0:
             problems.append("--eval_examples, --max_tokens_per_batch and --data_workers must be >= 0")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             problems.append("--learning_rate must be positive, --warmup_steps >= 0, --min_lr_ratio in [0, 1]")
+        if self.weight_decay < 0 or self.peak_tflops < 0 or self.global_batch_size < 0 or self.seed < 0:
+            problems.append("--weight_decay, --peak_tflops, --global_batch_size and --seed must be >= 0")
         if problems:
             raise UserError("; ".join(problems))
 
 
 def check_resumable(config: TrainConfig) -> None:
-    """A run directory can only be continued with the flags that define its data and model."""
-    previous = config.output_dir / "train_config.json"
-    if not previous.is_file():
+    """A run directory with a checkpoint can only be continued with the flags that define its data
+    and model (without one, nothing would be resumed and the flags may change)."""
+    previous = config.output_dir / TRAIN_CONFIG_FILE
+    if not previous.is_file() or not (config.output_dir / "checkpoints" / "latest").is_file():
         return
-    old, resolved = json.loads(previous.read_text(encoding="utf-8")), config_to_dict(config)
+    try:
+        old = json.loads(previous.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{previous} is not valid JSON ({error}); it was written by zh-train: restore it, or use a "
+                        "new --output_dir") from error
+    if not isinstance(old, dict):
+        raise UserError(f"{previous} is not a JSON object; restore it, or use a new --output_dir")
+    resolved = config_to_dict(config)
     # A run directory written before a flag existed used that flag's default.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     changed = [key for key in RUN_DEFINING_FLAGS if old.get(key, defaults[key]) != resolved[key]]

@@ -19,12 +19,14 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from data_tools.cli import config_to_dict, run_stage
 from data_tools.common import VOCAB_FILE, UserError, write_json_atomic
+from data_tools.outputs import check_apart
 from pipeline.batch_loader import LoadedBatch, micro_batches
 from pipeline.checkpointing import (
     CHECKPOINTS,
@@ -49,7 +51,12 @@ from pipeline.ds_config import load_ds_config, lr_schedule, mixed_precision, res
 from pipeline.flops import peak_flops_per_device, training_flops
 from pipeline.loss import IGNORE_INDEX, seq2seq_loss
 from pipeline.metrics import MetricsLog, MetricsWindow, truncate_records
-from pipeline.train_config import TrainConfig, check_resumable
+from pipeline.train_config import TRAIN_CONFIG_FILE, TrainConfig, check_resumable
+
+DS_CONFIG_FILE = "ds_config.json"
+# Every file the trainer writes at the top of a run directory.
+RUN_FILES = (TRAIN_CONFIG_FILE, DS_CONFIG_FILE, MODEL_CONFIG_FILE, VOCAB_FILE, "data_manifest.json",
+             "metrics.jsonl", "metrics.csv", CHECKPOINTS)
 
 # -- set-up --------------------------------------------------------------------------------------
 
@@ -62,34 +69,40 @@ def train(config: TrainConfig) -> TrainerState:
     from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator, load_training_data
     from pipeline.model import check_init_from, weight_decay_groups
 
-    # Everything that can be checked before a process group exists is, so bad input fails fast on every rank.
-    dataset = load_training_data(config.data_dir, config.online_mask_config, config.output_dir)
+    # Everything that can be checked before a process group exists is, so bad input fails fast on every rank
+    # and a failed start leaves the run directory as it was.
+    check_run_dir(config)
+    dataset = load_training_data(config.data_dir, config.online_mask_config, config.output_dir,
+                                 config.verify_data_sha256)
     vocab = dataset.manifest["vocab"]
     if config.eval_examples >= len(dataset):
         raise UserError(f"--eval_examples {config.eval_examples} leaves nothing to train on ({len(dataset)} examples)")
     raw_ds_config, ds_config_path = load_ds_config(config.deepspeed_config)
     check_resumable(config)
-    ds_config = resolve_batch_sizes(config, raw_ds_config, launcher_world_size(), str(ds_config_path))
+    world_size = launcher_world_size()
+    ds_config = resolve_batch_sizes(config, raw_ds_config, world_size, str(ds_config_path))
     if config.init_from is not None:
         check_init_from(config.init_from, vocab, config.data_dir)
+    model_config = run_model_config(config, vocab)
+    check_positions(dataset, model_config, config.data_dir)
+    checkpoint_root = config.output_dir / CHECKPOINTS
+    tag = find_resume_tag(checkpoint_root)
+    saved = {} if tag is None else read_trainer_state(checkpoint_root / tag)
+    check_resume_world_size(saved, world_size, checkpoint_root / tag if tag else None, config)
     accelerator = get_accelerator()
     check_accelerator(accelerator, mixed_precision(ds_config), config.allow_cpu_mixed_precision, ds_config_path)
     warn_stale_extension_locks()
     if config.deterministic:
         use_deterministic_kernels()
+    seed_everything(config.seed)
+    model, norm_kernel = build_training_model(config, model_config, accelerator.device_name())
 
     ranks = init_distributed(accelerator)
-    model_config = run_model_config(config, vocab)
     if ranks.is_main:
         prepare_run_dir(config, dataset.manifest, model_config, ds_config)
     dist.barrier()
     check_shared_run_dir(config.output_dir, ranks)
 
-    seed_everything(config.seed)
-    model, norm_kernel = build_training_model(config, model_config, accelerator.device_name())
-    checkpoint_root = config.output_dir / CHECKPOINTS
-    tag = find_resume_tag(checkpoint_root)
-    saved = {} if tag is None else read_trainer_state(checkpoint_root / tag)
     if saved.get("universal"):
         # written by zh-to-universal: loadable on any number of ranks
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -98,6 +111,8 @@ def train(config: TrainConfig) -> TrainerState:
         lr_scheduler=lr_schedule(config), config=ds_config)
     state = TrainerState() if tag is None else load_checkpoint(engine, checkpoint_root, tag, saved, ranks.rank,
                                                                accelerator)
+    if ranks.is_main:  # only now: a start that failed earlier must not make the corrected retry look like a resume
+        write_json_atomic(config.output_dir / TRAIN_CONFIG_FILE, config_to_dict(config))
     if ranks.is_main:
         precision = mixed_precision(ds_config)
         print(f"train: {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
@@ -158,12 +173,10 @@ def run_model_config(config: TrainConfig, vocab: dict) -> Any:
 
 def build_training_model(config: TrainConfig, model_config: Any, device_type: str) -> tuple[torch.nn.Module, str]:
     """The model to train (random init or --init_from weights) and the name of its layer-norm kernel."""
-    from transformers import AutoModelForSeq2SeqLM
-
-    from pipeline.model import build_model, use_fused_layer_norm
+    from pipeline.model import build_model, load_hf_model, use_fused_layer_norm
 
     if config.init_from is not None:
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(config.init_from), torch_dtype=torch.float32)
+        model = load_hf_model(config.init_from, "--init_from")
     else:
         model = build_model(model_config)
     norm_kernel = use_fused_layer_norm(model, device_type)
@@ -173,11 +186,50 @@ def build_training_model(config: TrainConfig, model_config: Any, device_type: st
     return model, norm_kernel
 
 
+def check_run_dir(config: TrainConfig) -> None:
+    """The run directory is apart from the inputs, and either new, a run directory, or a folder holding none
+    of the files the trainer writes (say, the launcher's log): the trainer never overwrites a file it did not write."""
+    check_apart(config.output_dir, "--output_dir", {"--data_dir": config.data_dir, "--init_from": config.init_from,
+                                                    "--online_mask_config": config.online_mask_config})
+    directory = config.output_dir
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise UserError(f"--output_dir {directory} is a file; give a directory for the run")
+    if (directory / MODEL_CONFIG_FILE).is_file() and (directory / DS_CONFIG_FILE).is_file():
+        return  # written by an earlier start of this trainer
+    clashing = sorted(name for name in RUN_FILES if (directory / name).exists())
+    if clashing:
+        raise UserError(f"--output_dir {directory} is not a zh-train run directory but holds {', '.join(clashing)}, "
+                        "which the trainer would overwrite; nothing was changed: choose a new --output_dir")
+
+
+def check_positions(dataset: Any, model_config: Any, data_dir: Path) -> None:
+    """Refuse, at start-up, examples longer than the model's position table (they would crash at the first
+    batch that holds one, or hours into the run)."""
+    limit = model_config.max_position_embeddings
+    source, target = dataset.max_lengths()
+    if max(source, target) > limit:
+        raise UserError(f"{data_dir} holds examples of up to {source} source / {target} target tokens but the model's "
+                        f"max_position_embeddings is {limit}; re-run the mask stage with --seq_length/--tgt_seq_length "
+                        f"<= {limit}, or use a model config with a longer position table")
+
+
+def check_resume_world_size(saved: dict, world_size: int, tag_dir: Path | None, config: TrainConfig) -> None:
+    """A ZeRO-2 checkpoint holds one optimizer partition per rank: it loads only on as many ranks, unless
+    zh-to-universal converted it."""
+    written_by = saved.get("world_size")
+    if tag_dir is None or saved.get("universal") or not written_by or written_by == world_size:
+        return
+    raise UserError(f"{tag_dir} was written by {written_by} ranks and this run has {world_size}: ZeRO-2 optimizer "
+                    f"partitions load only on as many ranks; convert it once with `zh-to-universal --run_dir "
+                    f"{config.output_dir}`, then relaunch on any number of ranks")
+
+
 def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any, ds_config: dict) -> None:
-    """Rank 0 writes what the export and a resume need."""
+    """Rank 0 writes what the export and a resume need (train_config.json only once the start succeeded)."""
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(config.output_dir / "train_config.json", config_to_dict(config))
-    write_json_atomic(config.output_dir / "ds_config.json", ds_config)
+    write_json_atomic(config.output_dir / DS_CONFIG_FILE, ds_config)
     model_config.to_json_file(config.output_dir / MODEL_CONFIG_FILE)
     shutil.copyfile(config.data_dir / VOCAB_FILE, config.output_dir / VOCAB_FILE)
     write_json_atomic(config.output_dir / "data_manifest.json", data_manifest)

@@ -41,6 +41,7 @@ import torch
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import UserError
+from data_tools.outputs import check_apart, check_replaceable_file, overwrite_option, staged_file
 
 PACKAGED_TEMPLATE = {"bart": "bart-base", "pegasus": "pegasus-base"}
 UER_DEFAULT_MAX_POSITIONS = 1024  # max_seq_length in every UER-py bart/pegasus config
@@ -296,7 +297,8 @@ class ImportUerConfig:
     checkpoint: Path = required("UER-py model file, e.g. cluecorpussmall_pegasus_base_seq512_model.bin-250000.")
     vocab_path: Path = required("The vocab the model was trained with (UER-py: --vocab_path; Google's Chinese "
                                 "vocab for the published models).")
-    output_dir: Path = required("HF model directory to write (replaced if it exists).")
+    output_dir: Path = required("HF model directory to write; an earlier import there is replaced once the new one is "
+                                "complete, any other existing directory is refused (see --overwrite).")
     naming: Literal["auto", "2021", "2022", "2024"] = option(
         "auto", "UER-py key naming: 2021 (the published models), 2022, 2024 (UER-py since Jul 2023, "
         "TencentPretrain); auto detects it from the keys.")
@@ -313,10 +315,14 @@ class ImportUerConfig:
     rescale_layer_norm: bool = option(False, "Multiply layer-norm gammas by sqrt((H-1)/H) so HF's biased-variance "
                                       "norm approximates UER's unbiased one more closely (off: copied unchanged, as "
                                       "UER-py's converters did for the published models).")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.checkpoint, self.vocab_path, self.output_dir = (Path(self.checkpoint), Path(self.vocab_path),
                                                              Path(self.output_dir))
+        if self.heads_num < 0 or self.max_position_embeddings < 0:
+            raise UserError(f"--heads_num {self.heads_num} and --max_position_embeddings "
+                            f"{self.max_position_embeddings} must be >= 0")
 
 
 def load_uer_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -325,7 +331,9 @@ def load_uer_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle/zip errors have many types; all mean the same to a user
-        raise UserError(f"{path} is not a torch.save'd state dict ({type(error).__name__}: {error})") from error
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is not a torch.save'd state dict of tensors ({type(error).__name__}: {first_line})") \
+            from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
@@ -334,16 +342,16 @@ def load_uer_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def import_uer(config: ImportUerConfig) -> Path:
     from transformers import AutoModelForSeq2SeqLM
 
-    from data_tools.wordpiece import BertWordPieceEncoder
-    from pipeline.convert_to_hf import load_weights_strict, write_hf_directory
+    from data_tools.wordpiece import load_encoder
+    from pipeline.convert_to_hf import check_hf_output, load_weights_strict, write_hf_directory
     from pipeline.model import load_model_config
 
-    if not config.vocab_path.is_file():
-        raise UserError(f"--vocab_path {config.vocab_path} not found")
+    encoder = load_encoder(config.vocab_path)
+    check_hf_output(config.output_dir, "zh-import-uer", config.overwrite,
+                    {"--checkpoint": config.checkpoint, "--vocab_path": config.vocab_path})
     source = str(config.checkpoint)
     weights = uer_to_hf(load_uer_state_dict(config.checkpoint), source, config.naming, config.architecture,
                         config.sinusoidal_table, config.max_position_embeddings, config.rescale_layer_norm)
-    encoder = BertWordPieceEncoder(config.vocab_path)
     if len(encoder.vocab) != weights.vocab_size:
         raise UserError(f"{config.vocab_path} has {len(encoder.vocab)} tokens but {source}'s word embedding has "
                         f"{weights.vocab_size} rows; pass the vocab the model was trained with")
@@ -367,7 +375,7 @@ def import_uer(config: ImportUerConfig) -> Path:
         for stack in (model.model.encoder, model.model.decoder):
             stack.embed_tokens.weight = torch.nn.Parameter(model.model.shared.weight.detach().clone())
     write_hf_directory(model, config.vocab_path, config.output_dir, {
-        "imported_from": source, "uer_naming": weights.naming, "architecture": weights.architecture,
+        "written_by": "zh-import-uer", "imported_from": source, "uer_naming": weights.naming, "architecture": weights.architecture,
         "position_table": weights.position_table, "layer_norm": "gamma rescaled by sqrt((H-1)/H)"
         if config.rescale_layer_norm else "gamma/beta copied unchanged (UER: unbiased std + 1e-6; HF: biased "
         "variance + 1e-5 under the root)", "tied_lm_head": weights.tied_head,
@@ -383,29 +391,27 @@ class ExportUerConfig:
     """Write an HF BART/PEGASUS directory (ours or published) as a UER-py state dict."""
 
     model_dir: Path = required("HF model directory (a zh-export output or an imported/published model).")
-    output_file: Path = required("UER-py model file to write (torch.save'd state dict).")
+    output_file: Path = required("UER-py model file to write (torch.save'd state dict); an existing file is refused "
+                                 "unless --overwrite.")
     naming: Literal["2021", "2022", "2024"] = option(
         "2021", "UER-py key naming to write: 2021 matches the scripts the published models were fine-tuned with.")
+    overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.model_dir, self.output_file = Path(self.model_dir), Path(self.output_file)
 
 
 def export_uer(config: ExportUerConfig) -> Path:
-    from transformers import AutoModelForSeq2SeqLM
+    from pipeline.model import load_hf_model
 
-    if not (config.model_dir / "config.json").is_file():
-        raise UserError(f"{config.model_dir} has no config.json; pass an HF model directory")
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(config.model_dir), torch_dtype=torch.float32)
+    check_apart(config.output_file, "--output_file", {"--model_dir": config.model_dir})
+    check_replaceable_file(config.output_file, "--output_file", "zh-export-uer", False, config.overwrite)
+    model = load_hf_model(config.model_dir, "--model_dir")
     architecture = model.config.model_type
-    if architecture not in ("bart", "pegasus"):
-        raise UserError(f"{config.model_dir}: model_type {architecture!r} is not bart or pegasus")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     uer = hf_to_uer(state, architecture, model.config.encoder_layers, model.config.decoder_layers, config.naming)
-    config.output_file.parent.mkdir(parents=True, exist_ok=True)
-    staging = config.output_file.with_name(f".{config.output_file.name}.tmp")
-    torch.save(uer, staging)
-    staging.replace(config.output_file)
+    with staged_file(config.output_file) as staging:
+        torch.save(uer, staging)
     note = ("; UER-py 2024 computes its own PEGASUS position table, which differs from this model's"
             if architecture == "pegasus" and config.naming == "2024" else "")
     print(f"export-uer: {config.model_dir} -> {config.output_file} ({len(uer)} tensors, UER-py {config.naming} "

@@ -4,6 +4,7 @@ to the newest complete one, export names what is wrong."""
 import json
 
 import pytest
+import torch
 
 from data_tools.common import UserError
 from pipeline.checkpointing import checkpoint_problem, find_resume_tag, read_latest_tag
@@ -12,10 +13,10 @@ from pipeline.checkpointing import checkpoint_problem, find_resume_tag, read_lat
 def make_checkpoint(root, tag, ranks=2, partitions=2, complete=True):
     directory = root / tag
     directory.mkdir(parents=True)
-    (directory / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    torch.save({"module": {"w": torch.zeros(2)}}, directory / "mp_rank_00_model_states.pt")
     for rank in range(partitions):
-        (directory / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x")
-        (directory / f"rng_state_rank{rank}.pt").write_bytes(b"x")
+        torch.save({"optimizer_state_dict": {}}, directory / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.save({"torch": torch.get_rng_state()}, directory / f"rng_state_rank{rank}.pt")
     if complete:
         (directory / "trainer_state.json").write_text(json.dumps({"step": 1, "consumed_samples": 8,
                                                                   "world_size": ranks}))

@@ -62,6 +62,9 @@ def test_checkpoints_are_complete_kept_and_pointed_to(chain, target):
     assert (root / "latest").read_text() == "step00000006"
     final = root / "step00000006"
     state = json.loads((final / "trainer_state.json").read_text())
+    files = state.pop("files")  # every file's size, checked before a resume or an export reads it
+    assert files == {str(p.relative_to(final)): p.stat().st_size for p in final.rglob("*")
+                     if p.is_file() and p.name != "trainer_state.json"}
     assert state == {"step": STEPS, "consumed_samples": STEPS * 4 * 2, "world_size": 2,
                      "data_position": {"epoch": 0, "micro_batches": STEPS * 2}}
     assert {p.name for p in final.glob("rng_state_rank*.pt")} == {"rng_state_rank0.pt", "rng_state_rank1.pt"}

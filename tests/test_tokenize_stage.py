@@ -49,8 +49,8 @@ def test_arrow_schema_manifest_and_datasets_compatibility(tmp_path, clean_dir, t
 
 
 def test_missing_vocab_and_wrong_input_dir_are_user_errors(tmp_path, clean_dir, tiny_vocab):
-    with pytest.raises(UserError, match="vocab .* not found"):
-        TokenizeConfig(input_dir=clean_dir, output_dir=tmp_path / "tok", vocab_path=tmp_path / "none.txt")
+    with pytest.raises(UserError, match="--vocab_path .*none.txt is not a file"):
+        tokenize(TokenizeConfig(input_dir=clean_dir, output_dir=tmp_path / "tok", vocab_path=tmp_path / "none.txt"))
     with pytest.raises(UserError, match="manifest.json not found"):
         tokenize(TokenizeConfig(input_dir=tmp_path, output_dir=tmp_path / "tok", vocab_path=tiny_vocab))
 
@@ -77,6 +77,14 @@ def test_a_bad_line_names_its_file_and_line(tmp_path, clean_dir, tiny_vocab):
     lines = shard.read_text(encoding="utf-8").splitlines()
     lines[2] = "{broken"
     shard.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = TokenizeConfig(input_dir=clean_dir, output_dir=tmp_path / "tok", vocab_path=tiny_vocab, progress=False,
+                            processes_num=2, chunk_documents=2)
+    with pytest.raises(UserError, match=r"documents-00000.jsonl has \d+ bytes, the manifest says \d+"):
+        tokenize(config)  # the edit is caught before any line is read
+    manifest_path = clean_dir / "manifest.json"  # a manifest that agrees with the edited shard: the line is named
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["shards"][0].update(sha256=file_sha256(shard), bytes=shard.stat().st_size)
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(UserError, match="documents-00000.jsonl:3: not a"):
-        tokenize(TokenizeConfig(input_dir=clean_dir, output_dir=tmp_path / "tok", vocab_path=tiny_vocab,
-                                progress=False, processes_num=2, chunk_documents=2))
+        tokenize(config)
+    assert not (tmp_path / "tok").exists()

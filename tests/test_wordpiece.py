@@ -80,7 +80,7 @@ def test_tiny_vocab_maps_unknown_characters_to_unk(tiny_vocab):
 def test_a_file_that_is_not_a_bert_vocab_is_rejected(tmp_path):
     bad = tmp_path / "vocab.txt"
     bad.write_text("a\nb\n")
-    with pytest.raises(ValueError, match="no \\[UNK\\]"):
+    with pytest.raises(ValueError, match="lacks the special token.*\\[UNK\\]"):
         BertWordPieceEncoder(bad)
 
 

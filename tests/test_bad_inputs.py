@@ -1,0 +1,995 @@
+"""Every console command against bad input and faults (issue: nothing lost, nothing
+half-written, nothing executed).
+
+Each case runs a command's ``main`` in-process and asserts: exit status 2, exactly one line on
+stderr naming the file or flag and what to do, no traceback, no partial output beside the
+output path, and every watched path (the previous complete output, the user's files, the
+inputs) byte-identical afterwards. The cases that need real multi-process DeepSpeed runs (a
+rank killed during a checkpoint write, a truncated optimizer partition) run the trainer
+under the ``deepspeed`` launcher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from data_tools import clean as clean_stage
+from data_tools import combine_slices, mask, tokenize_shards, verify, vocab
+from data_tools.clean import CleanConfig
+from data_tools.mask import MaskConfig
+from data_tools.tokenize_shards import TokenizeConfig
+from pipeline import convert_to_hf, generate, to_universal, trainer, uer_interop
+from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
+
+# -- what every case must show -----------------------------------------------------------------------
+
+
+def snapshot(path: Path) -> object:
+    """Content of a file or of every file under a directory (hidden ones included), by sha256."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Case:
+    """A command, its flags, what its one error line must say, and the paths it must leave as they were."""
+
+    main: Callable[[list[str]], int]
+    argv: list
+    says: tuple[str, ...]
+    unchanged: list[Path] = field(default_factory=list)
+    not_created: list[Path] = field(default_factory=list)
+
+
+def assert_refused(case: Case, capsys) -> str:
+    before = {path: snapshot(path) for path in case.unchanged}
+    capsys.readouterr()
+    status = case.main([str(arg) for arg in case.argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, f"exit {status}, stderr:\n{err}"
+    assert "Traceback" not in err
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    for fragment in case.says:
+        assert fragment in lines[0], f"{fragment!r} not in: {lines[0]}"
+    for path in case.unchanged:
+        assert snapshot(path) == before[path], f"{path} changed"
+    for path in case.not_created:
+        assert not path.exists(), f"{path} was created"
+    for path in [*case.unchanged, *case.not_created]:
+        leftovers = [p.name for p in path.parent.glob(f".{path.name}.*")]
+        assert not leftovers, f"partial output left beside {path}: {leftovers}"
+    return lines[0]
+
+
+# -- inputs: one real chain, copied by each case that damages it ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, clue_lines_file, google_vocab) -> Path:
+    """raw/ (300 CLUE lines), clean/, tok/ (Google's vocab), mask/ (BART, seq 64). Cases copy, never modify."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "raw").mkdir()
+    lines = clue_lines_file.read_text(encoding="utf-8").splitlines()[:300]
+    (root / "raw" / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert clean_stage.main(["--input_paths", str(root / "raw"), "--output_dir", str(root / "clean"),
+                             "--no-progress", "--documents_per_shard", "150"]) == 0
+    assert tokenize_shards.main(["--input_dir", str(root / "clean"), "--output_dir", str(root / "tok"),
+                                 "--vocab_path", str(google_vocab), "--no-progress"]) == 0
+    assert mask.main(["--input_dir", str(root / "tok"), "--output_dir", str(root / "mask"), "--target", "bart",
+                      "--seq_length", "64", "--no-progress"]) == 0
+    return root
+
+
+@pytest.fixture()
+def work(chain, tmp_path) -> Callable[[str], Path]:
+    """A private copy of one of the chain's directories."""
+
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        if not target.exists():
+            shutil.copytree(chain / name, target)
+        return target
+
+    return copy
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    value = json.loads(path.read_text(encoding="utf-8"))
+    change(value)
+    path.write_text(json.dumps(value), encoding="utf-8")
+
+
+def user_folder(path: Path) -> Path:
+    """A folder of the user's own files, which no command may touch."""
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("my notes\n", encoding="utf-8")
+    (path / "data.bin").write_bytes(os.urandom(64))
+    return path
+
+
+def bad_vocab(path: Path, tokens: list[str]) -> Path:
+    path.write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+    return path
+
+
+# -- the cases: data stages ------------------------------------------------------------------------
+
+CASES: dict[str, Callable[[Path, Callable[[str], Path], Path], Case]] = {}
+
+
+def case(function: Callable) -> Callable:
+    CASES[function.__name__] = function
+    return function
+
+
+def clean_case(argv: list, *says: str, **paths) -> Case:
+    return Case(clean_stage.main, [*argv, "--no-progress"], says, **paths)
+
+
+@case
+def clean_missing_input(chain, work, tmp):
+    return clean_case(["--input_paths", tmp / "nope.txt", "--output_dir", tmp / "out"], "nope.txt", "does not exist",
+                      not_created=[tmp / "out"])
+
+
+@case
+def clean_zst_that_is_not_zstd(chain, work, tmp):
+    (tmp / "corpus.zst").write_text("plain text, not zstd\n", encoding="utf-8")
+    return clean_case(["--input_paths", tmp / "corpus.zst", "--output_dir", tmp / "out"], "corpus.zst",
+                      "cannot be read", not_created=[tmp / "out"])
+
+
+@case
+def clean_gz_that_is_not_gzip(chain, work, tmp):
+    (tmp / "corpus.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    return clean_case(["--input_paths", tmp / "corpus.gz", "--output_dir", tmp / "out"], "corpus.gz",
+                      "cannot be read", not_created=[tmp / "out"])
+
+
+@case
+def clean_into_its_own_input(chain, work, tmp):
+    documents = work("clean")
+    return clean_case(["--input_paths", documents, "--output_dir", documents], "is the input --input_paths",
+                      unchanged=[documents])
+
+
+@case
+def clean_output_inside_input(chain, work, tmp):
+    raw = work("raw")
+    return clean_case(["--input_paths", raw, "--output_dir", raw / "clean"], "lies inside the input",
+                      unchanged=[raw])
+
+
+@case
+def clean_output_containing_input(chain, work, tmp):
+    raw = work("raw")
+    return clean_case(["--input_paths", raw / "corpus.txt", "--output_dir", raw], "contains the input",
+                      unchanged=[raw])
+
+
+@case
+def clean_over_a_folder_of_user_files(chain, work, tmp):
+    folder = user_folder(tmp / "mine")
+    return clean_case(["--input_paths", work("raw"), "--output_dir", folder], "not an earlier output of the clean stage",
+                      "--overwrite", unchanged=[folder])
+
+
+@case
+def clean_over_its_output_holding_a_user_file(chain, work, tmp):
+    documents = work("clean")
+    (documents / "notes.txt").write_text("mine\n", encoding="utf-8")
+    return clean_case(["--input_paths", work("raw"), "--output_dir", documents], "holds notes.txt",
+                      unchanged=[documents])
+
+
+@case
+def clean_output_is_a_file(chain, work, tmp):
+    (tmp / "out").write_text("x", encoding="utf-8")
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out"], "is a file",
+                      unchanged=[tmp / "out"])
+
+
+@case
+def clean_negative_min_chars(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--min_chars", "-1"],
+                      "--min_chars", not_created=[tmp / "out"])
+
+
+@case
+def clean_cjk_ratio_above_one(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--min_cjk_ratio", "2"],
+                      "--min_cjk_ratio 2.0 must lie in [0, 1]", not_created=[tmp / "out"])
+
+
+@case
+def clean_slice_out_of_range(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--num_slices", "2",
+                       "--slice_index", "3"], "--slice_index 3", not_created=[tmp / "out"])
+
+
+@case
+def clean_near_dedup_threshold_above_one(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--near_dedup_threshold", "1.5"],
+                      "--near_dedup_threshold", not_created=[tmp / "out"])
+
+
+@case
+def clean_rerun_dropping_everything_keeps_the_previous_output(chain, work, tmp):
+    documents = work("clean")
+    return clean_case(["--input_paths", work("raw"), "--output_dir", documents, "--min_chars", "100000",
+                       "--max_chars", "100000"], "every document was dropped", "nothing was written",
+                      unchanged=[documents])
+
+
+@case
+def clean_rerun_on_empty_input_keeps_the_previous_output(chain, work, tmp):
+    (tmp / "empty.txt").write_text("", encoding="utf-8")
+    documents = work("clean")
+    return clean_case(["--input_paths", tmp / "empty.txt", "--output_dir", documents], "the input is empty",
+                      unchanged=[documents])
+
+
+@case
+def combine_into_one_of_its_slices(chain, work, tmp):
+    documents = work("clean")
+    return Case(combine_slices.main, ["--input_dirs", documents, "--output_dir", documents],
+                ("is the input --input_dirs",), unchanged=[documents])
+
+
+@case
+def combine_a_slice_with_a_manifest_missing_counts(chain, work, tmp):
+    documents = work("clean")
+    edit_json(documents / "manifest.json", lambda m: m.pop("counts"))
+    return Case(combine_slices.main, ["--input_dirs", documents, "--output_dir", tmp / "out"],
+                ("manifest.json", "'counts'", "re-run the clean stage"), not_created=[tmp / "out"])
+
+
+@case
+def combine_a_slice_with_a_truncated_shard(chain, work, tmp):
+    documents = work("clean")
+    shard = documents / "documents-00001.jsonl"
+    shard.write_bytes(shard.read_bytes()[:100])
+    return Case(combine_slices.main, ["--input_dirs", documents, "--output_dir", tmp / "out"],
+                ("documents-00001.jsonl has 100 bytes", "re-run the clean stage"), not_created=[tmp / "out"])
+
+
+@case
+def combine_shard_count_above_zero(chain, work, tmp):
+    return Case(combine_slices.main, ["--input_dirs", work("clean"), "--output_dir", tmp / "out",
+                                      "--documents_per_shard", "0"], ("--documents_per_shard 0",),
+                not_created=[tmp / "out"])
+
+
+@case
+def build_vocab_output_is_a_directory(chain, work, tmp):
+    folder = user_folder(tmp / "vocabs")
+    return Case(vocab.main, ["--input_dir", work("clean"), "--output_path", folder], ("is a directory",),
+                unchanged=[folder])
+
+
+@case
+def build_vocab_over_a_user_vocab(chain, work, tmp):
+    mine = bad_vocab(tmp / "vocab.txt", ["[PAD]", "[UNK]", "mine"])
+    return Case(vocab.main, ["--input_dir", work("clean"), "--output_path", mine],
+                ("was not written by zh-build-vocab", "--overwrite"), unchanged=[mine])
+
+
+@case
+def build_vocab_inside_its_input(chain, work, tmp):
+    documents = work("clean")
+    return Case(vocab.main, ["--input_dir", documents, "--output_path", documents / "vocab.txt"],
+                ("lies inside the input --input_dir",), unchanged=[documents])
+
+
+@case
+def build_vocab_smaller_than_the_reserved_tokens(chain, work, tmp):
+    return Case(vocab.main, ["--input_dir", work("clean"), "--output_path", tmp / "v.txt", "--vocab_size", "10"],
+                ("--vocab_size 10",), not_created=[tmp / "v.txt"])
+
+
+@case
+def build_vocab_from_a_tokenize_output(chain, work, tmp):
+    return Case(vocab.main, ["--input_dir", work("tok"), "--output_path", tmp / "v.txt"],
+                ("written by stage 'tokenize', expected clean",), not_created=[tmp / "v.txt"])
+
+
+def tokenize_case(argv: list, *says: str, **paths) -> Case:
+    return Case(tokenize_shards.main, [*argv, "--no-progress"], says, **paths)
+
+
+@case
+def tokenize_vocab_without_mask_token(chain, work, tmp):
+    vocab_file = bad_vocab(tmp / "vocab.txt", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "的", "是"])
+    return tokenize_case(["--input_dir", work("clean"), "--output_dir", tmp / "out", "--vocab_path", vocab_file],
+                         "lacks the special token(s) [MASK]", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_vocab_is_a_directory(chain, work, tmp):
+    return tokenize_case(["--input_dir", work("clean"), "--output_dir", tmp / "out", "--vocab_path", tmp],
+                         "is not a file", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_vocab_not_utf8(chain, work, tmp):
+    (tmp / "vocab.txt").write_bytes(b"[PAD]\n[UNK]\n\xff\xfe\n")
+    return tokenize_case(["--input_dir", work("clean"), "--output_dir", tmp / "out", "--vocab_path",
+                                tmp / "vocab.txt"], "is not UTF-8", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_vocab_that_does_not_cover_the_corpus_keeps_the_previous_output(chain, work, tmp):
+    vocab_file = bad_vocab(tmp / "vocab.txt", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "的", "是"])
+    tokenized = work("tok")
+    return tokenize_case(["--input_dir", work("clean"), "--output_dir", tokenized, "--vocab_path", vocab_file,
+                                "--overwrite"], "are [UNK]", "--max_unk_ratio", unchanged=[tokenized])
+
+
+@case
+def tokenize_shard_cut_at_a_line_boundary(chain, work, tmp):
+    documents = work("clean")
+    shard = documents / "documents-00000.jsonl"
+    lines = shard.read_text(encoding="utf-8").splitlines(keepends=True)
+    shard.write_text("".join(lines[: len(lines) // 2]), encoding="utf-8")
+    return tokenize_case(["--input_dir", documents, "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "documents-00000.jsonl has", "bytes, the manifest says",
+                         not_created=[tmp / "out"])
+
+
+@case
+def tokenize_manifest_with_edited_counts(chain, work, tmp):
+    documents = work("clean")
+    edit_json(documents / "manifest.json", lambda m: m["shards"][0].update(documents=7))
+    return tokenize_case(["--input_dir", documents, "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "documents-00000.jsonl has 150 documents, the manifest "
+                         "says 7", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_manifest_with_edited_total(chain, work, tmp):
+    documents = work("clean")
+    edit_json(documents / "manifest.json", lambda m: m["counts"].update(documents_kept=5))
+    return tokenize_case(["--input_dir", documents, "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "its manifest counts 5 kept", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_manifest_that_is_a_list(chain, work, tmp):
+    documents = work("clean")
+    (documents / "manifest.json").write_text("[1, 2]", encoding="utf-8")
+    return tokenize_case(["--input_dir", documents, "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "holds a JSON list", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_manifest_without_shards(chain, work, tmp):
+    documents = work("clean")
+    edit_json(documents / "manifest.json", lambda m: m.pop("shards"))
+    return tokenize_case(["--input_dir", documents, "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "field 'shards' is missing", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_manifest_naming_a_file_outside(chain, work, tmp):
+    documents = work("clean")
+    edit_json(documents / "manifest.json", lambda m: m["shards"][0].update(file="../../etc/passwd"))
+    return tokenize_case(["--input_dir", documents, "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "is not a file name inside the directory",
+                         not_created=[tmp / "out"])
+
+
+@case
+def tokenize_manifest_not_json(chain, work, tmp):
+    documents = work("clean")
+    (documents / "manifest.json").write_text("{not json", encoding="utf-8")
+    return tokenize_case(["--input_dir", documents, "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "is not valid JSON", not_created=[tmp / "out"])
+
+
+@case
+def tokenize_into_its_input(chain, work, tmp):
+    documents = work("clean")
+    return tokenize_case(["--input_dir", documents, "--output_dir", documents, "--vocab_path",
+                                chain / "tok" / "vocab.txt"], "is the input --input_dir", unchanged=[documents])
+
+
+@case
+def tokenize_output_holding_the_vocab(chain, work, tmp):
+    tokenized = work("tok")
+    return tokenize_case(["--input_dir", work("clean"), "--output_dir", tokenized, "--vocab_path",
+                                tokenized / "vocab.txt"], "contains the input --vocab_path", unchanged=[tokenized])
+
+
+@case
+def tokenize_unk_ratio_out_of_range(chain, work, tmp):
+    return tokenize_case(["--input_dir", work("clean"), "--output_dir", tmp / "out", "--vocab_path",
+                                chain / "tok" / "vocab.txt", "--max_unk_ratio", "2"], "--max_unk_ratio 2.0",
+                         not_created=[tmp / "out"])
+
+
+def mask_case(work, tmp, *flags: str, says: tuple[str, ...], output: Path | None = None, input_dir: Path | None = None,
+              unchanged: list[Path] | None = None) -> Case:
+    output = output or tmp / "out"
+    argv = ["--input_dir", input_dir or work("tok"), "--output_dir", output, "--target", "bart", "--no-progress", *flags]
+    return Case(mask.main, argv, says, unchanged=unchanged or [], not_created=[] if unchanged else [output])
+
+
+@case
+def mask_permute_ratio_five(chain, work, tmp):
+    return mask_case(work, tmp, "--permute_sentence_ratio", "5", says=("--permute_sentence_ratio 5.0 must lie in [0, 1]",))
+
+
+@case
+def mask_geometric_p_zero(chain, work, tmp):
+    return mask_case(work, tmp, "--geometric_p", "0", says=("--geometric_p 0.0 must lie in (0, 1]",))
+
+
+@case
+def mask_ratio_zero(chain, work, tmp):
+    return mask_case(work, tmp, "--mask_ratio", "0", says=("--mask_ratio 0.0 must lie strictly between 0 and 1",))
+
+
+@case
+def mask_negative_random_ratio(chain, work, tmp):
+    return mask_case(work, tmp, "--random_ratio", "-0.1", says=("--random_ratio -0.1 must lie in [0, 1]",))
+
+
+@case
+def mask_absurd_seq_length(chain, work, tmp):
+    return mask_case(work, tmp, "--seq_length", "10000000", says=("--seq_length 10000000 must lie in [8, 65536]",))
+
+
+@case
+def mask_negative_seed(chain, work, tmp):
+    return mask_case(work, tmp, "--seed", "-1", says=("--seed -1 must be >= 0",))
+
+
+@case
+def mask_replace_length_two(chain, work, tmp):
+    return mask_case(work, tmp, "--replace_length", "2", says=("--replace_length 2 must be -1, 0 or 1",))
+
+
+@case
+def mask_with_a_modified_vocab(chain, work, tmp):
+    tokenized = work("tok")
+    with open(tokenized / "vocab.txt", "a", encoding="utf-8") as handle:
+        handle.write("extra\n")
+    return mask_case(work, tmp, input_dir=tokenized, says=("vocab.txt is missing or differs from the vocab",))
+
+
+@case
+def mask_with_a_flipped_byte_in_a_shard(chain, work, tmp):
+    tokenized = work("tok")
+    shard = tokenized / "tokenized-00000.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return mask_case(work, tmp, input_dir=tokenized, says=("tokenized-00000.arrow sha256", "re-run the tokenize stage"))
+
+
+@case
+def mask_manifest_without_mask_id(chain, work, tmp):
+    tokenized = work("tok")
+    edit_json(tokenized / "manifest.json", lambda m: m["vocab"]["special_token_ids"].pop("[MASK]"))
+    return mask_case(work, tmp, input_dir=tokenized, says=("vocab.special_token_ids must give the id",))
+
+
+@case
+def mask_over_a_folder_of_user_files(chain, work, tmp):
+    folder = user_folder(tmp / "mine")
+    return mask_case(work, tmp, output=folder, unchanged=[folder], says=("not an earlier output of the mask stage",))
+
+
+@case
+def mask_over_a_tokenize_output(chain, work, tmp):
+    tokenized = work("tok")
+    other = tmp / "tok-copy"
+    shutil.copytree(tokenized, other)
+    return mask_case(work, tmp, output=other, unchanged=[other], says=("not an earlier output of the mask stage",))
+
+
+@case
+def verify_a_modified_vocab(chain, work, tmp):
+    tokenized = work("tok")
+    (tokenized / "vocab.txt").write_text("[PAD]\n", encoding="utf-8")
+    return Case(verify.main, ["--directory", tokenized], ("vocab.txt differs from the vocab the manifest records",))
+
+
+@case
+def verify_a_directory_without_manifest(chain, work, tmp):
+    return Case(verify.main, ["--directory", user_folder(tmp / "mine")], ("manifest.json not found",))
+
+
+def run_online_config(tmp: Path, payload: str) -> Path:
+    path = tmp / "online.json"
+    path.write_text(payload, encoding="utf-8")
+    return path
+
+
+def train_case(work, tmp, *flags, says: tuple[str, ...], data: Path | None = None, output: Path | None = None,
+               unchanged: list[Path] | None = None) -> Case:
+    output = output or tmp / "run"
+    argv = ["--data_dir", data or work("mask"), "--output_dir", output, "--deepspeed_config",
+            PROJECT_ROOT / "ds_configs" / "cpu_zero2.json", "--model_config", "bart-tiny", "--no-progress", *flags]
+    return Case(trainer.main, argv, says, unchanged=unchanged or [], not_created=[] if unchanged else [output])
+
+
+@case
+def train_online_mask_config_that_is_a_list(chain, work, tmp):
+    return train_case(work, tmp, "--online_mask_config", run_online_config(tmp, "[1]"), data=work("tok"),
+                      says=("holds a JSON list", "object of mask flags"))
+
+
+@case
+def train_online_mask_config_with_a_string_length(chain, work, tmp):
+    return train_case(work, tmp, "--online_mask_config",
+                      run_online_config(tmp, '{"target": "bart", "seq_length": "64"}'), data=work("tok"),
+                      says=("online.json", "seq_length must be int, got '64'"))
+
+
+@case
+def train_online_mask_config_with_a_ratio_of_five(chain, work, tmp):
+    return train_case(work, tmp, "--online_mask_config",
+                      run_online_config(tmp, '{"target": "bart", "permute_sentence_ratio": 5}'), data=work("tok"),
+                      says=("online.json", "--permute_sentence_ratio 5 must lie in [0, 1]"))
+
+
+@case
+def train_deepspeed_config_that_is_a_list(chain, work, tmp):
+    (tmp / "ds.json").write_text("[]", encoding="utf-8")
+    return train_case(work, tmp, "--deepspeed_config", tmp / "ds.json", says=("ds.json", "holds a JSON list"))
+
+
+@case
+def train_deepspeed_config_with_bf16_true(chain, work, tmp):
+    (tmp / "ds.json").write_text('{"bf16": true}', encoding="utf-8")
+    return train_case(work, tmp, "--deepspeed_config", tmp / "ds.json", says=('"bf16" must be an object',))
+
+
+@case
+def train_deepspeed_config_with_a_string_batch(chain, work, tmp):
+    (tmp / "ds.json").write_text('{"train_batch_size": "32"}', encoding="utf-8")
+    return train_case(work, tmp, "--deepspeed_config", tmp / "ds.json",
+                      says=('"train_batch_size" must be a positive integer',))
+
+
+@case
+def train_init_from_a_broken_config(chain, work, tmp):
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text("{broken", encoding="utf-8")
+    return train_case(work, tmp, "--init_from", tmp / "model", says=("config.json is not valid JSON",))
+
+
+@case
+def train_examples_longer_than_the_position_table(chain, work, tmp):
+    values = json.loads((PROJECT_ROOT / "pipeline" / "model_configs" / "bart-tiny.json").read_text())
+    values["max_position_embeddings"] = 32
+    (tmp / "short.json").write_text(json.dumps(values), encoding="utf-8")
+    return train_case(work, tmp, "--model_config", tmp / "short.json",
+                      says=("max_position_embeddings is 32", "re-run the mask stage"))
+
+
+@case
+def train_into_its_data_dir(chain, work, tmp):
+    examples = work("mask")
+    return train_case(work, tmp, data=examples, output=examples, unchanged=[examples], says=("is the input --data_dir",))
+
+
+@case
+def train_into_a_folder_that_is_not_a_run(chain, work, tmp):
+    folder = user_folder(tmp / "vocabs")
+    shutil.copyfile(chain / "tok" / "vocab.txt", folder / "vocab.txt")
+    return train_case(work, tmp, output=folder, unchanged=[folder], says=("not a zh-train run directory",
+                                                                          "vocab.txt"))
+
+
+@case
+def train_on_a_truncated_shard(chain, work, tmp):
+    examples = work("mask")
+    shard = examples / "examples-00000.arrow"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    return train_case(work, tmp, data=examples, says=("examples-00000.arrow has", "re-run the mask stage"))
+
+
+@case
+def train_eval_examples_negative(chain, work, tmp):
+    return train_case(work, tmp, "--eval_examples", "-1", says=("--eval_examples",))
+
+
+# -- generate / export-uer / import-uer on a tiny model of the chain's vocab (no training needed) --------
+
+
+@pytest.fixture(scope="module")
+def tiny_export(chain, tmp_path_factory) -> Path:
+    """An HF directory as zh-export writes it: bart-tiny, random weights, the chain's vocab."""
+    from pipeline.convert_to_hf import write_hf_directory
+    from pipeline.model import build_model, load_model_config
+
+    manifest = json.loads((chain / "tok" / "manifest.json").read_text())
+    model = build_model(load_model_config("bart-tiny", manifest["vocab"]["size"],
+                                          manifest["vocab"]["special_token_ids"]))
+    output = tmp_path_factory.mktemp("tiny-export") / "export"
+    write_hf_directory(model, chain / "tok" / "vocab.txt", output, {"written_by": "zh-export", "run_dir": "none"})
+    return output
+
+
+MODEL_CASES: dict[str, Callable] = {}
+
+
+def model_case(function: Callable) -> Callable:
+    MODEL_CASES[function.__name__] = function
+    return function
+
+
+def copy_model(tiny_export: Path, tmp: Path) -> Path:
+    target = tmp / "model"
+    if not target.exists():
+        shutil.copytree(tiny_export, target)
+    return target
+
+
+def generate_case(model: Path, *flags, says: tuple[str, ...], **paths) -> Case:
+    return Case(generate.main, ["--model_dir", model, *flags], says, **paths)
+
+
+@model_case
+def generate_zero_beams(tiny_export, tmp):
+    return generate_case(tiny_export, "--num_beams", "0", says=("--num_beams 0 must be positive",))
+
+
+@model_case
+def generate_top_p_zero(tiny_export, tmp):
+    return generate_case(tiny_export, "--top_p", "0", says=("--top_p 0.0",))
+
+
+@model_case
+def generate_invalid_utf8_input(tiny_export, tmp):
+    (tmp / "in.txt").write_bytes("第一行\n".encode() + b"\xff\xfe bad\n")
+    return generate_case(tiny_export, "--input_file", tmp / "in.txt", "--output_file", tmp / "out.txt",
+                         says=("in.txt:2: not UTF-8",), not_created=[tmp / "out.txt"])
+
+
+@model_case
+def generate_output_is_the_input(tiny_export, tmp):
+    (tmp / "in.txt").write_text("内容丰富。\n", encoding="utf-8")
+    return generate_case(tiny_export, "--input_file", tmp / "in.txt", "--output_file", tmp / "in.txt",
+                         says=("is the input --input_file",), unchanged=[tmp / "in.txt"])
+
+
+@model_case
+def generate_over_an_existing_file(tiny_export, tmp):
+    (tmp / "in.txt").write_text("内容丰富。\n", encoding="utf-8")
+    (tmp / "out.txt").write_text("my earlier results\n", encoding="utf-8")
+    return generate_case(tiny_export, "--input_file", tmp / "in.txt", "--output_file", tmp / "out.txt",
+                         says=("exists and was not written by zh-generate", "--overwrite"),
+                         unchanged=[tmp / "out.txt"])
+
+
+@model_case
+def generate_output_is_a_directory(tiny_export, tmp):
+    folder = user_folder(tmp / "mine")
+    return generate_case(tiny_export, "--output_file", folder, says=("is a directory",), unchanged=[folder])
+
+
+@model_case
+def generate_with_truncated_weights(tiny_export, tmp):
+    model = copy_model(tiny_export, tmp)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return generate_case(model, says=("the model cannot be loaded",))
+
+
+@model_case
+def generate_without_a_vocab(tiny_export, tmp):
+    model = copy_model(tiny_export, tmp)
+    (model / "vocab.txt").unlink()
+    return generate_case(model, says=("has no vocab.txt",))
+
+
+@model_case
+def export_uer_over_an_existing_file(tiny_export, tmp):
+    (tmp / "model.bin").write_bytes(b"my file")
+    return Case(uer_interop.export_main, ["--model_dir", tiny_export, "--output_file", tmp / "model.bin"],
+                ("exists and was not written by zh-export-uer",), unchanged=[tmp / "model.bin"])
+
+
+@model_case
+def export_uer_output_is_a_directory(tiny_export, tmp):
+    folder = user_folder(tmp / "mine")
+    return Case(uer_interop.export_main, ["--model_dir", tiny_export, "--output_file", folder],
+                ("is a directory",), unchanged=[folder])
+
+
+@model_case
+def export_uer_from_a_broken_config(tiny_export, tmp):
+    model = copy_model(tiny_export, tmp)
+    (model / "config.json").write_text('{"model_type": "gpt2"}', encoding="utf-8")
+    return Case(uer_interop.export_main, ["--model_dir", model, "--output_file", tmp / "m.bin"],
+                ("model_type 'gpt2' is not bart or pegasus",), not_created=[tmp / "m.bin"])
+
+
+def uer_file(tiny_export: Path, tmp: Path, change: Callable[[dict], None] | None = None) -> Path:
+    """The tiny model as a UER-py state dict (2021 naming), optionally damaged."""
+    assert uer_interop.export_main(["--model_dir", str(tiny_export), "--output_file", str(tmp / "uer.bin")]) == 0
+    if change is not None:
+        state = torch.load(tmp / "uer.bin", weights_only=True)
+        change(state)
+        torch.save(state, tmp / "uer.bin")
+    return tmp / "uer.bin"
+
+
+@model_case
+def import_uer_tensor_of_the_wrong_shape(tiny_export, tmp):
+    def widen(state: dict) -> None:
+        key = "encoder.transformer.0.feed_forward.linear_1.weight"
+        state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+
+    checkpoint = uer_file(tiny_export, tmp, widen)
+    return Case(uer_interop.import_main, ["--checkpoint", checkpoint, "--vocab_path", tiny_export / "vocab.txt",
+                                          "--output_dir", tmp / "out"], ("uer.bin", "weights do not fit the model"),
+                not_created=[tmp / "out"])
+
+
+@model_case
+def import_uer_over_a_folder_of_user_files(tiny_export, tmp):
+    folder = user_folder(tmp / "mine")
+    return Case(uer_interop.import_main, ["--checkpoint", uer_file(tiny_export, tmp), "--vocab_path",
+                                          tiny_export / "vocab.txt", "--output_dir", folder],
+                ("not an earlier output of zh-import-uer",), unchanged=[folder])
+
+
+@model_case
+def import_uer_with_a_vocab_lacking_specials(tiny_export, tmp):
+    vocab_file = bad_vocab(tmp / "v.txt", ["[PAD]", "[UNK]", "a"])
+    return Case(uer_interop.import_main, ["--checkpoint", tmp / "nope.bin", "--vocab_path", vocab_file,
+                                          "--output_dir", tmp / "out"], ("lacks the special token(s) [CLS]",),
+                not_created=[tmp / "out"])
+
+
+@model_case
+def import_uer_file_that_is_not_torch(tiny_export, tmp):
+    (tmp / "uer.bin").write_bytes(b"not a torch file")
+    return Case(uer_interop.import_main, ["--checkpoint", tmp / "uer.bin", "--vocab_path", tiny_export / "vocab.txt",
+                                          "--output_dir", tmp / "out"], ("is not a torch.save'd state dict",),
+                not_created=[tmp / "out"])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_data_stages_and_trainer_start_refuse_bad_input(name, chain, work, tmp_path, capsys):
+    tmp = tmp_path / "case"
+    tmp.mkdir()
+    assert_refused(CASES[name](chain, work, tmp), capsys)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CASES))
+def test_model_commands_refuse_bad_input(name, tiny_export, tmp_path, capsys):
+    assert_refused(MODEL_CASES[name](tiny_export, tmp_path), capsys)
+
+
+# -- re-running into one's own output is not refused, and replaces it whole ------------------------------
+
+
+def test_rerunning_each_stage_into_its_own_output_replaces_it(chain, work, tmp_path, google_vocab):
+    documents, tokenized = work("clean"), work("tok")
+    (tmp_path / "clean" / "documents-00000.jsonl").write_text("stale\n", encoding="utf-8")  # replaced, not kept
+    assert clean_stage.main(["--input_paths", str(work("raw")), "--output_dir", str(documents), "--no-progress",
+                             "--documents_per_shard", "150"]) == 0
+    shards = {name: digest for name, digest in snapshot(documents).items() if name != "manifest.json"}
+    assert shards == {name: digest for name, digest in snapshot(chain / "clean").items() if name != "manifest.json"}
+    assert tokenize_shards.main(["--input_dir", str(documents), "--output_dir", str(tokenized), "--vocab_path",
+                                 str(google_vocab), "--no-progress"]) == 0
+    assert mask.main(["--input_dir", str(tokenized), "--output_dir", str(work("mask")), "--target", "bart",
+                      "--seq_length", "64", "--no-progress"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_generate_writes_into_a_missing_directory_and_overwrite_replaces(tiny_export, tmp_path):
+    (tmp_path / "in.txt").write_text("内容丰富。\n", encoding="utf-8")
+    output = tmp_path / "new" / "dir" / "out.txt"
+    argv = ["--model_dir", str(tiny_export), "--input_file", str(tmp_path / "in.txt"), "--output_file", str(output),
+            "--max_length", "8"]
+    assert generate.main(argv) == 0
+    assert len(output.read_text(encoding="utf-8").splitlines()) == 1
+    output.write_text("older\n", encoding="utf-8")
+    assert generate.main([*argv, "--overwrite"]) == 0
+    assert output.read_text(encoding="utf-8") != "older\n"
+
+
+def test_build_vocab_replaces_only_its_own_vocab(chain, work, tmp_path):
+    argv = ["--input_dir", str(work("clean")), "--output_path", str(tmp_path / "v" / "vocab.txt"), "--vocab_size",
+            "3000"]
+    assert vocab.main(argv) == 0
+    assert vocab.main(argv) == 0  # its own earlier output: replaced
+    (tmp_path / "v" / "vocab.txt").write_text("[PAD]\n[UNK]\n", encoding="utf-8")  # edited by the user: refused
+    assert vocab.main(argv) == 2
+
+
+def test_a_config_built_in_python_gets_the_same_errors_as_the_cli(tmp_path):
+    from data_tools.common import UserError
+
+    with pytest.raises(UserError, match="--geometric_p 0 must lie in"):
+        MaskConfig(input_dir=tmp_path, output_dir=tmp_path / "o", target="bart", geometric_p=0)
+    with pytest.raises(UserError, match="seq_length must be int"):
+        MaskConfig(input_dir=tmp_path, output_dir=tmp_path / "o", target="bart", seq_length=64.0)
+    with pytest.raises(UserError, match="--max_unk_ratio"):
+        TokenizeConfig(input_dir=tmp_path, output_dir=tmp_path / "o", vocab_path=tmp_path, max_unk_ratio=-1)
+    with pytest.raises(UserError, match="--min_cjk_ratio"):
+        CleanConfig(input_paths=[tmp_path], output_dir=tmp_path / "o", min_cjk_ratio=-0.5)
+
+
+# -- checkpoints: real 2-rank DeepSpeed runs -----------------------------------------------------------
+
+
+def train_command(examples: Path, run_dir: Path, port: int, steps: int, script: str = "pipeline/trainer.py"):
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(PROJECT_ROOT / script),
+            "--data_dir", str(examples), "--output_dir", str(run_dir), "--model_config", "bart-tiny",
+            "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"), "--total_steps", str(steps),
+            "--micro_batch_size", "4", "--save_checkpoint_steps", "2", "--log_every_steps", "1",
+            "--keep_last_checkpoints", "5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def faulted_run(chain, tmp_path_factory) -> Path:
+    """A 2-rank run whose rank 1 was SIGKILLed while writing its second checkpoint (step 4), then
+    relaunched with the same command to step 6."""
+    import subprocess
+
+    run_dir = tmp_path_factory.mktemp("faulted") / "run"
+    env = {**deepspeed_env(), "ZH_FAULT_KILL_AT_SAVE": "2"}
+    killed = subprocess.run(train_command(chain / "mask", run_dir, 29811, 6, "tests/checkpoint_fault.py"),
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert killed.returncode != 0 and "killed during checkpoint 2" in killed.stdout + killed.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step00000002"  # the half-written step 4 is not pointed to
+    assert not (checkpoints / "step00000004" / "trainer_state.json").exists()
+    resumed = run_command(train_command(chain / "mask", run_dir, 29812, 6))
+    assert "resuming from step00000002 (step 2)" in resumed.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_rank_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(faulted_run):
+    checkpoints = faulted_run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step00000006"
+    steps = [json.loads(line)["step"] for line in (faulted_run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the steps after step 2 were trained again, their old records dropped
+    from pipeline.checkpointing import checkpoint_problem
+
+    assert checkpoint_problem(checkpoints / "step00000004") is None  # rewritten whole by the relaunch
+
+
+@pytest.mark.slow
+def test_a_truncated_optimizer_partition_falls_back_to_the_previous_checkpoint(chain, faulted_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(faulted_run, run_dir)
+    partition = run_dir / "checkpoints" / "step00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    partition.write_bytes(partition.read_bytes()[: partition.stat().st_size // 2])
+    resumed = run_command(train_command(chain / "mask", run_dir, 29813, 8))
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt of" in resumed.stderr
+    assert "resuming from the previous complete checkpoint step00000004" in resumed.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008"
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted_copy(faulted_run: Path, tmp: Path, file_name: str, record_size: bool) -> tuple[Path, Path]:
+    """A copy of the run whose latest checkpoint file ``file_name`` runs code when unpickled; with
+    ``record_size`` the trainer state is edited to match, as an attacker would."""
+    run_dir = tmp / "run"
+    shutil.copytree(faulted_run, run_dir)
+    marker = tmp / "code-ran"
+    tag_dir = run_dir / "checkpoints" / "step00000006"
+    torch.save({"payload": _RunsCode(marker)}, tag_dir / file_name)
+    if record_size:
+        edit_json(tag_dir / "trainer_state.json",
+                  lambda state: state["files"].update({file_name: (tag_dir / file_name).stat().st_size}))
+    return run_dir, marker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file_name", ["rng_state_rank0.pt", "mp_rank_00_model_states.pt",
+                                       "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_crafted_checkpoint_file_is_never_unpickled(faulted_run, chain, tmp_path, capsys, file_name):
+    run_dir, marker = crafted_copy(faulted_run, tmp_path, file_name, record_size=True)
+    train = train_case(lambda name: chain / name, tmp_path, data=chain / "mask", output=run_dir, unchanged=[run_dir],
+                       says=(file_name, "refusing to unpickle it", "ZH_TRUST_CHECKPOINTS"))
+    train.argv += ["--total_steps", "8", "--micro_batch_size", "4", "--save_checkpoint_steps", "2"]
+    for command in (train,
+                    Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", tmp_path / "export"],
+                         (file_name, "refusing to unpickle it"), unchanged=[run_dir],
+                         not_created=[tmp_path / "export"]),
+                    Case(to_universal.main, ["--run_dir", run_dir], (file_name, "refusing to unpickle it"),
+                         unchanged=[run_dir])):
+        assert_refused(command, capsys)
+        assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_crafted_file_of_another_size_is_an_incomplete_checkpoint(faulted_run, tmp_path, capsys):
+    run_dir, marker = crafted_copy(faulted_run, tmp_path, "mp_rank_00_model_states.pt", record_size=False)
+    assert_refused(Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", tmp_path / "export"],
+                        ("mp_rank_00_model_states.pt of", "when it was saved"), unchanged=[run_dir],
+                        not_created=[tmp_path / "export"]), capsys)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_export_never_replaces_the_run_or_a_user_folder(faulted_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(faulted_run, run_dir)
+    folder = user_folder(tmp_path / "mine")
+    cases = [
+        Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", run_dir], ("is the input --run_dir",),
+             unchanged=[run_dir]),
+        Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", folder], ("not an earlier output of zh-export",),
+             unchanged=[run_dir, folder]),
+        Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", tmp_path], ("contains the input --run_dir",),
+             unchanged=[run_dir]),
+        Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", tmp_path / "e", "--tag", "step00000099"],
+             ("step00000099 does not exist",), not_created=[tmp_path / "e"]),
+    ]
+    for command in cases:
+        assert_refused(command, capsys)
+    (run_dir / "model_config.json").write_text("{broken", encoding="utf-8")
+    assert_refused(Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", tmp_path / "e"],
+                        ("model_config.json is not a readable HF config",), not_created=[tmp_path / "e"]), capsys)
+
+
+@pytest.mark.slow
+def test_resuming_a_two_rank_checkpoint_on_one_rank_points_at_zh_to_universal(faulted_run, chain, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(faulted_run, run_dir)
+    train = train_case(lambda name: chain / name, tmp_path, data=chain / "mask", output=run_dir, unchanged=[run_dir],
+                       says=("written by 2 ranks and this run has 1", "zh-to-universal --run_dir"))
+    train.argv += ["--total_steps", "8", "--micro_batch_size", "4", "--save_checkpoint_steps", "2"]
+    assert_refused(train, capsys)
+
+
+@pytest.mark.slow
+def test_a_run_directory_without_a_checkpoint_takes_new_flags(chain, tmp_path):
+    """What a start that failed before its first checkpoint leaves (configs, no checkpoint) does not
+    make the corrected retry look like a mismatched resume; train_config.json is written only once
+    the start succeeded."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("model_config.json", "ds_config.json"):
+        (run_dir / name).write_text("{}", encoding="utf-8")
+    (run_dir / "train_config.json").write_text(json.dumps({"data_dir": "elsewhere", "micro_batch_size": 64}),
+                                               encoding="utf-8")
+    command = ["python", str(PROJECT_ROOT / "pipeline" / "trainer.py"), *train_command(chain / "mask", run_dir, 0, 2)[6:]]
+    retry = run_command(command)
+    assert "fresh start" in retry.stderr
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    assert saved["micro_batch_size"] == 4 and saved["data_dir"] == str(chain / "mask")
+
+
+def test_init_from_truncated_weights_is_refused_before_training_starts(chain, tiny_export, tmp_path, capsys):
+    model = copy_model(tiny_export, tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    train = train_case(lambda name: chain / name, tmp_path, "--init_from", model, data=chain / "mask",
+                       says=("--init_from", "the model cannot be loaded"))
+    assert_refused(train, capsys)
