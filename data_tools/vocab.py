@@ -89,6 +89,16 @@ def build_vocab(config: BuildVocabConfig) -> list[str]:
     check_replaceable_file(config.output_path, "--output_path", "zh-build-vocab", own_vocab, config.overwrite)
     check_replaceable_file(config.report_path, "its report", "zh-build-vocab", own_report, config.overwrite)
     shards = shard_paths(config.input_dir, load_manifest(config.input_dir, "clean"))  # checked before reading
+    input_manifest_sha256 = file_sha256(config.input_dir / "manifest.json")
+    settings = {k: v for k, v in config_to_dict(config).items() if k != "overwrite"}
+    report = read_json_object(config.report_path) or {}
+    if own_vocab and not config.overwrite and report.get("input_manifest_sha256") == input_manifest_sha256 and \
+            {k: v for k, v in report.get("config", {}).items() if k != "overwrite"} == settings:
+        # The WordPiece trainer breaks ties between equally frequent pieces differently from run to run, so a
+        # rebuilt vocab would differ and orphan every corpus tokenized with this one: keep it.
+        print(f"build-vocab: {config.output_path} is up to date (built from the same clean output with the same "
+              "flags); pass --overwrite to build it again", file=sys.stderr)
+        return config.output_path.read_text(encoding="utf-8").splitlines()
 
     tokenizer = BertWordPieceTokenizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=config.do_lower_case
@@ -109,6 +119,7 @@ def build_vocab(config: BuildVocabConfig) -> list[str]:
     write_json_atomic(config.report_path, {
         "stage": "build-vocab", "config": config_to_dict(config), "size": len(tokens),
         "vocab_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "input_manifest_sha256": input_manifest_sha256,
     })
     print(f"build-vocab: {len(tokens)} tokens -> {config.output_path}", file=sys.stderr)
     return tokens

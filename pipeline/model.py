@@ -136,6 +136,17 @@ def load_hf_model(model_dir: Path, flag: str) -> nn.Module:
                         "re-export it or check its files") from error
 
 
+def check_positions(max_lengths: tuple[int, int], model_config: Any, data_dir: Path) -> None:
+    """Refuse examples longer than the model's position table at start-up (they would crash at the
+    first batch that holds one, possibly hours into a run)."""
+    limit = model_config.max_position_embeddings
+    source, target = max_lengths
+    if max(source, target) > limit:
+        raise UserError(f"{data_dir} holds examples of up to {source} source / {target} target tokens but the model's "
+                        f"max_position_embeddings is {limit}; re-run the mask stage with --seq_length/--tgt_seq_length "
+                        f"<= {limit}, or use a model config with a longer position table")
+
+
 def check_init_from(model_dir: Path, vocab: dict, data_dir: Path) -> None:
     """The model to continue from must use the vocab the training data was tokenized with."""
     config_file = model_dir / "config.json"

@@ -54,9 +54,10 @@ from pipeline.metrics import MetricsLog, MetricsWindow, truncate_records
 from pipeline.train_config import TRAIN_CONFIG_FILE, TrainConfig, check_resumable
 
 DS_CONFIG_FILE = "ds_config.json"
+DATA_MANIFEST_FILE = "data_manifest.json"
 # Every file the trainer writes at the top of a run directory.
-RUN_FILES = (TRAIN_CONFIG_FILE, DS_CONFIG_FILE, MODEL_CONFIG_FILE, VOCAB_FILE, "data_manifest.json",
-             "metrics.jsonl", "metrics.csv", CHECKPOINTS)
+RUN_FILES = (TRAIN_CONFIG_FILE, DS_CONFIG_FILE, MODEL_CONFIG_FILE, VOCAB_FILE, DATA_MANIFEST_FILE,
+             "metrics.jsonl", "metrics.csv", "tensorboard", "loss.png", CHECKPOINTS)
 
 # -- set-up --------------------------------------------------------------------------------------
 
@@ -67,7 +68,7 @@ def train(config: TrainConfig) -> TrainerState:
     from deepspeed.accelerator import get_accelerator
 
     from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator, load_training_data
-    from pipeline.model import check_init_from, weight_decay_groups
+    from pipeline.model import check_init_from, check_positions, weight_decay_groups
 
     # Everything that can be checked before a process group exists is, so bad input fails fast on every rank
     # and a failed start leaves the run directory as it was.
@@ -84,10 +85,12 @@ def train(config: TrainConfig) -> TrainerState:
     if config.init_from is not None:
         check_init_from(config.init_from, vocab, config.data_dir)
     model_config = run_model_config(config, vocab)
-    check_positions(dataset, model_config, config.data_dir)
+    check_positions(dataset.max_lengths(), model_config, config.data_dir)
     checkpoint_root = config.output_dir / CHECKPOINTS
     tag = find_resume_tag(checkpoint_root)
     saved = {} if tag is None else read_trainer_state(checkpoint_root / tag)
+    if tag is not None:
+        check_same_data(config, dataset.manifest)
     check_resume_world_size(saved, world_size, checkpoint_root / tag if tag else None, config)
     accelerator = get_accelerator()
     check_accelerator(accelerator, mixed_precision(ds_config), config.allow_cpu_mixed_precision, ds_config_path)
@@ -99,7 +102,7 @@ def train(config: TrainConfig) -> TrainerState:
 
     ranks = init_distributed(accelerator)
     if ranks.is_main:
-        prepare_run_dir(config, dataset.manifest, model_config, ds_config)
+        prepare_run_dir(config, dataset.manifest, model_config, ds_config, resuming=tag is not None)
     dist.barrier()
     check_shared_run_dir(config.output_dir, ranks)
 
@@ -204,17 +207,6 @@ def check_run_dir(config: TrainConfig) -> None:
                         "which the trainer would overwrite; nothing was changed: choose a new --output_dir")
 
 
-def check_positions(dataset: Any, model_config: Any, data_dir: Path) -> None:
-    """Refuse, at start-up, examples longer than the model's position table (they would crash at the first
-    batch that holds one, or hours into the run)."""
-    limit = model_config.max_position_embeddings
-    source, target = dataset.max_lengths()
-    if max(source, target) > limit:
-        raise UserError(f"{data_dir} holds examples of up to {source} source / {target} target tokens but the model's "
-                        f"max_position_embeddings is {limit}; re-run the mask stage with --seq_length/--tgt_seq_length "
-                        f"<= {limit}, or use a model config with a longer position table")
-
-
 def check_resume_world_size(saved: dict, world_size: int, tag_dir: Path | None, config: TrainConfig) -> None:
     """A ZeRO-2 checkpoint holds one optimizer partition per rank: it loads only on as many ranks, unless
     zh-to-universal converted it."""
@@ -226,13 +218,37 @@ def check_resume_world_size(saved: dict, world_size: int, tag_dir: Path | None, 
                     f"{config.output_dir}`, then relaunch on any number of ranks")
 
 
-def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any, ds_config: dict) -> None:
-    """Rank 0 writes what the export and a resume need (train_config.json only once the start succeeded)."""
+def check_same_data(config: TrainConfig, manifest: dict) -> None:
+    """A run resumes only on the data it was trained on: same vocab, same shards (a regenerated corpus
+    with another vocab would not even load; one with other examples would not resume exactly)."""
+    recorded = config.output_dir / DATA_MANIFEST_FILE
+    if not recorded.is_file():
+        return
+    try:
+        before = json.loads(recorded.read_text(encoding="utf-8"))
+        same_vocab = before["vocab"]["sha256"] == manifest["vocab"]["sha256"]
+        same_shards = [s["sha256"] for s in before["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{recorded} is not the data manifest zh-train wrote ({error!r}); restore it, or use a new "
+                        "--output_dir") from error
+    if not same_vocab or not same_shards:
+        what = "vocab" if not same_vocab else "examples (shard checksums)"
+        raise UserError(f"{config.data_dir} is not the data {config.output_dir} was trained on: its {what} differ "
+                        f"from {recorded}; resume with the original data, or start a new --output_dir (--init_from "
+                        "an export of this run to continue from its weights)")
+
+
+def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any, ds_config: dict,
+                    resuming: bool) -> None:
+    """Rank 0 writes what the export and a resume need (train_config.json only once the start succeeded).
+    A resumed run keeps the model config, vocab and data manifest its checkpoints were trained with."""
     config.output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config.output_dir / DS_CONFIG_FILE, ds_config)
+    if resuming and all((config.output_dir / name).is_file() for name in (MODEL_CONFIG_FILE, VOCAB_FILE)):
+        return
     model_config.to_json_file(config.output_dir / MODEL_CONFIG_FILE)
     shutil.copyfile(config.data_dir / VOCAB_FILE, config.output_dir / VOCAB_FILE)
-    write_json_atomic(config.output_dir / "data_manifest.json", data_manifest)
+    write_json_atomic(config.output_dir / DATA_MANIFEST_FILE, data_manifest)
 
 
 def device_name(accelerator: Any) -> str | None:

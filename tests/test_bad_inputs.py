@@ -812,9 +812,14 @@ def test_generate_writes_into_a_missing_directory_and_overwrite_replaces(tiny_ex
 def test_build_vocab_replaces_only_its_own_vocab(chain, work, tmp_path):
     argv = ["--input_dir", str(work("clean")), "--output_path", str(tmp_path / "v" / "vocab.txt"), "--vocab_size",
             "3000"]
+    built = tmp_path / "v" / "vocab.txt"
     assert vocab.main(argv) == 0
-    assert vocab.main(argv) == 0  # its own earlier output: replaced
-    (tmp_path / "v" / "vocab.txt").write_text("[PAD]\n[UNK]\n", encoding="utf-8")  # edited by the user: refused
+    first = built.read_bytes()
+    assert vocab.main(argv) == 0  # same input and flags: kept as it is (the trainer breaks ties differently)
+    assert built.read_bytes() == first
+    assert vocab.main([*argv[:-1], "2900"]) == 0  # other flags: its own earlier output is replaced
+    assert len(built.read_text(encoding="utf-8").splitlines()) <= 2900
+    built.write_text("[PAD]\n[UNK]\n", encoding="utf-8")  # edited by the user: refused
     assert vocab.main(argv) == 2
 
 
@@ -992,4 +997,18 @@ def test_init_from_truncated_weights_is_refused_before_training_starts(chain, ti
     weights.write_bytes(weights.read_bytes()[:2000])
     train = train_case(lambda name: chain / name, tmp_path, "--init_from", model, data=chain / "mask",
                        says=("--init_from", "the model cannot be loaded"))
+    assert_refused(train, capsys)
+
+
+@pytest.mark.slow
+def test_resuming_on_other_data_is_refused_before_the_run_directory_changes(faulted_run, chain, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(faulted_run, run_dir)
+    remasked = tmp_path / "remasked"  # the same corpus masked again with another seed: other examples
+    assert mask.main(["--input_dir", str(chain / "tok"), "--output_dir", str(remasked), "--target", "bart",
+                      "--seq_length", "64", "--seed", "8", "--no-progress"]) == 0
+    edit_json(run_dir / "train_config.json", lambda values: values.update(data_dir=str(remasked)))
+    train = train_case(lambda name: chain / name, tmp_path, data=remasked, output=run_dir, unchanged=[run_dir],
+                       says=("is not the data", "examples (shard checksums) differ"))
+    train.argv += ["--total_steps", "8", "--micro_batch_size", "4", "--save_checkpoint_steps", "2"]
     assert_refused(train, capsys)

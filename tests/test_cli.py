@@ -16,6 +16,7 @@ from data_tools.tokenize_shards import TokenizeConfig
 from data_tools.verify import VerifyConfig
 from data_tools.vocab import BuildVocabConfig
 from pipeline.convert_to_hf import ExportConfig
+from pipeline.evaluate import EvaluateConfig
 from pipeline.generate import GenerateConfig
 from pipeline.to_universal import UniversalConfig
 from pipeline.train_config import TrainConfig
@@ -23,9 +24,9 @@ from pipeline.uer_interop import ExportUerConfig, ImportUerConfig
 from tests.conftest import FIXTURES, PROJECT_ROOT, VENV_BIN, deepspeed_env
 
 CONFIGS = [CleanConfig, CombineConfig, BuildVocabConfig, TokenizeConfig, VerifyConfig, MaskConfig, TrainConfig,
-           ExportConfig, GenerateConfig, UniversalConfig, ImportUerConfig, ExportUerConfig]
+           ExportConfig, GenerateConfig, UniversalConfig, ImportUerConfig, ExportUerConfig, EvaluateConfig]
 ENTRY_POINTS = ["zh-clean", "zh-clean-combine", "zh-build-vocab", "zh-tokenize", "zh-verify", "zh-mask", "zh-train",
-                "zh-export", "zh-generate", "zh-to-universal", "zh-import-uer", "zh-export-uer"]
+                "zh-export", "zh-generate", "zh-to-universal", "zh-import-uer", "zh-export-uer", "zh-evaluate"]
 
 
 @pytest.mark.parametrize("config_cls", CONFIGS, ids=lambda c: c.__name__)
