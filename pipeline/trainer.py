@@ -160,7 +160,19 @@ def train(config: TrainConfig) -> TrainerState:
         print(f"train: no peak FLOP/s known for {device_name(accelerator)!r}: pass --peak_tflops for MFU",
               file=sys.stderr)
     fit(engine, scheduler, batches, config, state, ranks, metrics, eval_batches if config.eval_examples else None, peak)
+    if ranks.is_main:
+        write_loss_plot(config)
     return state
+
+
+def write_loss_plot(config: TrainConfig) -> None:
+    """loss.png in the run directory, or one line saying why not (the run itself succeeded)."""
+    from pipeline.plot import PLOT_FILE, plot_run
+
+    try:
+        plot_run(config.output_dir, config.output_dir / PLOT_FILE)
+    except UserError as error:
+        print(f"train: {PLOT_FILE} not written: {error}", file=sys.stderr)
 
 
 def run_model_config(config: TrainConfig, vocab: dict) -> Any:

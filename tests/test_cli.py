@@ -18,15 +18,16 @@ from data_tools.vocab import BuildVocabConfig
 from pipeline.convert_to_hf import ExportConfig
 from pipeline.evaluate import EvaluateConfig
 from pipeline.generate import GenerateConfig
+from pipeline.plot import PlotConfig
 from pipeline.to_universal import UniversalConfig
 from pipeline.train_config import TrainConfig
 from pipeline.uer_interop import ExportUerConfig, ImportUerConfig
 from tests.conftest import FIXTURES, PROJECT_ROOT, VENV_BIN, deepspeed_env
 
 CONFIGS = [CleanConfig, CombineConfig, BuildVocabConfig, TokenizeConfig, VerifyConfig, MaskConfig, TrainConfig,
-           ExportConfig, GenerateConfig, UniversalConfig, ImportUerConfig, ExportUerConfig, EvaluateConfig]
+           ExportConfig, GenerateConfig, UniversalConfig, ImportUerConfig, ExportUerConfig, EvaluateConfig, PlotConfig]
 ENTRY_POINTS = ["zh-clean", "zh-clean-combine", "zh-build-vocab", "zh-tokenize", "zh-verify", "zh-mask", "zh-train",
-                "zh-export", "zh-generate", "zh-to-universal", "zh-import-uer", "zh-export-uer", "zh-evaluate"]
+                "zh-export", "zh-generate", "zh-to-universal", "zh-import-uer", "zh-export-uer", "zh-evaluate", "zh-plot"]
 
 
 @pytest.mark.parametrize("config_cls", CONFIGS, ids=lambda c: c.__name__)
