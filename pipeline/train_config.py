@@ -31,8 +31,8 @@ class TrainConfig:
                                              "\"seq_length\": 512}) to mask a tokenized corpus on the fly: "
                                              "fresh masks every epoch, nothing stored.")
     output_dir: Path = required("Run directory: configs, vocab, metrics.jsonl and checkpoints/.")
-    model_config: str = option("bart-tiny", "Packaged config name (bart-tiny, bart-medium, bart-base, "
-                               "pegasus-tiny, pegasus-base) or a path to an HF config.json.")
+    model_config: str = option("bart-tiny", "Packaged config name (bart-tiny, bart-mini, bart-medium, bart-base, "
+                               "pegasus-tiny, pegasus-mini, pegasus-base) or a path to an HF config.json.")
     deepspeed_config: Path = option(Path("ds_configs/zero2_bf16.json"),
                                     "DeepSpeed JSON config; 'auto' batch sizes and optimizer values are filled in.")
     micro_batch_size: int = option(8, "Examples per rank per forward pass (UER-py: --batch_size).")
