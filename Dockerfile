@@ -95,7 +95,7 @@ COPY bin ./bin
 COPY tests ./tests
 COPY bench ./bench
 # All of setup.cfg's extras; then ds_report must still list fused_adam as installed ([YES]).
-RUN pip install -e ".[data,train,test,bench]" \
+RUN pip install -e ".[data,train,test,bench,plot]" \
     && python -c "import deepspeed, torch; print(torch.__version__, torch.version.cuda, deepspeed.__version__)" \
     && ds_report | sed -e 's/\x1b\[[0-9;]*m//g' > /tmp/ds_report.txt \
     && cat /tmp/ds_report.txt \
