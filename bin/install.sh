@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv in the project root (if missing) and installs the project with every
-# extra into it: data stages, DeepSpeed trainer, test tools, benchmark baselines. Safe to re-run.
+# extra into it: data stages, DeepSpeed trainer, test tools, benchmark baselines, the loss plot. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
