@@ -40,6 +40,7 @@ from data_tools.parallel import chunked, ordered_map
 from data_tools.shards import (
     RollingShardWriter,
     check_stage_output,
+    checked_vocab_file,
     id_type_for_vocab,
     iter_rows,
     list_array,
@@ -192,10 +193,7 @@ def mask_document(
 
 def load_vocab_info(tokenized_dir: Path, manifest: dict) -> VocabInfo:
     """The vocab facts noising needs, from the vocab.txt the tokenize stage copied (checked against its sha256)."""
-    vocab_path = Path(tokenized_dir) / VOCAB_FILE
-    if not vocab_path.is_file() or file_sha256(vocab_path) != manifest["vocab"]["sha256"]:
-        raise UserError(f"{vocab_path} is missing or differs from the vocab the corpus was tokenized with (its "
-                        "manifest's vocab.sha256); re-run the tokenize stage")
+    vocab_path = checked_vocab_file(tokenized_dir, manifest)
     special = SpecialIds.from_manifest(manifest["vocab"]["special_token_ids"])
     tokens = vocab_path.read_text(encoding="utf-8").split("\n")[: manifest["vocab"]["size"]]
     return VocabInfo.from_tokens(tokens, special)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_tools.common import SPECIAL_TOKENS, VOCAB_FILE, UserError, file_sha256
+from data_tools.outputs import check_apart, check_replaceable_dir
 
 MANIFEST = "manifest.json"
 
@@ -139,12 +140,20 @@ def manifest_problem(manifest: dict) -> str | None:
     return None
 
 
+def checked_vocab_file(directory: Path, manifest: dict) -> Path:
+    """The vocab.txt beside a tokenize or mask output, which must be the file its ids were made with
+    (the manifest's vocab.sha256)."""
+    path = Path(directory) / VOCAB_FILE
+    if not path.is_file() or file_sha256(path) != manifest["vocab"]["sha256"]:
+        raise UserError(f"{path} is missing or differs from the vocab the manifest records (sha256 "
+                        f"{manifest['vocab']['sha256'][:16]}…); re-run the {manifest['stage']} stage")
+    return path
+
+
 def check_stage_output(output_dir: Path, stage: str, shard_prefix: str, overwrite: bool,
                        inputs: dict[str, Path | Iterable[Path] | None]) -> None:
     """Before a stage starts: its output is apart from its inputs, and an existing output
     directory is an earlier output of the same stage holding only what the stage writes."""
-    from data_tools.outputs import check_apart, check_replaceable_dir
-
     check_apart(output_dir, "--output_dir", inputs)
 
     def owns(manifest: dict, name: str) -> bool:

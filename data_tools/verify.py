@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_tools.cli import required, run_stage
-from data_tools.common import VOCAB_FILE, UserError, file_sha256
-from data_tools.shards import ROW_FIELD, load_manifest, shard_problem
+from data_tools.common import UserError
+from data_tools.shards import ROW_FIELD, checked_vocab_file, load_manifest, shard_problem
 
 ARROW_STAGES = {"tokenize": ("sentences",), "mask": ("source_ids", "target_ids")}
 
@@ -77,12 +77,7 @@ def verify(config: VerifyConfig) -> dict:
     stage = manifest["stage"]
     vocab = manifest.get("vocab")
     if vocab is not None:  # the ids mean nothing without the exact vocab they were made with
-        vocab_path = config.directory / VOCAB_FILE
-        if not vocab_path.is_file():
-            raise UserError(f"{vocab_path} is missing; re-run the {stage} stage")
-        if file_sha256(vocab_path) != vocab["sha256"]:
-            raise UserError(f"{vocab_path} differs from the vocab the manifest records (sha256 "
-                            f"{vocab['sha256'][:16]}…); re-run the {stage} stage")
+        checked_vocab_file(config.directory, manifest)
     for shard in manifest["shards"]:
         path = config.directory / shard["file"]
         problem = verify_shard(path, shard, stage, None if vocab is None else vocab["size"])

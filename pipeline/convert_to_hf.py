@@ -168,7 +168,7 @@ def export(config: ExportConfig) -> Path:
     tag = config.tag or read_latest_tag(checkpoint_root)
     if tag is None:
         raise UserError(f"{checkpoint_root / LATEST} not found: the run has no complete checkpoint yet")
-    problem = checkpoint_problem(checkpoint_root / tag)
+    problem = checkpoint_problem(checkpoint_root / tag) if config.tag else None  # read_latest_tag checked latest
     if problem:
         raise UserError(f"checkpoint {checkpoint_root / tag} {problem}; export another --tag")
 

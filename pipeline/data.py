@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from data_tools.common import VOCAB_FILE, UserError, file_sha256
-from data_tools.shards import load_manifest, open_shard, shard_paths
+from data_tools.common import UserError
+from data_tools.shards import checked_vocab_file, load_manifest, open_shard, shard_paths
 from pipeline.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ class ExampleShards:
     def __init__(self, directory: Path, checksum: bool = True) -> None:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory, "mask")
+        checked_vocab_file(self.directory, self.manifest)  # the run directory copies it
         # One entry per Arrow record batch: combine_chunks() would copy whole shards into memory.
         self.columns: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         row_counts = []
@@ -355,7 +356,7 @@ def load_training_data(data_dir: Path, online_mask_config: Path | None, output_d
     if stage == "mask":
         if online_mask_config:
             raise UserError(f"{data_dir} holds masked examples; --online_mask_config needs a tokenize output")
-        return _with_checked_vocab(ExampleShards(data_dir, checksum), data_dir)
+        return ExampleShards(data_dir, checksum)
     if not online_mask_config:
         raise UserError(f"{data_dir} is a tokenized corpus: pass --online_mask_config to mask it on the fly, "
                         "or run the mask stage first")
@@ -373,12 +374,4 @@ def load_training_data(data_dir: Path, online_mask_config: Path | None, output_d
         mask_config = MaskConfig(input_dir=data_dir, output_dir=output_dir, **flags)
     except UserError as error:
         raise UserError(f"--online_mask_config {online_mask_config}: {error}") from error
-    return _with_checked_vocab(OnlineMaskedExamples(data_dir, mask_config, checksum), data_dir)
-
-
-def _with_checked_vocab(dataset: Any, data_dir: Path) -> Any:
-    """The vocab beside the data must be the one its ids were made with (the run directory copies it)."""
-    vocab_path = data_dir / VOCAB_FILE
-    if not vocab_path.is_file() or file_sha256(vocab_path) != dataset.manifest["vocab"]["sha256"]:
-        raise UserError(f"{vocab_path} is missing or differs from the vocab the examples were tokenized with")
-    return dataset
+    return OnlineMaskedExamples(data_dir, mask_config, checksum)  # its vocab is checked by load_vocab_info

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data_tools.cli import option, required, run_stage
-from data_tools.common import VOCAB_FILE, UserError, file_sha256
+from data_tools.common import UserError
 from pipeline.loss import IGNORE_INDEX, token_cross_entropy
 
 
@@ -112,17 +112,6 @@ def example_indices(total: int, config: EvaluateConfig) -> range:
     return range(0, min(total, config.limit) if config.limit else total)
 
 
-def check_same_vocab(model_dir: Path, data_manifest: dict, data_dir: Path) -> None:
-    """The model must read ids with the vocab the examples were made with."""
-    model_vocab = model_dir / VOCAB_FILE
-    if not model_vocab.is_file():
-        raise UserError(f"--model_dir {model_dir} has no {VOCAB_FILE}: cannot confirm it uses the vocab of "
-                        f"{data_dir}; copy the model's BERT vocab.txt into it")
-    if file_sha256(model_vocab) != data_manifest["vocab"]["sha256"]:
-        raise UserError(f"{model_vocab} differs from the vocab {data_dir} was tokenized with "
-                        f"({data_manifest['vocab']['source']}); evaluate on data tokenized with the model's vocab.txt")
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,10 +159,10 @@ def evaluate(config: EvaluateConfig) -> dict:
     from tqdm import tqdm
 
     from pipeline.data import Seq2SeqCollator
-    from pipeline.model import check_positions, load_hf_model
+    from pipeline.model import check_model_vocab, check_positions, load_hf_model
 
     dataset = load_examples(config)
-    check_same_vocab(config.model_dir, dataset.manifest, config.data_dir)
+    check_model_vocab(config.model_dir, dataset.manifest["vocab"], config.data_dir, "--model_dir", required=True)
     model = load_hf_model(config.model_dir, "--model_dir")
     indices = example_indices(len(dataset), config)
     check_positions(dataset.max_lengths(), model.config, config.data_dir)

@@ -156,7 +156,18 @@ def check_init_from(model_dir: Path, vocab: dict, data_dir: Path) -> None:
             f"{config_file} has vocab_size {model_values.get('vocab_size')} but {data_dir} was tokenized with "
             f"{vocab['size']} tokens ({vocab['source']}); tokenize with the model's vocab.txt"
         )
+    check_model_vocab(model_dir, vocab, data_dir, "--init_from", required=False)
+
+
+def check_model_vocab(model_dir: Path, vocab: dict, data_dir: Path, flag: str, required: bool) -> None:
+    """A model directory's vocab.txt must be the one the data was tokenized with; without one, ``required``
+    says whether that is an error (published models whose vocab_size matched may lack the file)."""
     model_vocab = model_dir / VOCAB_FILE
-    if model_vocab.is_file() and file_sha256(model_vocab) != vocab["sha256"]:
+    if not model_vocab.is_file():
+        if required:
+            raise UserError(f"{flag} {model_dir} has no {VOCAB_FILE}: cannot confirm it uses the vocab of "
+                            f"{data_dir}; copy the model's BERT vocab.txt into it")
+        return
+    if file_sha256(model_vocab) != vocab["sha256"]:
         raise UserError(f"{model_vocab} differs from the vocab {data_dir} was tokenized with ({vocab['source']}); "
                         "tokenize with the model's vocab.txt")

@@ -46,7 +46,8 @@ def to_universal(config: UniversalConfig) -> str:
     if tag is None:
         raise UserError(f"{root / LATEST} not found: the run has no complete checkpoint to convert")
     source = root / tag
-    problem = checkpoint_problem(source)  # also refuses files outside DeepSpeed's allow-list before they are unpickled
+    # also refuses files outside DeepSpeed's allow-list before they are unpickled; read_latest_tag checked latest
+    problem = checkpoint_problem(source) if config.tag else None
     if problem:
         raise UserError(f"checkpoint {source} {problem}; convert another --tag")
     state = read_trainer_state(source)

@@ -51,13 +51,14 @@ from pipeline.ds_config import load_ds_config, lr_schedule, mixed_precision, res
 from pipeline.flops import peak_flops_per_device, training_flops
 from pipeline.loss import IGNORE_INDEX, seq2seq_loss
 from pipeline.metrics import MetricsLog, MetricsWindow, truncate_records
+from pipeline.plot import PLOT_FILE, plot_run
 from pipeline.train_config import TRAIN_CONFIG_FILE, TrainConfig, check_resumable
 
 DS_CONFIG_FILE = "ds_config.json"
 DATA_MANIFEST_FILE = "data_manifest.json"
 # Every file the trainer writes at the top of a run directory.
 RUN_FILES = (TRAIN_CONFIG_FILE, DS_CONFIG_FILE, MODEL_CONFIG_FILE, VOCAB_FILE, DATA_MANIFEST_FILE,
-             "metrics.jsonl", "metrics.csv", "tensorboard", "loss.png", CHECKPOINTS)
+             "metrics.jsonl", "metrics.csv", "tensorboard", PLOT_FILE, CHECKPOINTS)
 
 # -- set-up --------------------------------------------------------------------------------------
 
@@ -114,9 +115,9 @@ def train(config: TrainConfig) -> TrainerState:
         lr_scheduler=lr_schedule(config), config=ds_config)
     state = TrainerState() if tag is None else load_checkpoint(engine, checkpoint_root, tag, saved, ranks.rank,
                                                                accelerator)
-    if ranks.is_main:  # only now: a start that failed earlier must not make the corrected retry look like a resume
-        write_json_atomic(config.output_dir / TRAIN_CONFIG_FILE, config_to_dict(config))
     if ranks.is_main:
+        # only now: a start that failed earlier must not make the corrected retry look like a resume
+        write_json_atomic(config.output_dir / TRAIN_CONFIG_FILE, config_to_dict(config))
         precision = mixed_precision(ds_config)
         print(f"train: {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
               f"ZeRO stage {engine.zero_optimization_stage()} {precision} on {ranks.world_size} x "
@@ -167,8 +168,6 @@ def train(config: TrainConfig) -> TrainerState:
 
 def write_loss_plot(config: TrainConfig) -> None:
     """loss.png in the run directory, or one line saying why not (the run itself succeeded)."""
-    from pipeline.plot import PLOT_FILE, plot_run
-
     try:
         plot_run(config.output_dir, config.output_dir / PLOT_FILE)
     except UserError as error:

@@ -506,7 +506,7 @@ def mask_over_a_tokenize_output(chain, work, tmp):
 def verify_a_modified_vocab(chain, work, tmp):
     tokenized = work("tok")
     (tokenized / "vocab.txt").write_text("[PAD]\n", encoding="utf-8")
-    return Case(verify.main, ["--directory", tokenized], ("vocab.txt differs from the vocab the manifest records",))
+    return Case(verify.main, ["--directory", tokenized], ("vocab.txt is missing or differs from the vocab the manifest records",))
 
 
 @case

@@ -91,7 +91,7 @@ def test_vocab_that_does_not_match_the_examples_is_refused(tmp_path, masked_dir)
     (data / "vocab.txt").write_text((data / "vocab.txt").read_text() + "extra\n")
     result = run_cli([sys.executable, "-m", "pipeline.trainer", "--data_dir", str(data), "--output_dir",
                       str(tmp_path / "run")])
-    assert_one_line_error(result, "vocab.txt", "differs from the vocab the examples were tokenized with")
+    assert_one_line_error(result, "vocab.txt", "is missing or differs from the vocab the manifest records")
 
 
 def test_missing_stage_output_and_unreadable_shard(tmp_path, masked_dir):
