@@ -6,9 +6,14 @@ corpus masked with a fixed seed (the trainer's epoch-0 online masks). Reported, 
 tokens of the chosen examples:
 
 - ``loss``: token-weighted cross entropy (fp32, nats per token) and its ``perplexity``;
-- ``token_accuracy``: the teacher-forced argmax equals the target token;
+- ``token_accuracy``: the teacher-forced argmax equals the target token, split into
+  ``context_token_accuracy`` over the target tokens the source still shows (inside a run of at
+  least ``CONTEXT_MIN_RUN`` tokens that source and target share, found by ``difflib``'s matching
+  blocks: BART's unmasked text) and ``infill_token_accuracy`` over the rest (masked spans, random
+  replacements, PEGASUS's removed sentences): a denoiser first learns to copy, then to fill;
 - ``unigram_loss``: the entropy of the targets' own token distribution, i.e. the loss of the best
   unigram model of these very targets: a model that does not beat it has learnt no context;
+  ``unigram_token_accuracy`` is that model's accuracy (the most frequent target token's share);
 - ``exact_match``: greedy generation reproduces the whole target, on ``--generate_examples``.
 
 The same examples and vocab give the same figures for any batch size, so runs, checkpoints and
@@ -21,6 +26,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +36,10 @@ import torch
 from data_tools.cli import option, required, run_stage
 from data_tools.common import UserError
 from pipeline.loss import IGNORE_INDEX, token_cross_entropy
+
+# Shared runs shorter than this are not context: single characters such as 的 or ， match by
+# chance between a PEGASUS target sentence and the rest of its document.
+CONTEXT_MIN_RUN = 3
 
 
 @dataclass(kw_only=True)
@@ -69,6 +79,8 @@ class Totals:
     loss_sum: float = 0.0
     tokens: int = 0
     correct: int = 0
+    context_tokens: int = 0
+    context_correct: int = 0
     examples: int = 0
     generated: int = 0
     exact: int = 0
@@ -81,7 +93,12 @@ class Totals:
             "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)),
             "token_accuracy": self.correct / max(1, self.tokens),
+            "context_tokens": self.context_tokens,
+            "context_token_accuracy": self.context_correct / self.context_tokens if self.context_tokens else None,
+            "infill_token_accuracy": ((self.correct - self.context_correct) / (self.tokens - self.context_tokens)
+                                      if self.tokens > self.context_tokens else None),
             "unigram_loss": unigram_entropy(token_counts),
+            "unigram_token_accuracy": float(token_counts.max() / token_counts.sum()) if token_counts.sum() else 0.0,
             "exact_match": self.exact / self.generated if self.generated else None,
             "generated_examples": self.generated,
         }
@@ -95,6 +112,18 @@ def unigram_entropy(token_counts: np.ndarray) -> float:
         return 0.0
     probabilities = counts / counts.sum()
     return float(-(probabilities * np.log(probabilities)).sum())
+
+
+def context_positions(source: np.ndarray, target: np.ndarray, min_run: int = CONTEXT_MIN_RUN) -> np.ndarray:
+    """Boolean mask over ``target``: True where the token lies in a run of at least ``min_run``
+    tokens that also appears, in the same order, in ``source`` (the matching blocks of a
+    longest-common-subsequence-like alignment), i.e. where the model can copy rather than infer."""
+    shown = np.zeros(len(target), dtype=bool)
+    matcher = SequenceMatcher(None, [int(t) for t in source], [int(t) for t in target], autojunk=False)
+    for block in matcher.get_matching_blocks():
+        if block.size >= min_run:
+            shown[block.b : block.b + block.size] = True
+    return shown
 
 
 def load_examples(config: EvaluateConfig) -> Any:
@@ -129,15 +158,16 @@ def batches(dataset: Any, indices: range, batch_size: int) -> Iterator[list[tupl
         yield [dataset.example(i, 0) for i in indices[start : start + batch_size]]
 
 
-def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
-    """(summed fp32 cross entropy, target tokens, tokens whose argmax is right) of one collated batch."""
+def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, torch.Tensor]:
+    """(summed fp32 cross entropy, target tokens, per-position "argmax is right" of the scored
+    positions) of one collated batch."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
     labels = batch["labels"]
     scored = labels != IGNORE_INDEX
     loss = token_cross_entropy(logits, labels, reduction="sum")
     correct = (logits.argmax(-1) == labels) & scored
-    return float(loss), int(scored.sum()), int(correct.sum())
+    return float(loss), int(scored.sum()), correct.cpu()
 
 
 def exact_matches(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], batch: dict,
@@ -178,7 +208,11 @@ def evaluate(config: EvaluateConfig) -> dict:
             loss_sum, tokens, correct = score_batch(model, batch)
             totals.loss_sum += loss_sum
             totals.tokens += tokens
-            totals.correct += correct
+            totals.correct += int(correct.sum())
+            for row, (source, target) in enumerate(examples):
+                shown = torch.from_numpy(context_positions(source, target))
+                totals.context_tokens += int(shown.sum())
+                totals.context_correct += int(correct[row, : len(target)][shown].sum())
             totals.examples += len(examples)
             for _, target in examples:
                 np.add.at(token_counts, np.asarray(target, dtype=np.int64), 1)
@@ -197,13 +231,21 @@ def evaluate(config: EvaluateConfig) -> dict:
     return report
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
 def print_table(report: dict) -> None:
     rows = [("examples", f"{report['examples']} ({report['examples_from']})"),
             ("target tokens", str(report["target_tokens"])),
             ("loss (nats/token)", f"{report['loss']:.4f}"),
             ("perplexity", f"{report['perplexity']:.2f}"),
             ("token accuracy", f"{report['token_accuracy']:.2%}"),
+            ("  on context shown in the source", percent(report["context_token_accuracy"])
+             + f" of {report['context_tokens']} tokens"),
+            ("  on the rest (infill)", percent(report["infill_token_accuracy"])),
             ("unigram loss of the targets", f"{report['unigram_loss']:.4f}"),
+            ("  its token accuracy", f"{report['unigram_token_accuracy']:.2%}"),
             ("exact match", "-" if report["exact_match"] is None else
              f"{report['exact_match']:.2%} of {report['generated_examples']} generated")]
     width = max(len(name) for name, _ in rows)

@@ -15,7 +15,7 @@ from data_tools.clean import CleanConfig, clean
 from data_tools.tokenize_shards import TokenizeConfig, tokenize
 from pipeline.convert_to_hf import write_hf_directory
 from pipeline.data import ExampleShards
-from pipeline.evaluate import EvaluateConfig, evaluate, main, unigram_entropy
+from pipeline.evaluate import EvaluateConfig, context_positions, evaluate, main, unigram_entropy
 from pipeline.model import build_model, load_model_config
 from tests.conftest import FIXTURES
 
@@ -45,8 +45,8 @@ def hand_computed(model_dir, examples):
 
     model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).eval()
     start = model.config.decoder_start_token_id
-    total = correct = 0.0
-    tokens = 0
+    total = correct = context_correct = 0.0
+    tokens = context_tokens = 0
     counts: Counter[int] = Counter()
     with torch.no_grad():
         for source, target in examples:
@@ -55,23 +55,33 @@ def hand_computed(model_dir, examples):
                            decoder_input_ids=torch.tensor([[start, *target[:-1]]])).logits[0]
             log_probs = torch.log_softmax(logits.double(), dim=-1)
             total -= sum(float(log_probs[i, t]) for i, t in enumerate(target))
-            correct += sum(int(logits[i].argmax()) == t for i, t in enumerate(target))
+            right = [int(logits[i].argmax()) == t for i, t in enumerate(target)]
+            shown = context_positions(source, target)
+            correct += sum(right)
+            context_correct += sum(r for r, s in zip(right, shown) if s)
+            context_tokens += int(shown.sum())
             tokens += len(target)
             counts.update(target)
     entropy = -sum(c / tokens * math.log(c / tokens) for c in counts.values())
-    return total / tokens, correct / tokens, entropy, tokens
+    return {"most_frequent_share": max(counts.values()) / tokens, "loss": total / tokens, "accuracy": correct / tokens, "entropy": entropy, "tokens": tokens,
+            "context_tokens": context_tokens, "context_accuracy": context_correct / context_tokens,
+            "infill_accuracy": (correct - context_correct) / (tokens - context_tokens)}
 
 
 def test_figures_equal_a_hand_computation(examples_dir, model_dir, capsys):
     report = evaluate(EvaluateConfig(model_dir=model_dir, data_dir=examples_dir, limit=5, batch_size=2,
                                      generate_examples=3, progress=False))
     dataset = ExampleShards(examples_dir)
-    loss, accuracy, entropy, tokens = hand_computed(model_dir, [dataset[i] for i in range(5)])
-    assert report["examples"] == 5 and report["target_tokens"] == tokens
-    assert report["loss"] == pytest.approx(loss, rel=1e-5)  # fp32 logits vs float64 by hand
-    assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
-    assert report["token_accuracy"] == pytest.approx(accuracy)
-    assert report["unigram_loss"] == pytest.approx(entropy, rel=1e-9)
+    hand = hand_computed(model_dir, [dataset[i] for i in range(5)])
+    assert report["examples"] == 5 and report["target_tokens"] == hand["tokens"]
+    assert report["loss"] == pytest.approx(hand["loss"], rel=1e-5)  # fp32 logits vs float64 by hand
+    assert report["perplexity"] == pytest.approx(math.exp(hand["loss"]), rel=1e-4)
+    assert report["token_accuracy"] == pytest.approx(hand["accuracy"])
+    assert 0 < report["context_tokens"] == hand["context_tokens"] < hand["tokens"]  # BART: most, not all, shown
+    assert report["context_token_accuracy"] == pytest.approx(hand["context_accuracy"])
+    assert report["infill_token_accuracy"] == pytest.approx(hand["infill_accuracy"])
+    assert report["unigram_loss"] == pytest.approx(hand["entropy"], rel=1e-9)
+    assert report["unigram_token_accuracy"] == pytest.approx(hand["most_frequent_share"])
     assert report["generated_examples"] == 3 and 0.0 <= report["exact_match"] <= 1.0
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == report  # the JSON line comes last
 
@@ -86,8 +96,21 @@ def test_figures_do_not_depend_on_the_batch_size_and_held_out_takes_the_last(exa
     total = len(ExampleShards(examples_dir))
     last = run(held_out=3, batch_size=2)
     dataset = ExampleShards(examples_dir)
-    loss, _, _, _ = hand_computed(model_dir, [dataset[i] for i in range(total - 3, total)])
-    assert last["examples_from"] == "last 3" and last["loss"] == pytest.approx(loss, rel=1e-5)
+    hand = hand_computed(model_dir, [dataset[i] for i in range(total - 3, total)])
+    assert last["examples_from"] == "last 3" and last["loss"] == pytest.approx(hand["loss"], rel=1e-5)
+
+
+def test_context_positions_are_the_target_runs_the_source_still_shows():
+    import numpy as np
+
+    mask, cls, sep = 4, 1, 2
+    target = np.array([cls, 10, 11, 12, 13, 14, 15, 16, 17, sep])
+    source = np.array([cls, 10, 11, 12, mask, 16, 17, sep])  # 13..15 masked as one span
+    assert context_positions(source, target).tolist() == [1, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+    # A random replacement splits a run; a run of two shared tokens is too short to count.
+    source = np.array([cls, 10, 99, 12, 13, 14, mask, sep])
+    assert context_positions(source, target).tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]
+    assert not context_positions(np.array([cls, 20, sep]), np.array([20, 21])).any()
 
 
 def test_unigram_entropy_of_a_known_distribution():
