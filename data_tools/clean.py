@@ -39,14 +39,18 @@ STAGE = "clean"
 class CleanConfig:
     """Normalize and filter raw Chinese text into JSONL document shards."""
 
-    input_paths: list[Path] = required("Raw corpus files or directories (plain, .gz or .zst).")
+    input_paths: list[Path] = required("Raw corpus files or directories (plain, .gz or .zst text; .parquet). In a "
+                                       "directory holding .parquet files only those are read (a dataset hub's "
+                                       "layout: its README and scripts are listed as skipped).")
     output_dir: Path = required("Directory for documents-NNNNN.jsonl shards and manifest.json.")
-    input_format: Literal["auto", "line", "uer", "jsonl"] = option(
+    input_format: Literal["auto", "line", "uer", "jsonl", "parquet"] = option(
         "auto",
         "line: one document per line; uer: one sentence per line, blank line between documents "
-        "(UER-py's format); jsonl: one JSON object per line; auto: detect per file.",
+        "(UER-py's format); jsonl: one JSON object per line; parquet: one document per row; auto: detect per "
+        "file (.parquet, .jsonl/.json, else from the first lines).",
     )
-    text_field: str = option("text", "Field holding the text in JSONL input.")
+    text_field: str = option("text", "Field (JSONL) or column (Parquet) holding the text; a null or non-string value "
+                             "is dropped and counted (null_text, non_string_text, missing_text_field).")
     unicode_normalization: Literal["NFC", "NFKC", "none"] = option(
         "NFC", "Unicode normalization form. NFKC also folds full-width punctuation (，→,)."
     )
@@ -257,16 +261,20 @@ class NearDuplicateIndex:
 
 def clean(config: CleanConfig) -> dict:
     """Run the clean stage; returns the manifest it wrote."""
-    files = expand_input_paths(config.input_paths)[config.slice_index :: config.num_slices]
+    skipped: list[Path] = []
+    files = expand_input_paths(config.input_paths, skipped)[config.slice_index :: config.num_slices]
     if not files:
         raise UserError(f"slice {config.slice_index} of {config.num_slices} has no input files; use fewer slices")
+    if skipped:
+        print(f"clean: {len(skipped)} file(s) beside .parquet files not read ({', '.join(map(str, skipped[:3]))}"
+              f"{', ...' if len(skipped) > 3 else ''}); listed in the manifest's skipped_inputs", file=sys.stderr)
     check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_paths": config.input_paths})
     with staged_dir(config.output_dir) as staging:
-        manifest = _clean_into(staging, files, config)
+        manifest = _clean_into(staging, files, config, skipped)
     return manifest
 
 
-def _clean_into(staging: Path, files: list[Path], config: CleanConfig) -> dict:
+def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: list[Path]) -> dict:
     dropped: Counter[str] = Counter()
     kept = chars_kept = 0
     kept_per_file: Counter[str] = Counter()
@@ -340,6 +348,7 @@ def _clean_into(staging: Path, files: list[Path], config: CleanConfig) -> dict:
              "documents_kept": kept_per_file[str(path)]}
             for path in files
         ],
+        "skipped_inputs": [str(path) for path in skipped],
         "shards": shards,
     }
     write_json_atomic(staging / "manifest.json", manifest)

@@ -93,6 +93,8 @@ def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: C
             "documents_with_invalid_utf8_replaced": counts["documents_with_invalid_utf8_replaced"],
         },
         "inputs": [entry for _, _, m in slices for entry in m["inputs"]],
+        # Every slice lists the same skipped files (they are found before the files are sliced).
+        "skipped_inputs": sorted({path for _, _, m in slices for path in m.get("skipped_inputs", [])}),
         "shards": shards,
     }
     write_json_atomic(staging / "manifest.json", manifest)

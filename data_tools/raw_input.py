@@ -1,7 +1,9 @@
-"""Reading raw corpora: the three input formats of DESIGN.md, plain or compressed.
+"""Reading raw corpora: the three text formats of DESIGN.md, plain or compressed, and Parquet.
 
-Files are read as bytes with a bounded ``readline`` so that one enormous line can
-never be loaded whole: it is skipped and reported as ``line_too_long``.
+Text files are read as bytes with a bounded ``readline`` so that one enormous line can
+never be loaded whole: it is skipped and reported as ``line_too_long``. Parquet files (the
+layout dataset hubs publish corpora in) are read one record batch of the text column at a
+time, so memory is bounded by a row group, whatever the file's size.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import BinaryIO, Iterator, Literal
 
 from data_tools.common import UserError
 
-InputFormat = Literal["auto", "line", "uer", "jsonl"]
+InputFormat = Literal["auto", "line", "uer", "jsonl", "parquet"]
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+PARQUET_SUFFIX = ".parquet"
+PARQUET_BATCH_ROWS = 1024  # rows of the text column decoded to Python strings at a time
 _SNIFF_LINES = 200
 
 
@@ -33,8 +37,13 @@ class RawDocument:
     num_bytes: int = 0
 
 
-def expand_input_paths(paths: list[Path]) -> list[Path]:
-    """Files named directly, plus every file under named directories, in sorted order."""
+def expand_input_paths(paths: list[Path], skipped: list[Path] | None = None) -> list[Path]:
+    """Files named directly, plus every file under named directories, in sorted order.
+
+    A directory holding ``.parquet`` files is a dataset hub's layout (``data/train-*.parquet``
+    beside ``README.md``, licences, scripts): only its Parquet files are corpus; the others are
+    appended to ``skipped`` for the caller to report, never read as text.
+    """
     files: list[Path] = []
     for path in paths:
         path = Path(path)
@@ -42,6 +51,10 @@ def expand_input_paths(paths: list[Path]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not found:
                 raise UserError(f"input directory {path} contains no files; point --input_paths at your corpus")
+            if any(p.suffix == PARQUET_SUFFIX for p in found):
+                if skipped is not None:
+                    skipped.extend(p for p in found if p.suffix != PARQUET_SUFFIX)
+                found = [p for p in found if p.suffix == PARQUET_SUFFIX]
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -109,8 +122,10 @@ def read_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | N
             yield line_number, chunk.rstrip(b"\r\n")
 
 
-def detect_format(path: Path, max_line_bytes: int) -> Literal["line", "uer", "jsonl"]:
+def detect_format(path: Path, max_line_bytes: int) -> Literal["line", "uer", "jsonl", "parquet"]:
     """Guess the format from the file name and its first lines."""
+    if path.suffix == PARQUET_SUFFIX:
+        return "parquet"
     name = path.name
     for suffix in COMPRESSED_SUFFIXES:
         name = name.removesuffix(suffix)
@@ -143,6 +158,9 @@ def iter_documents(
     """Every document of one file, including those that cannot be read (with a reason)."""
     fmt = detect_format(path, max_line_bytes) if input_format == "auto" else input_format
     source = str(path)
+    if fmt == "parquet":
+        yield from _iter_parquet_documents(path, text_field, max_line_bytes)
+        return
     if fmt == "uer":
         yield from _iter_uer_documents(path, max_line_bytes)
         return
@@ -202,3 +220,56 @@ def _iter_uer_documents(path: Path, max_line_bytes: int) -> Iterator[RawDocument
         sentences.append(text)
     if sentences or too_long:
         yield flush()
+
+
+def _iter_parquet_documents(path: Path, text_field: str, max_line_bytes: int,
+                            batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[RawDocument]:
+    """Every row of a Parquet file as a document from column ``text_field``, numbered from 1.
+
+    A null is dropped as ``null_text``; a column that does not hold strings drops every row as
+    ``non_string_text`` (the manifest counts them; a file where nothing is kept stops the stage
+    with the count); a value over ``max_line_bytes`` as ``line_too_long``, like a text line.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    source = str(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        raise UserError(f"{path}: cannot be read as Parquet ({error}); is it a .parquet file?") from error
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); "
+                        "name the text column with --text_field")
+    column_type = schema.field(text_field).type
+    if pa.types.is_dictionary(column_type):  # pandas categoricals are stored dictionary-encoded
+        column_type = column_type.value_type
+    is_text = (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+               or getattr(pa.types, "is_string_view", lambda _: False)(column_type))
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_field]):
+            column = batch.column(0)
+            if is_text and column.type != pa.string():
+                column = column.cast(pa.large_string())
+            if not is_text:
+                for _ in range(len(column)):
+                    row += 1
+                    yield RawDocument("", source, row, drop_reason="non_string_text")
+                continue
+            sizes = pc.binary_length(column).to_pylist()
+            for value, size in zip(column.to_pylist(), sizes):
+                row += 1
+                if value is None:
+                    yield RawDocument("", source, row, drop_reason="null_text")
+                elif size > max_line_bytes:
+                    yield RawDocument("", source, row, drop_reason="line_too_long", num_bytes=size)
+                elif value.strip():
+                    yield RawDocument(value, source, row, num_bytes=size)
+                else:
+                    yield RawDocument("", source, row, drop_reason="empty_text", num_bytes=size)
+    except (OSError, pa.ArrowException) as error:
+        raise UserError(f"{path}: cannot be read after row {row} ({type(error).__name__}: {error}); "
+                        "the file is damaged or not Parquet") from error
