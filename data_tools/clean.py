@@ -20,6 +20,13 @@ from tqdm import tqdm
 
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import UserError, write_json_atomic
+from data_tools.dedup import (
+    PartitionedDigests,
+    document_digest,
+    find_later_copies,
+    iter_unmarked,
+    spill_directory,
+)
 from data_tools.normalize import (
     TraditionalToSimplified,
     cjk_ratio,
@@ -68,6 +75,11 @@ class CleanConfig:
         0.2, "Drop documents whose share of characters in runs of 4+ identical word characters (哈哈哈哈) exceeds this "
         "(repeated_chars).")
     deduplicate: bool = option(True, "Drop exact duplicates of an earlier normalized document (duplicate).")
+    dedup_partitions: int = option(
+        0, "0: exact dedup with an in-memory set (~100 bytes per unique document). N > 0: spill 24-byte digest records "
+        "into N partition files, dedup each alone (--processes_num at a time) and keep a 1-bit-per-document bitmap: "
+        "memory stays flat as the corpus grows, at the cost of writing the kept documents twice. Same output (with "
+        "--near_dedup_threshold an exact copy is then counted as near_duplicate).")
     near_dedup_threshold: float = option(
         0.0, "Drop near-duplicates: MinHash LSH (datasketch) on character 5-grams with this Jaccard threshold, "
         "e.g. 0.8 (near_duplicate); 0 turns it off.")
@@ -93,6 +105,8 @@ class CleanConfig:
         for name in ("min_cjk_ratio", "max_repeated_line_ratio", "max_repeated_char_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"--{name} {getattr(self, name)} must lie in [0, 1]")
+        if self.dedup_partitions < 0:
+            raise UserError(f"--dedup_partitions {self.dedup_partitions} must be >= 0")
         if self.minhash_num_perm <= 0 or self.num_slices <= 0:
             raise UserError(f"--minhash_num_perm {self.minhash_num_perm} and --num_slices {self.num_slices} must be "
                             "positive")
@@ -203,7 +217,7 @@ def _clean_chunk(documents: list[RawDocument]) -> list[tuple]:
         digest = signature = None
         if reason is None:
             if config.deduplicate:
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
+                digest = document_digest(text)
             if config.near_dedup_threshold > 0:
                 signature = minhash_signature(text, config.minhash_num_perm)
         results.append((text, reason, digest, signature))
@@ -211,6 +225,34 @@ def _clean_chunk(documents: list[RawDocument]) -> list[tuple]:
 
 
 # -- the stage (reading, ordering, dedup and writing stay in the main process) --------------------
+
+
+def _drop_later_copies(spill: Path, digests: PartitionedDigests, spilled_shards: list[dict], staging: Path,
+                       config: CleanConfig, files: list[Path], dropped: Counter[str],
+                       kept_per_file: Counter[str]) -> tuple[int, int, list[dict]]:
+    """Partitioned exact dedup's last passes: find the later copies partition by partition, then
+    copy the spilled documents into ``staging`` without them. Returns (kept, characters kept,
+    shards) and updates the drop and per-file counts."""
+    documents = sum(shard["documents"] for shard in spilled_shards)
+    bitmap, copies_per_file = find_later_copies(digests, documents, config.processes_num)
+    dropped["duplicate"] += bitmap.count
+    for index, count in copies_per_file.items():
+        kept_per_file[str(files[index])] -= count
+    writer = ShardedJsonlWriter(staging, config.documents_per_shard)
+    kept = chars_kept = 0
+    for text in iter_unmarked(read_jsonl_texts(spill / "documents", spilled_shards), bitmap):
+        writer.write(text)
+        kept += 1
+        chars_kept += len(text)
+    return kept, chars_kept, writer.close()
+
+
+def read_jsonl_texts(directory: Path, shards: list[dict]) -> Iterator[str]:
+    for shard in shards:
+        with open(directory / shard["file"], encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)["text"]
+
 
 
 class _ReadProgress:
@@ -270,11 +312,18 @@ def clean(config: CleanConfig) -> dict:
               f"{', ...' if len(skipped) > 3 else ''}); listed in the manifest's skipped_inputs", file=sys.stderr)
     check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_paths": config.input_paths})
     with staged_dir(config.output_dir) as staging:
-        manifest = _clean_into(staging, files, config, skipped)
+        if config.deduplicate and config.dedup_partitions:
+            with spill_directory(staging) as spill:
+                manifest = _clean_into(staging, files, config, skipped, Path(spill))
+        else:
+            manifest = _clean_into(staging, files, config, skipped)
     return manifest
 
 
-def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: list[Path]) -> dict:
+def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: list[Path],
+                spill: Path | None = None) -> dict:
+    """Clean ``files`` into ``staging``. With ``spill`` (partitioned exact dedup) the documents
+    are first written there with their digests spilled, then copied without the later copies."""
     dropped: Counter[str] = Counter()
     kept = chars_kept = 0
     kept_per_file: Counter[str] = Counter()
@@ -282,7 +331,13 @@ def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: 
     near_duplicates = (
         NearDuplicateIndex(config.near_dedup_threshold, config.minhash_num_perm) if config.near_dedup_threshold else None
     )
-    writer = ShardedJsonlWriter(staging, config.documents_per_shard)
+    file_index = {str(path): index for index, path in enumerate(files)}
+    if spill is not None:
+        digests = PartitionedDigests(spill / "digests", config.dedup_partitions)
+        (spill / "documents").mkdir()
+        writer = ShardedJsonlWriter(spill / "documents", config.documents_per_shard)
+    else:
+        writer = ShardedJsonlWriter(staging, config.documents_per_shard)
     progress = _ReadProgress(config.progress)
     raw_documents = progress.track(
         document
@@ -302,7 +357,7 @@ def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: 
     for chunk_results in results:
         chunk_sources = sources.popleft()
         for source, (text, reason, digest, signature) in zip(chunk_sources, chunk_results):
-            if reason is None and digest is not None:
+            if reason is None and digest is not None and spill is None:
                 if digest in seen_hashes:
                     reason = "duplicate"
                 else:
@@ -312,12 +367,17 @@ def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: 
             if reason is not None:
                 dropped[reason] += 1
                 continue
+            if spill is not None and digest is not None:
+                digests.add(digest, kept, file_index[source])  # its ordinal among the documents written
             writer.write(text)
             kept += 1
             kept_per_file[source] += 1
             chars_kept += len(text)
     progress.close()
     shards = writer.close()
+    if spill is not None:
+        kept, chars_kept, shards = _drop_later_copies(spill, digests, shards, staging, config, files, dropped,
+                                                      kept_per_file)
 
     read = progress.documents
     if read == 0:

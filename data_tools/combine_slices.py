@@ -8,16 +8,23 @@ so ``kept + dropped == read`` still holds for the whole corpus.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from data_tools.clean import STAGE, ShardedJsonlWriter
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import UserError, write_json_atomic
+from data_tools.dedup import (
+    PartitionedDigests,
+    document_digest,
+    find_later_copies,
+    iter_unmarked,
+    spill_directory,
+)
 from data_tools.outputs import overwrite_option, staged_dir
 from data_tools.shards import check_stage_output, load_manifest, shard_paths
 
@@ -29,14 +36,22 @@ class CombineConfig:
     input_dirs: list[Path] = required("Output directories of the clean jobs, one per slice.")
     output_dir: Path = required("Directory for the combined documents-NNNNN.jsonl shards and manifest.json.")
     deduplicate: bool = option(True, "Drop exact duplicates across slices (duplicate).")
+    dedup_partitions: int = option(
+        0, "0: exact dedup with an in-memory set (~100 bytes per unique document). N > 0: spill digests into N "
+        "partition files and dedup each alone, --processes_num at a time, with a 1-bit-per-document bitmap: memory "
+        "stays flat as the corpus grows (the slices are read twice). Same output.")
+    processes_num: int = option(1, "Partition jobs run at a time with --dedup_partitions.")
     documents_per_shard: int = option(100_000, "Documents per output shard.")
     overwrite: bool = overwrite_option()
 
     def __post_init__(self) -> None:
         self.input_dirs = [Path(p) for p in self.input_dirs]
         self.output_dir = Path(self.output_dir)
-        if self.documents_per_shard <= 0:
-            raise UserError(f"--documents_per_shard {self.documents_per_shard} must be positive")
+        if self.documents_per_shard <= 0 or self.processes_num <= 0:
+            raise UserError(f"--documents_per_shard {self.documents_per_shard} and --processes_num "
+                            f"{self.processes_num} must be positive")
+        if self.dedup_partitions < 0:
+            raise UserError(f"--dedup_partitions {self.dedup_partitions} must be >= 0")
 
 
 def combine(config: CombineConfig) -> dict:
@@ -61,22 +76,21 @@ def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: C
             counts[key] += manifest["counts"].get(key, 0)
         dropped.update(manifest["counts"]["documents_dropped"])
     writer = ShardedJsonlWriter(staging, config.documents_per_shard)
-    seen: set[bytes] = set()
     kept = chars_kept = 0
-    for _, directory, manifest in slices:
-        for path in shard_paths(directory, manifest):
-            with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    text = json.loads(line)["text"]  # the shard's sha256 was checked against its manifest
-                    if config.deduplicate:
-                        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
-                        if digest in seen:
-                            dropped["duplicate"] += 1
-                            continue
-                        seen.add(digest)
-                    writer.write(text)
-                    kept += 1
-                    chars_kept += len(text)
+    if config.deduplicate and config.dedup_partitions:
+        with spill_directory(staging) as spill:
+            digests = PartitionedDigests(Path(spill), config.dedup_partitions)
+            for ordinal, (index, text) in enumerate(slice_texts(slices)):
+                digests.add(document_digest(text), ordinal, index)
+            bitmap, _ = find_later_copies(digests, digests.records, config.processes_num)
+        dropped["duplicate"] += bitmap.count
+        texts = iter_unmarked((text for _, text in slice_texts(slices)), bitmap)
+    else:
+        texts = unique_texts(slice_texts(slices), dropped) if config.deduplicate else (t for _, t in slice_texts(slices))
+    for text in texts:
+        writer.write(text)
+        kept += 1
+        chars_kept += len(text)
     shards = writer.close()
     if kept + sum(dropped.values()) != counts["documents_read"]:
         raise UserError("the slices' manifests do not add up (kept + dropped != read); re-run the slices")
@@ -99,6 +113,27 @@ def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: C
     }
     write_json_atomic(staging / "manifest.json", manifest)
     return manifest
+
+
+def slice_texts(slices: list[tuple[int, Path, dict]]) -> Iterator[tuple[int, str]]:
+    """(position of the slice, document text) of every slice's documents, in slice order."""
+    for position, (_, directory, manifest) in enumerate(slices):
+        for path in shard_paths(directory, manifest):  # each shard's sha256 is checked against its manifest
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    yield position, json.loads(line)["text"]
+
+
+def unique_texts(texts: Iterator[tuple[int, str]], dropped: Counter[str]) -> Iterator[str]:
+    """The first copy of every text (an in-memory set of digests); later copies are counted."""
+    seen: set[bytes] = set()
+    for _, text in texts:
+        digest = document_digest(text)
+        if digest in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(digest)
+        yield text
 
 
 def main(argv: list[str] | None = None) -> int:

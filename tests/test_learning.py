@@ -26,7 +26,6 @@ an untrained one starts above them (loss ~9 = ln of the vocab size).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
