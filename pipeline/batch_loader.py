@@ -32,11 +32,12 @@ class LoadedBatch:
     real_tokens: int  # source + target tokens that are not padding
     padded_tokens: int  # what the accelerator computes on: rows x (padded source + padded target)
     flops: float  # model FLOPs of training on it (pipeline/flops.py)
+    corpus_counts: tuple[int, ...] = ()  # examples per corpus of a --data_dirs mixture
 
     def pin_memory(self) -> "LoadedBatch":
         """Called by the DataLoader's pinning thread: page-locked memory makes the copy asynchronous."""
         return LoadedBatch(self.plan, {k: v.pin_memory() for k, v in self.tensors.items()}, self.real_tokens,
-                           self.padded_tokens, self.flops)
+                           self.padded_tokens, self.flops, self.corpus_counts)
 
     def to(self, device: torch.device) -> dict[str, torch.Tensor]:
         non_blocking = device.type != "cpu"
@@ -54,9 +55,10 @@ class PlannedBatchDataset(torch.utils.data.Dataset):
         tensors = self.collate([self.examples.example(index, plan.epoch) for index in plan.indices])
         source_lengths = tensors["attention_mask"].sum(dim=1).numpy()
         target_lengths = (tensors["labels"] != IGNORE_INDEX).sum(dim=1).numpy()
+        corpus_counts = self.examples.corpus_counts(plan.indices) if hasattr(self.examples, "corpus_counts") else ()
         return LoadedBatch(plan, tensors, int(source_lengths.sum() + target_lengths.sum()),
                            tensors["input_ids"].numel() + tensors["labels"].numel(),
-                           self.flops(source_lengths, target_lengths))
+                           self.flops(source_lengths, target_lengths), corpus_counts)
 
     def __getitem__(self, index: int) -> Any:
         raise TypeError("PlannedBatchDataset is fetched a micro batch at a time (__getitems__)")

@@ -34,6 +34,7 @@ class MetricsWindow:
     steps: int = 0
     data_wait_s: float = 0.0  # time the loop spent waiting for its next batch
     start: float = field(default_factory=time.perf_counter)
+    corpus_examples: list[int] = field(default_factory=list)  # per corpus of a mixture, this rank
 
     def __post_init__(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -51,20 +52,25 @@ class MetricsWindow:
         self.real_tokens += batch.real_tokens
         self.padded_tokens += batch.padded_tokens
         self.flops += batch.flops
+        if batch.corpus_counts:
+            if not self.corpus_examples:
+                self.corpus_examples = [0] * len(batch.corpus_counts)
+            self.corpus_examples = [a + b for a, b in zip(self.corpus_examples, batch.corpus_counts)]
 
     def reduce(self) -> dict[str, float]:
         """Sums over every rank (one all-reduce on the device, one copy back to the host)."""
         import torch.distributed as dist
 
-        host = torch.tensor([self.micro_batches, self.real_tokens, self.flops, self.padded_tokens],
-                            dtype=torch.float64)
+        host = torch.tensor([self.micro_batches, self.real_tokens, self.flops, self.padded_tokens,
+                             *self.corpus_examples], dtype=torch.float64)
         totals = torch.cat([self.loss_sum.reshape(1), host.to(self.device)])
         dist.all_reduce(totals)
-        loss_sum, micro_batches, real_tokens, flops, padded_tokens = totals.tolist()
+        loss_sum, micro_batches, real_tokens, flops, padded_tokens, *corpus_examples = totals.tolist()
         elapsed = time.perf_counter() - self.start
         return {"loss": loss_sum / max(1.0, micro_batches), "real_tokens": real_tokens, "flops": flops,
                 "padded_tokens": padded_tokens, "elapsed": elapsed,
-                "data_wait_fraction": self.data_wait_s / elapsed if elapsed > 0 else 0.0}
+                "data_wait_fraction": self.data_wait_s / elapsed if elapsed > 0 else 0.0,
+                "corpus_examples": [int(c) for c in corpus_examples]}
 
 
 def truncate_records(path: Path, last_step: int, enabled: bool) -> None:

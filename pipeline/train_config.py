@@ -17,7 +17,7 @@ from data_tools.common import UserError
 
 TRAIN_CONFIG_FILE = "train_config.json"
 # Flags that define a run's data, model and data order: a run directory can only be continued with the same values.
-RUN_DEFINING_FLAGS = ("data_dir", "model_config", "micro_batch_size", "seed", "group_by_length",
+RUN_DEFINING_FLAGS = ("data_dir", "data_dirs", "model_config", "micro_batch_size", "seed", "group_by_length",
                       "max_tokens_per_batch", "length_group_window")
 
 
@@ -25,8 +25,12 @@ RUN_DEFINING_FLAGS = ("data_dir", "model_config", "micro_batch_size", "seed", "g
 class TrainConfig:
     """Pretrain a BART or PEGASUS model with DeepSpeed ZeRO stage 2."""
 
-    data_dir: Path = required("Output directory of the mask stage (examples-*.arrow), or of the tokenize stage "
-                              "to mask online (with --online_mask_config).")
+    data_dir: Path | None = option(None, "Output directory of the mask stage (examples-*.arrow), or of the tokenize "
+                                   "stage to mask online (with --online_mask_config). Or --data_dirs.")
+    data_dirs: list[str] = option([], "A weighted mixture instead of --data_dir: PATH:WEIGHT entries, e.g. "
+                                  "work/examples-news:0.6 work/examples-web:0.3 work/examples-reviews:0.1 (weights "
+                                  "are normalized). Each corpus keeps its own order and epochs, each gets its share "
+                                  "of every mixture epoch, all must share one vocab; the metrics log corpus_share.")
     online_mask_config: Path | None = option(None, "JSON of mask flags (e.g. {\"preset\": \"pegasus_paper\", "
                                              "\"seq_length\": 512}) to mask a tokenized corpus on the fly: "
                                              "fresh masks every epoch, nothing stored.")
@@ -83,7 +87,19 @@ class TrainConfig:
     local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")
 
     def __post_init__(self) -> None:
-        self.data_dir, self.output_dir = Path(self.data_dir), Path(self.output_dir)
+        if (self.data_dir is None) == (not self.data_dirs):
+            raise UserError("give the training data as --data_dir DIR or as --data_dirs PATH:WEIGHT ..., not both")
+        if self.data_dir is not None:
+            self.data_dir = Path(self.data_dir)
+        self.output_dir = Path(self.output_dir)
+        if self.data_dirs:
+            from pipeline.mixture import parse_mixture
+
+            self.data_dirs = [str(entry) for entry in self.data_dirs]
+            parse_mixture(self.data_dirs)  # bad entries fail here, before anything starts
+            if self.group_by_length or self.max_tokens_per_batch:
+                raise UserError("--group_by_length / --max_tokens_per_batch are not supported with --data_dirs yet "
+                                "(a mixture index changes example from epoch to epoch); use fixed-size batches")
         self.deepspeed_config = Path(self.deepspeed_config)
         if self.online_mask_config is not None:
             self.online_mask_config = Path(self.online_mask_config)
@@ -101,6 +117,20 @@ class TrainConfig:
             problems.append("--weight_decay, --peak_tflops, --global_batch_size and --seed must be >= 0")
         if problems:
             raise UserError("; ".join(problems))
+
+
+def data_paths(config: TrainConfig) -> list[Path]:
+    """The corpus directories of the run: --data_dir, or every corpus of --data_dirs."""
+    if config.data_dir is not None:
+        return [config.data_dir]
+    from pipeline.mixture import parse_mixture
+
+    return [spec.path for spec in parse_mixture(config.data_dirs)]
+
+
+def data_label(config: TrainConfig) -> str:
+    """How messages name the training data."""
+    return str(config.data_dir) if config.data_dir is not None else "--data_dirs " + " ".join(config.data_dirs)
 
 
 def check_resumable(config: TrainConfig) -> None:

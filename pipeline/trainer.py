@@ -52,7 +52,7 @@ from pipeline.flops import peak_flops_per_device, training_flops
 from pipeline.loss import IGNORE_INDEX, seq2seq_loss
 from pipeline.metrics import MetricsLog, MetricsWindow, truncate_records
 from pipeline.plot import PLOT_FILE, plot_run
-from pipeline.train_config import TRAIN_CONFIG_FILE, TrainConfig, check_resumable
+from pipeline.train_config import TRAIN_CONFIG_FILE, TrainConfig, check_resumable, data_label, data_paths
 
 DS_CONFIG_FILE = "ds_config.json"
 DATA_MANIFEST_FILE = "data_manifest.json"
@@ -68,14 +68,13 @@ def train(config: TrainConfig) -> TrainerState:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator, load_training_data
+    from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator
     from pipeline.model import check_init_from, check_positions, weight_decay_groups
 
     # Everything that can be checked before a process group exists is, so bad input fails fast on every rank
     # and a failed start leaves the run directory as it was.
     check_run_dir(config)
-    dataset = load_training_data(config.data_dir, config.online_mask_config, config.output_dir,
-                                 config.verify_data_sha256)
+    dataset = load_run_data(config)
     vocab = dataset.manifest["vocab"]
     if config.eval_examples >= len(dataset):
         raise UserError(f"--eval_examples {config.eval_examples} leaves nothing to train on ({len(dataset)} examples)")
@@ -84,9 +83,9 @@ def train(config: TrainConfig) -> TrainerState:
     world_size = launcher_world_size()
     ds_config = resolve_batch_sizes(config, raw_ds_config, world_size, str(ds_config_path))
     if config.init_from is not None:
-        check_init_from(config.init_from, vocab, config.data_dir)
+        check_init_from(config.init_from, vocab, data_label(config))
     model_config = run_model_config(config, vocab)
-    check_positions(dataset.max_lengths(), model_config, config.data_dir)
+    check_positions(dataset.max_lengths(), model_config, data_label(config))
     checkpoint_root = config.output_dir / CHECKPOINTS
     tag = find_resume_tag(checkpoint_root)
     saved = {} if tag is None else read_trainer_state(checkpoint_root / tag)
@@ -127,6 +126,11 @@ def train(config: TrainConfig) -> TrainerState:
               file=sys.stderr)
 
     train_examples = len(dataset) - config.eval_examples
+    if ranks.is_main and config.data_dirs:
+        print("train: mixture of " + ", ".join(
+            f"{name} (weight {spec.weight:g}: {block} of every {dataset.epoch_examples} examples, {size} to train on)"
+            for name, spec, block, size in zip(config_corpus_names(config), dataset.specs, dataset.block_sizes,
+                                               dataset.train_sizes)), file=sys.stderr)
     grouped = config.group_by_length or config.max_tokens_per_batch > 0
     sampler = ResumableDistributedSampler(
         train_examples, config.micro_batch_size, ranks.rank, ranks.world_size, config.seed, state.consumed_samples,
@@ -166,6 +170,20 @@ def train(config: TrainConfig) -> TrainerState:
     return state
 
 
+def load_run_data(config: TrainConfig) -> Any:
+    """The training data: one corpus, or the weighted mixture of --data_dirs (vocabs checked equal)."""
+    from pipeline.data import load_training_data
+    from pipeline.mixture import MixtureExamples, parse_mixture
+
+    if config.data_dir is not None:
+        return load_training_data(config.data_dir, config.online_mask_config, config.output_dir,
+                                  config.verify_data_sha256)
+    specs = parse_mixture(config.data_dirs)
+    datasets = [load_training_data(spec.path, config.online_mask_config, config.output_dir, config.verify_data_sha256)
+                for spec in specs]
+    return MixtureExamples(datasets, specs, config.seed, config.eval_examples)
+
+
 def write_loss_plot(config: TrainConfig) -> None:
     """loss.png in the run directory, or one line saying why not (the run itself succeeded)."""
     try:
@@ -203,7 +221,8 @@ def build_training_model(config: TrainConfig, model_config: Any, device_type: st
 def check_run_dir(config: TrainConfig) -> None:
     """The run directory is apart from the inputs, and either new, a run directory, or a folder holding none
     of the files the trainer writes (say, the launcher's log): the trainer never overwrites a file it did not write."""
-    check_apart(config.output_dir, "--output_dir", {"--data_dir": config.data_dir, "--init_from": config.init_from,
+    inputs = {f"--data_dirs {path}" if config.data_dirs else "--data_dir": path for path in data_paths(config)}
+    check_apart(config.output_dir, "--output_dir", {**inputs, "--init_from": config.init_from,
                                                     "--online_mask_config": config.online_mask_config})
     directory = config.output_dir
     if not directory.exists():
@@ -244,7 +263,7 @@ def check_same_data(config: TrainConfig, manifest: dict) -> None:
                         "--output_dir") from error
     if not same_vocab or not same_shards:
         what = "vocab" if not same_vocab else "examples (shard checksums)"
-        raise UserError(f"{config.data_dir} is not the data {config.output_dir} was trained on: its {what} differ "
+        raise UserError(f"{data_label(config)} is not the data {config.output_dir} was trained on: its {what} differ "
                         f"from {recorded}; resume with the original data, or start a new --output_dir (--init_from "
                         "an export of this run to continue from its weights)")
 
@@ -258,7 +277,7 @@ def prepare_run_dir(config: TrainConfig, data_manifest: dict, model_config: Any,
     if resuming and all((config.output_dir / name).is_file() for name in (MODEL_CONFIG_FILE, VOCAB_FILE)):
         return
     model_config.to_json_file(config.output_dir / MODEL_CONFIG_FILE)
-    shutil.copyfile(config.data_dir / VOCAB_FILE, config.output_dir / VOCAB_FILE)
+    shutil.copyfile(data_paths(config)[0] / VOCAB_FILE, config.output_dir / VOCAB_FILE)  # a mixture has one vocab
     write_json_atomic(config.output_dir / DATA_MANIFEST_FILE, data_manifest)
 
 
@@ -351,6 +370,11 @@ def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: TrainerSt
         "pad_fraction": round(1.0 - totals["real_tokens"] / max(1.0, totals["padded_tokens"]), 4),
         "data_wait_fraction": round(totals["data_wait_fraction"], 4),  # this rank's
     }
+    if totals["corpus_examples"]:  # a mixture: what each corpus actually supplied in this window
+        names = config_corpus_names(config)
+        drawn = sum(totals["corpus_examples"])
+        record["corpus_examples"] = dict(zip(names, totals["corpus_examples"]))
+        record["corpus_share"] = {name: round(count / drawn, 4) for name, count in zip(names, totals["corpus_examples"])}
     if engine.device.type == "cuda":
         record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(engine.device) / 1e9, 3)
     if engine.fp16_enabled():  # dynamic loss scaling: a falling scale and skipped steps mean overflow
@@ -367,6 +391,12 @@ def maybe_log(engine: Any, scheduler: Any, config: TrainConfig, state: TrainerSt
                   f"{record['grad_norm']} {record['tokens_per_s']:.0f} tokens/s {record['model_tflops_per_s']} model "
                   f"TFLOP/s{mfu} data wait {record['data_wait_fraction']:.1%}", file=sys.stderr)
     return True
+
+
+def config_corpus_names(config: TrainConfig) -> list[str]:
+    """Names of a mixture's corpora in the metrics: their directory names (made unique by position)."""
+    names = [path.name for path in data_paths(config)]
+    return names if len(set(names)) == len(names) else [f"{k}:{name}" for k, name in enumerate(names)]
 
 
 def maybe_evaluate(engine: Any, eval_batches: Callable[[], Iterator[dict]], config: TrainConfig,

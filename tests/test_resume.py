@@ -41,7 +41,7 @@ def train_command(root: Path, run_dir: Path, port: int, *extra: str) -> list[str
 
 
 def records(path: Path, key: str) -> dict[int, object]:
-    return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines())}
+    return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,40 @@ def test_resume_on_fewer_ranks_through_a_universal_checkpoint(examples_dir, refe
     weights = BartForConditionalGeneration.from_pretrained(str(exported)).state_dict()
     assert set(before) <= set(weights)
     assert all(torch.equal(weights[name], tensor) for name, tensor in before.items())
+
+
+@pytest.fixture(scope="module")
+def second_corpus(examples_dir, clue_tokenized_dir) -> Path:
+    """Other BART examples of the same vocab (48-token chunks of the same text): a second corpus."""
+    from data_tools.mask import MaskConfig, mask
+
+    output = examples_dir / "bart48"
+    mask(MaskConfig(input_dir=clue_tokenized_dir, output_dir=output, target="bart", seq_length=48, progress=False))
+    return output
+
+
+def mixture_command(root: Path, second: Path, run_dir: Path, port: int) -> list[str]:
+    command = train_command(root, run_dir, port, "--eval_examples", "20", "--eval_every_steps", "4")
+    at = command.index("--data_dir")
+    return command[:at] + ["--data_dirs", f"{root / 'bart'}:0.7", f"{second}:0.3"] + command[at + 2 :]
+
+
+def test_a_mixture_resumes_exactly_after_kill_9_and_logs_each_corpus_s_share(examples_dir, second_corpus, tmp_path):
+    reference_dir, crashed = tmp_path / "reference", tmp_path / "crashed"
+    run_command(mixture_command(examples_dir, second_corpus, reference_dir, 29656))
+    kill_after_step(mixture_command(examples_dir, second_corpus, crashed, 29657), crashed, 6)
+    assert (crashed / "checkpoints" / "latest").read_text() == "step00000004"
+    result = run_command(mixture_command(examples_dir, second_corpus, crashed, 29658))
+    assert "resuming from step00000004 (step 4)" in result.stderr
+    assert records(crashed / "metrics.jsonl", "loss") == records(reference_dir / "metrics.jsonl", "loss")
+    assert records(crashed / "metrics.jsonl", "eval_loss") == records(reference_dir / "metrics.jsonl", "eval_loss")
+    for rank in (0, 1):
+        name = f"example_ids_rank{rank}.jsonl"
+        assert records(crashed / name, "example_ids") == records(reference_dir / name, "example_ids")
+    shares = [r["corpus_examples"] for r in map(json.loads, (crashed / "metrics.jsonl").read_text().splitlines())
+              if "corpus_examples" in r]
+    assert len(shares) == STEPS and all(sum(s.values()) == 8 for s in shares)  # 2 ranks x 4 per step
+    drawn = {name: sum(s[name] for s in shares) for name in shares[0]}
+    assert set(drawn) == {"bart", "bart48"} and drawn["bart"] > drawn["bart48"] > 0
+    manifest = json.loads((crashed / "data_manifest.json").read_text())
+    assert [c["weight"] for c in manifest["corpora"]] == [0.7, 0.3]

@@ -176,7 +176,8 @@ def test_the_metrics_window_reduces_on_the_engine_device_not_the_cpu(record_coll
     from pipeline.metrics import MetricsWindow
 
     window = MetricsWindow(torch.device("meta"))
-    window.add_micro_batch(torch.ones((), device="meta"), SimpleNamespace(real_tokens=5, padded_tokens=8, flops=1.0))
+    window.add_micro_batch(torch.ones((), device="meta"), SimpleNamespace(real_tokens=5, padded_tokens=8, flops=1.0,
+                                                                     corpus_counts=()))
     with pytest.raises(_CollectiveSeen):
         window.reduce()
     assert [device.type for device in record_collectives] == ["meta"]
