@@ -1,0 +1,102 @@
+"""The whole data path, raw text to masked BART examples, per core: zh-clean, zh-tokenize and
+zh-mask run as the commands a user runs (one process each, stage start-up included), timed
+end to end, in MB of raw text per second.
+
+Corpus: CLUECorpusSmall_sampled.txt and CLUECorpusSmall_bert_sampled.txt from ../shared/data
+(3.9 MB of real text), repeated ``--copies`` times with a marker per copy so that dedup keeps
+every copy; Google's Chinese vocab; BART masking at seq_length 512 (UER-py's defaults).
+
+UER-py cannot be installed here (it is not a package): its figure, preprocess plus its
+train-time BART noising, is the reference issue #13 gives for this machine class (about 0.45 MB
+of raw text per second per core), printed as a reference, not measured in this run.
+
+    .venv/bin/python bench/data_path.py [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+PROJECT_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+SHARED = PROJECT_ROOT.parent / "shared" / "data"
+UER_REFERENCE_MB_PER_S = 0.45  # preprocess + train-time BART noising, one core (issue #13), not measured here
+VENV_BIN = Path(sys.executable).parent
+
+
+def build_corpus(directory: Path, copies: int) -> int:
+    """The raw corpus file; returns its size in bytes."""
+    sources = [SHARED / "CLUECorpusSmall_sampled.txt", SHARED / "CLUECorpusSmall_bert_sampled.txt"]
+    missing = [str(p) for p in [*sources, SHARED / "google_zh_vocab.txt"] if not p.is_file()]
+    if missing:
+        raise SystemExit(f"bench/data_path.py needs {', '.join(missing)} (../shared/data beside the project)")
+    lines = [line for source in sources for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raw = directory / "raw.txt"
+    with open(raw, "w", encoding="utf-8") as handle:
+        for copy in range(copies):
+            for line in lines:
+                handle.write(f"{line}（第{copy}份）\n" if copy else f"{line}\n")
+    return raw.stat().st_size
+
+
+def run_stage(name: str, args: list[str]) -> float:
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    subprocess.run([str(VENV_BIN / name), *args, "--no-progress"], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one copy of the corpus (3.9 MB) instead of three")
+    parser.add_argument("--copies", type=int, default=0, help="copies of the 3.9 MB corpus (default 3, 1 with --quick)")
+    args = parser.parse_args()
+    copies = args.copies or (1 if args.quick else 3)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        raw_bytes = build_corpus(root, copies)
+        vocab = SHARED / "google_zh_vocab.txt"
+        seconds = {
+            "clean": run_stage("zh-clean", ["--input_paths", str(root / "raw.txt"), "--output_dir", str(root / "clean"),
+                                            "--input_format", "line"]),
+            "tokenize": run_stage("zh-tokenize", ["--input_dir", str(root / "clean"), "--output_dir", str(root / "tok"),
+                                                  "--vocab_path", str(vocab)]),
+            "mask": run_stage("zh-mask", ["--input_dir", str(root / "tok"), "--output_dir", str(root / "bart"),
+                                          "--target", "bart", "--seq_length", "512"]),
+        }
+        examples = json.loads((root / "bart" / "manifest.json").read_text())["counts"]["examples"]
+    total = sum(seconds.values())
+    megabytes = raw_bytes / 1e6
+    print(f"raw text {megabytes:.1f} MB -> BART examples, one process per stage, start-up included")
+    print(f"{'stage':<10} {'seconds':>8} {'MB/s of raw text':>17} {'share':>6}")
+    for stage, value in seconds.items():
+        print(f"{stage:<10} {value:>8.2f} {megabytes / value:>17.2f} {value / total:>6.0%}")
+    print(f"{'total':<10} {total:>8.2f} {megabytes / total:>17.2f}")
+    print(f"UER-py reference (issue #13, not measured here): {UER_REFERENCE_MB_PER_S} MB/s per core; "
+          f"{examples} examples written")
+    figures = [
+        {"metric": "data_path_raw_mb_per_s_per_core", "value": round(megabytes / total, 3), "unit": "MB/s"},
+        {"metric": "data_path_mask_share", "value": round(seconds["mask"] / total, 3), "unit": "fraction of the time"},
+        {"metric": "uer_data_path_raw_mb_per_s_per_core_reference", "value": UER_REFERENCE_MB_PER_S,
+         "unit": "MB/s (issue #13's figure, not measured in this run)"},
+        {"metric": "data_path_speedup_vs_uer_reference", "value": round(megabytes / total / UER_REFERENCE_MB_PER_S, 2),
+         "unit": "x"},
+    ]
+    for figure in figures:
+        print(json.dumps(figure))
+
+
+if __name__ == "__main__":
+    main()
