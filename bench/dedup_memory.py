@@ -62,7 +62,7 @@ def run_case(way: str, documents: int) -> dict:
             digests = PartitionedDigests(Path(spill), PARTITIONS)
             for ordinal, text in enumerate(synthetic_texts(documents)):
                 digests.add(document_digest(text), ordinal, 0)
-            bitmap, _ = find_later_copies(digests, documents, processes=1)
+            bitmap, _ = find_later_copies(digests, processes=1)
             duplicates = bitmap.count
     seconds = time.perf_counter() - start
     return {"way": way, "documents": documents, "duplicates": duplicates, "seconds": seconds,

@@ -158,6 +158,14 @@ class ShardedJsonlWriter:
         return self.shards
 
 
+def iter_document_texts(paths: list[Path]) -> Iterator[str]:
+    """The texts of documents-NNNNN.jsonl shards (checked by the caller), in order."""
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)["text"]
+
+
 # -- per-document work (runs in the worker processes) ------------------------------------------
 
 _worker: dict = {}
@@ -233,26 +241,16 @@ def _drop_later_copies(spill: Path, digests: PartitionedDigests, spilled_shards:
     """Partitioned exact dedup's last passes: find the later copies partition by partition, then
     copy the spilled documents into ``staging`` without them. Returns (kept, characters kept,
     shards) and updates the drop and per-file counts."""
-    documents = sum(shard["documents"] for shard in spilled_shards)
-    bitmap, copies_per_file = find_later_copies(digests, documents, config.processes_num)
+    bitmap, copies_per_file = find_later_copies(digests, config.processes_num)
     dropped["duplicate"] += bitmap.count
     for index, count in copies_per_file.items():
         kept_per_file[str(files[index])] -= count
     writer = ShardedJsonlWriter(staging, config.documents_per_shard)
-    kept = chars_kept = 0
-    for text in iter_unmarked(read_jsonl_texts(spill / "documents", spilled_shards), bitmap):
+    spilled = [spill / "documents" / shard["file"] for shard in spilled_shards]
+    for text in iter_unmarked(iter_document_texts(spilled), bitmap):
         writer.write(text)
-        kept += 1
-        chars_kept += len(text)
-    return kept, chars_kept, writer.close()
-
-
-def read_jsonl_texts(directory: Path, shards: list[dict]) -> Iterator[str]:
-    for shard in shards:
-        with open(directory / shard["file"], encoding="utf-8") as handle:
-            for line in handle:
-                yield json.loads(line)["text"]
-
+    shards = writer.close()
+    return sum(s["documents"] for s in shards), sum(s["characters"] for s in shards), shards
 
 
 class _ReadProgress:

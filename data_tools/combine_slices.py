@@ -8,14 +8,13 @@ so ``kept + dropped == read`` still holds for the whole corpus.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.clean import STAGE, ShardedJsonlWriter
+from data_tools.clean import STAGE, ShardedJsonlWriter, iter_document_texts
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import UserError, write_json_atomic
 from data_tools.dedup import (
@@ -76,22 +75,20 @@ def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: C
             counts[key] += manifest["counts"].get(key, 0)
         dropped.update(manifest["counts"]["documents_dropped"])
     writer = ShardedJsonlWriter(staging, config.documents_per_shard)
-    kept = chars_kept = 0
     if config.deduplicate and config.dedup_partitions:
         with spill_directory(staging) as spill:
             digests = PartitionedDigests(Path(spill), config.dedup_partitions)
             for ordinal, (index, text) in enumerate(slice_texts(slices)):
                 digests.add(document_digest(text), ordinal, index)
-            bitmap, _ = find_later_copies(digests, digests.records, config.processes_num)
+            bitmap, _ = find_later_copies(digests, config.processes_num)
         dropped["duplicate"] += bitmap.count
         texts = iter_unmarked((text for _, text in slice_texts(slices)), bitmap)
     else:
         texts = unique_texts(slice_texts(slices), dropped) if config.deduplicate else (t for _, t in slice_texts(slices))
     for text in texts:
         writer.write(text)
-        kept += 1
-        chars_kept += len(text)
     shards = writer.close()
+    kept, chars_kept = sum(s["documents"] for s in shards), sum(s["characters"] for s in shards)
     if kept + sum(dropped.values()) != counts["documents_read"]:
         raise UserError("the slices' manifests do not add up (kept + dropped != read); re-run the slices")
     manifest = {
@@ -118,10 +115,9 @@ def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: C
 def slice_texts(slices: list[tuple[int, Path, dict]]) -> Iterator[tuple[int, str]]:
     """(position of the slice, document text) of every slice's documents, in slice order."""
     for position, (_, directory, manifest) in enumerate(slices):
-        for path in shard_paths(directory, manifest):  # each shard's sha256 is checked against its manifest
-            with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    yield position, json.loads(line)["text"]
+        # each shard's sha256 is checked against its manifest
+        for text in iter_document_texts(shard_paths(directory, manifest)):
+            yield position, text
 
 
 def unique_texts(texts: Iterator[tuple[int, str]], dropped: Counter[str]) -> Iterator[str]:

@@ -102,11 +102,10 @@ class DuplicateBitmap:
         return bool((self.bits[ordinal >> 3] >> (ordinal & 7)) & 1)
 
 
-def find_later_copies(digests: PartitionedDigests, documents: int, processes: int = 1
-                      ) -> tuple[DuplicateBitmap, Counter[int]]:
-    """Run the partition jobs (``processes`` at a time) and merge their answers into a bitmap and
-    per-file counts of dropped copies."""
-    bitmap = DuplicateBitmap(documents)
+def find_later_copies(digests: PartitionedDigests, processes: int = 1) -> tuple[DuplicateBitmap, Counter[int]]:
+    """Run the partition jobs (``processes`` at a time) and merge their answers into a bitmap (one
+    bit per spilled record) and per-file counts of dropped copies."""
+    bitmap = DuplicateBitmap(digests.records)
     per_file: Counter[int] = Counter()
     for ordinals, counts in ordered_map(later_copies, digests.close(), processes):
         bitmap.mark(ordinals)

@@ -252,13 +252,13 @@ def _iter_parquet_documents(path: Path, text_field: str, max_line_bytes: int,
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_field]):
             column = batch.column(0)
-            if is_text and column.type != pa.string():
-                column = column.cast(pa.large_string())
             if not is_text:
                 for _ in range(len(column)):
                     row += 1
                     yield RawDocument("", source, row, drop_reason="non_string_text")
                 continue
+            if column.type != pa.string():  # large, view or dictionary-encoded strings
+                column = column.cast(pa.large_string())
             sizes = pc.binary_length(column).to_pylist()
             for value, size in zip(column.to_pylist(), sizes):
                 row += 1

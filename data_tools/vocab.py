@@ -8,12 +8,11 @@ exported tokenizer treat a built vocab and Google's the same way.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+from data_tools.clean import iter_document_texts
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import UserError, file_sha256, write_json_atomic
 from data_tools.outputs import (
@@ -74,13 +73,6 @@ def written_by_build_vocab(config: BuildVocabConfig) -> tuple[bool, bool]:
     return report.get("config", {}).get("output_path") == str(config.output_path), True
 
 
-def _iter_texts(paths: list[Path]) -> Iterator[str]:
-    for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                yield json.loads(line)["text"]
-
-
 def build_vocab(config: BuildVocabConfig) -> list[str]:
     from tokenizers import BertWordPieceTokenizer
 
@@ -104,7 +96,7 @@ def build_vocab(config: BuildVocabConfig) -> list[str]:
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=config.do_lower_case
     )
     tokenizer.train_from_iterator(
-        _iter_texts(shards),
+        iter_document_texts(shards),
         vocab_size=config.vocab_size,
         min_frequency=config.min_frequency,
         limit_alphabet=config.limit_alphabet,

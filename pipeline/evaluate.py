@@ -213,9 +213,8 @@ def evaluate(config: EvaluateConfig) -> dict:
                 shown = torch.from_numpy(context_positions(source, target))
                 totals.context_tokens += int(shown.sum())
                 totals.context_correct += int(correct[row, : len(target)][shown].sum())
-            totals.examples += len(examples)
-            for _, target in examples:
                 np.add.at(token_counts, np.asarray(target, dtype=np.int64), 1)
+            totals.examples += len(examples)
             wanted = min(len(examples), config.generate_examples - totals.generated)
             if wanted > 0:
                 subset = {key: value[:wanted] for key, value in batch.items()}

@@ -43,10 +43,6 @@ class MixtureSpec:
     path: Path
     weight: float
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
 
 def parse_mixture(entries: list[str]) -> list[MixtureSpec]:
     """``["work/news:0.6", "work/web:0.4"]`` -> specs; weights need not add up to 1 (they are
