@@ -242,7 +242,8 @@ def _drop_later_copies(spill: Path, digests: PartitionedDigests, spilled_shards:
     copy the spilled documents into ``staging`` without them. Returns (kept, characters kept,
     shards) and updates the drop and per-file counts."""
     bitmap, copies_per_file = find_later_copies(digests, config.processes_num)
-    dropped["duplicate"] += bitmap.count
+    if bitmap.count:  # as with the set: no "duplicate" entry when there was none
+        dropped["duplicate"] += bitmap.count
     for index, count in copies_per_file.items():
         kept_per_file[str(files[index])] -= count
     writer = ShardedJsonlWriter(staging, config.documents_per_shard)

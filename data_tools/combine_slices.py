@@ -81,7 +81,8 @@ def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: C
             for ordinal, (index, text) in enumerate(slice_texts(slices)):
                 digests.add(document_digest(text), ordinal, index)
             bitmap, _ = find_later_copies(digests, config.processes_num)
-        dropped["duplicate"] += bitmap.count
+        if bitmap.count:  # as with the set: no "duplicate" entry when there was none
+            dropped["duplicate"] += bitmap.count
         texts = iter_unmarked((text for _, text in slice_texts(slices)), bitmap)
     else:
         texts = unique_texts(slice_texts(slices), dropped) if config.deduplicate else (t for _, t in slice_texts(slices))

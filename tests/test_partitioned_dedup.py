@@ -89,6 +89,16 @@ def test_a_partition_job_marks_every_later_copy_and_keeps_the_first(tmp_path):
     assert [i for i in range(len(texts)) if i in bitmap] == [2, 4, 5] and bitmap.count == 3
 
 
+def test_a_corpus_without_copies_gets_the_set_s_manifest(tmp_path, clue_lines_file):
+    lines = [line for line in clue_lines_file.read_text(encoding="utf-8").splitlines() if line.strip()][:300]
+    (tmp_path / "raw.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    in_memory = clean(CleanConfig(input_paths=[tmp_path / "raw.txt"], output_dir=tmp_path / "set", progress=False))
+    partitioned = clean(CleanConfig(input_paths=[tmp_path / "raw.txt"], output_dir=tmp_path / "parts", progress=False,
+                                    dedup_partitions=4))
+    assert "duplicate" not in in_memory["counts"]["documents_dropped"]
+    assert without_config(partitioned) == without_config(in_memory)
+
+
 def test_spill_files_are_removed_with_the_staging_directory(tmp_path, clue_lines_file):
     paths = corpus_with_copies(tmp_path, clue_lines_file)
     clean(CleanConfig(input_paths=paths, output_dir=tmp_path / "out", progress=False, dedup_partitions=4))
