@@ -10,7 +10,7 @@ BIN="$(cd "$(dirname "$0")" && pwd)"
 source "$BIN/env.sh"
 cd "$ROOT"
 WORK=${WORK:-work/quickstart}
-BART_STEPS=${BART_STEPS:-600}   # copying the context is learnt late; PEGASUS writes sentences sooner
+BART_STEPS=${BART_STEPS:-600}
 GSG_STEPS=${GSG_STEPS:-200}
 HELD_OUT=${HELD_OUT:-256}
 TRAIN_FLAGS=${TRAIN_FLAGS:---micro_batch_size 16 --learning_rate 3e-3 --warmup_steps 30 --save_checkpoint_steps 100 --log_every_steps 25 --eval_examples $HELD_OUT --eval_every_steps 100}
@@ -21,9 +21,13 @@ CLEAN_DIR="$WORK/clean" VOCAB="$WORK/vocab/vocab.txt" OUT="$WORK/tokenized" "$BI
 
 # A few minutes of CPU training: sentences kept in order and 15% of tokens masked, so the model
 # can learn to copy the context in that time (the papers' heavier noise needs far longer).
+# Decoder input dropout (all fed-back tokens [MASK]ed at step 0, none from half-way on) makes
+# the decoder read the source from the start: without it this model stays a language model of
+# the prefix for ~1,500 steps before it learns to copy.
 TOKENIZED_DIR="$WORK/tokenized" TARGET=bart SEQ_LENGTH=64 OUT="$WORK/examples-bart" "$BIN/mask.sh" \
   --permute_sentence_ratio 0 --mask_ratio 0.15
-DATA_DIR="$WORK/examples-bart" RUN_DIR="$WORK/run-bart" MODEL_CONFIG=bart-mini "$BIN/train.sh" --total_steps "$BART_STEPS" $TRAIN_FLAGS
+DATA_DIR="$WORK/examples-bart" RUN_DIR="$WORK/run-bart" MODEL_CONFIG=bart-mini "$BIN/train.sh" --total_steps "$BART_STEPS" $TRAIN_FLAGS \
+  --decoder_input_dropout 1.0 --decoder_input_dropout_steps $((BART_STEPS / 2))
 RUN_DIR="$WORK/run-bart" OUT="$WORK/export-bart" "$BIN/export.sh"
 
 TOKENIZED_DIR="$WORK/tokenized" TARGET=gsg SEQ_LENGTH=64 TGT_SEQ_LENGTH=32 OUT="$WORK/examples-gsg" "$BIN/mask.sh"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from data_tools.common import UserError
+from data_tools.compiled import notice_if_pure_python
 from data_tools.shards import checked_vocab_file, load_manifest, open_shard, shard_paths
 from pipeline.loss import IGNORE_INDEX
 
@@ -284,6 +286,38 @@ class Seq2SeqCollator:
         }
 
 
+@dataclass(frozen=True)
+class DecoderInputDropout:
+    """Word dropout on the decoder's teacher-forced inputs: each target token fed back to the
+    decoder (never the start token) becomes [MASK] with a probability that falls linearly from
+    ``probability`` at step 0 to 0 at ``until_step`` (constant when ``until_step`` is 0). The
+    labels are untouched. The draw is a function of (seed, step, rank, micro batch), so a resumed
+    run replays it exactly whatever the number of data workers."""
+
+    probability: float
+    until_step: int
+    mask_id: int
+    seed: int
+
+    def probability_at(self, step: int) -> float:
+        if self.until_step == 0:
+            return self.probability
+        return self.probability * max(0.0, 1.0 - step / self.until_step)
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int, rank: int, micro_batch: int) -> dict[str, torch.Tensor]:
+        probability = self.probability_at(step)
+        if probability <= 0:
+            return batch
+        entropy = np.random.SeedSequence([self.seed, step, rank, micro_batch]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(entropy) >> 1)
+        inputs = batch["decoder_input_ids"]
+        # A decoder input is a real token where its label is (inputs are the labels shifted right).
+        eligible = batch["labels"] != IGNORE_INDEX
+        eligible[:, 0] = False
+        dropped = eligible & (torch.rand(inputs.shape, generator=generator) < probability).to(inputs.device)
+        return {**batch, "decoder_input_ids": inputs.masked_fill(dropped, self.mask_id)}
+
+
 class OnlineMaskedExamples:
     """Examples masked on the fly from a tokenized corpus, with the mask stage's functions.
 
@@ -304,6 +338,8 @@ class OnlineMaskedExamples:
         self.index = self._build_index()
         if len(self.index) == 0:
             raise UserError(f"{tokenized_dir} yields no {mask_config.target} examples with these mask settings")
+        if os.environ.get("RANK", "0") == "0":
+            notice_if_pure_python("train (online masking)")
 
     def _build_index(self) -> np.ndarray:
         from data_tools.noising import plan_chunks
@@ -336,13 +372,13 @@ class OnlineMaskedExamples:
         return len(self.index)
 
     def example(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        from data_tools.mask import mask_chunk
+        from data_tools.mask import LazyGenerator, mask_chunk
         from data_tools.noising import pack_sentences
 
         document, chunk_index = int(self.index[index, 0]), int(self.index[index, 1])
         sentences = [sentence.tolist() for sentence in self.corpus[document]]
         chunk = pack_sentences(sentences, self.config.seq_length - 2)[chunk_index]
-        rng = np.random.default_rng([self.config.seed, epoch, document, chunk_index])
+        rng = LazyGenerator([self.config.seed, epoch, document, chunk_index])
         source, target = mask_chunk(chunk, rng, self.config, self.vocab)
         return np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64)
 

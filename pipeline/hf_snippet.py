@@ -2,11 +2,13 @@
 
 ``python -m pipeline.hf_snippet EXPORT_DIR [EXPORT_DIR ...]`` loads each directory with
 ``BertTokenizer`` and the model class named in its config, and prints one greedy
-generation through ``Text2TextGenerationPipeline``.
+generation through ``Text2TextGenerationPipeline``; for a BART model also how much of the
+prompt's context it gave back (difflib's character similarity to the prompt without [MASK]).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -26,6 +28,11 @@ def run_snippet(export_dir: Path, prompt: str = PROMPT) -> str:
     return result[0]["generated_text"]
 
 
+def context_similarity(generated: str, prompt: str = PROMPT) -> float:
+    """Character similarity (difflib ratio, 0-1) of a generation to the prompt with its [MASK] removed."""
+    return difflib.SequenceMatcher(None, generated, prompt.replace("[MASK]", "")).ratio()
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.generate import remove_cjk_spaces
 
@@ -34,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pipeline.hf_snippet EXPORT_DIR [EXPORT_DIR ...]", file=sys.stderr)
         return 2
     for directory in directories:
-        text = run_snippet(Path(directory))
-        print(f"{directory}: {PROMPT} -> {remove_cjk_spaces(text)}")
+        text = remove_cjk_spaces(run_snippet(Path(directory)))
+        architecture = json.loads((Path(directory) / "config.json").read_text())["architectures"][0]
+        copied = (f"  (context given back: similarity {context_similarity(text):.2f})"
+                  if architecture.startswith("Bart") else "")
+        print(f"{directory}: {PROMPT} -> {text}{copied}")
     return 0
 
 

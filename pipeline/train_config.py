@@ -58,6 +58,13 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak.")
     weight_decay: float = option(0.01, "Decoupled weight decay (not applied to biases and norms).")
     seed: int = option(7, "Seed for initialization, data order and dropout.")
+    decoder_input_dropout: float = option(
+        0.0, "Fraction of the decoder's teacher-forced input tokens replaced by [MASK] at step 0, falling linearly "
+        "to 0 at --decoder_input_dropout_steps (word dropout, Bowman et al. 2016). The labels are unchanged: a "
+        "decoder that cannot predict from its own prefix alone learns early to read the source through "
+        "cross-attention, which small models on a short budget otherwise learn late. 0 = off (the papers' recipe).")
+    decoder_input_dropout_steps: int = option(
+        0, "Step at which --decoder_input_dropout reaches 0; 0 = keep it constant for the whole run.")
     save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
     keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
     max_skipped_steps: int = option(100, "fp16: stop when this many optimizer steps in a row were skipped for "
@@ -113,6 +120,8 @@ class TrainConfig:
             problems.append("--eval_examples, --max_tokens_per_batch and --data_workers must be >= 0")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             problems.append("--learning_rate must be positive, --warmup_steps >= 0, --min_lr_ratio in [0, 1]")
+        if not 0 <= self.decoder_input_dropout <= 1 or self.decoder_input_dropout_steps < 0:
+            problems.append("--decoder_input_dropout must be in [0, 1] and --decoder_input_dropout_steps >= 0")
         if self.weight_decay < 0 or self.peak_tflops < 0 or self.global_batch_size < 0 or self.seed < 0:
             problems.append("--weight_decay, --peak_tflops, --global_batch_size and --seed must be >= 0")
         if problems:

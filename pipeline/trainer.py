@@ -37,6 +37,7 @@ from pipeline.checkpointing import (
     read_trainer_state,
     save_checkpoint,
 )
+from pipeline.data import DecoderInputDropout
 from pipeline.distributed import (
     Ranks,
     check_accelerator,
@@ -164,7 +165,10 @@ def train(config: TrainConfig) -> TrainerState:
     if ranks.is_main and peak is None and accelerator.device_name() != "cpu":
         print(f"train: no peak FLOP/s known for {device_name(accelerator)!r}: pass --peak_tflops for MFU",
               file=sys.stderr)
-    fit(engine, scheduler, batches, config, state, ranks, metrics, eval_batches if config.eval_examples else None, peak)
+    decoder_dropout = DecoderInputDropout(config.decoder_input_dropout, config.decoder_input_dropout_steps,
+                                          vocab["special_token_ids"]["[MASK]"], config.seed)
+    fit(engine, scheduler, batches, config, state, ranks, metrics, eval_batches if config.eval_examples else None, peak,
+        decoder_dropout if config.decoder_input_dropout > 0 else None)
     if ranks.is_main:
         write_loss_plot(config)
     return state
@@ -291,7 +295,7 @@ def device_name(accelerator: Any) -> str | None:
 
 def fit(engine: Any, scheduler: Any, batches: Iterator[LoadedBatch], config: TrainConfig, state: TrainerState,
         ranks: Ranks, metrics: MetricsLog, eval_batches: Callable[[], Iterator[dict]] | None,
-        peak_flops: float | None) -> None:
+        peak_flops: float | None, decoder_dropout: DecoderInputDropout | None = None) -> None:
     """The loop: forward, backward, step; logging, evaluation and checkpoints on their schedules."""
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -304,9 +308,12 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[LoadedBatch], config: Tra
     engine.train()
     while state.step < config.total_steps:
         step_example_ids = []
-        for _ in range(config.gradient_accumulation_steps):
+        for micro_batch in range(config.gradient_accumulation_steps):
             batch = window.next_batch(batches)
-            loss = seq2seq_loss(engine, batch.to(engine.device))
+            inputs = batch.to(engine.device)
+            if decoder_dropout is not None:
+                inputs = decoder_dropout(inputs, state.step, ranks.rank, micro_batch)
+            loss = seq2seq_loss(engine, inputs)
             engine.backward(loss)
             engine.step()
             window.add_micro_batch(loss, batch)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_tools.common import UserError
-from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator, padded_batch_cost, plan_micro_batches
+from pipeline.data import DecoderInputDropout, ResumableDistributedSampler, Seq2SeqCollator, padded_batch_cost, plan_micro_batches
 from pipeline.ds_config import lr_multiplier, resolve_batch_sizes
 from pipeline.model import build_model, load_model_config, packaged_model_configs, weight_decay_groups
 from pipeline.train_config import TrainConfig
@@ -182,6 +182,37 @@ def test_collator_pads_to_multiple_of_8_and_shifts_decoder_inputs():
     assert batch["decoder_input_ids"][0, :3].tolist() == [101, 7, 8]
     assert batch["labels"][0, :4].tolist() == [7, 8, 102, -100]
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_decoder_input_dropout_masks_only_fed_back_tokens_and_is_replayable():
+    examples = [(np.arange(110, 110 + n, dtype=np.uint16), np.arange(200, 200 + n, dtype=np.uint16))
+                for n in (300, 120, 7)]
+    batch = Seq2SeqCollator(pad_id=0, decoder_start_id=101)(examples)
+    dropout = DecoderInputDropout(probability=0.6, until_step=100, mask_id=103, seed=7)
+    dropped = dropout(batch, step=0, rank=1, micro_batch=0)
+    changed = dropped["decoder_input_ids"] != batch["decoder_input_ids"]
+    assert (dropped["decoder_input_ids"][changed] == 103).all()
+    assert not changed[:, 0].any(), "the decoder start token is never dropped"
+    assert not changed[batch["labels"] == -100].any(), "padding stays padding"
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(dropped[key], batch[key])
+    fed_back = (batch["labels"] != -100).sum().item() - len(examples)
+    assert abs(changed.sum().item() / fed_back - 0.6) < 0.08
+    # a function of (seed, step, rank, micro batch): replayed exactly, different elsewhere
+    assert torch.equal(dropout(batch, 0, 1, 0)["decoder_input_ids"], dropped["decoder_input_ids"])
+    assert not torch.equal(dropout(batch, 0, 0, 0)["decoder_input_ids"], dropped["decoder_input_ids"])
+    assert not torch.equal(dropout(batch, 0, 1, 1)["decoder_input_ids"], dropped["decoder_input_ids"])
+    # linear decay to 0 at until_step, then off; constant without until_step
+    assert dropout.probability_at(50) == pytest.approx(0.3) and dropout.probability_at(100) == 0
+    assert dropout(batch, 100, 1, 0) is batch and dropout(batch, 250, 1, 0) is batch
+    assert DecoderInputDropout(0.6, 0, 103, 7).probability_at(10_000) == 0.6
+
+
+def test_decoder_input_dropout_flags_are_checked():
+    with pytest.raises(UserError, match="--decoder_input_dropout"):
+        make_config(decoder_input_dropout=1.5)
+    with pytest.raises(UserError, match="--decoder_input_dropout"):
+        make_config(decoder_input_dropout_steps=-1)
 
 
 @pytest.mark.parametrize("name", packaged_model_configs())
