@@ -7,11 +7,14 @@ checked on a 20-token example.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from data_tools.compiled import COMPILED, kernel
 
 Span = tuple[int, int]  # (start, length); length 0 is an insertion point
 
@@ -280,32 +283,93 @@ def build_bart_example(
     return [special.cls, *noised[: seq_length - 2], special.sep], [*original[: seq_length - 1], special.sep]
 
 
-def sentence_token_counts(sentences: list[list[int]], unique: bool) -> np.ndarray:
-    """(sentences x distinct tokens) matrix of counts (or 0/1 presence when ``unique``)."""
-    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
-    flat = np.fromiter((t for s in sentences for t in s), dtype=np.int64, count=int(lengths.sum()))
-    _, token_index = np.unique(flat, return_inverse=True)
-    rows = np.repeat(np.arange(len(sentences)), lengths)
-    num_tokens = int(token_index.max()) + 1 if len(token_index) else 0
-    counts = np.bincount(rows * num_tokens + token_index, minlength=len(sentences) * num_tokens)
-    counts = counts.reshape(len(sentences), num_tokens)
-    return (counts > 0).astype(np.int64) if unique else counts
+@kernel
+def _rouge1_f1_from_counts(overlap: int, candidate_total: int, reference_total: int) -> float:
+    """ROUGE-1 F1 = 2PR / (P + R) = 2 overlap / (|candidate| + |reference|), one rounding:
+    equal scores are equal floats however they were reached, and ties go to the earlier sentence."""
+    if overlap == 0 or candidate_total + reference_total == 0:
+        return 0.0
+    return (2.0 * overlap) / (candidate_total + reference_total)
 
 
-def rouge1_f1(candidate: np.ndarray, reference: np.ndarray, unique: bool) -> np.ndarray:
-    """ROUGE-1 F1 of candidate count vectors against reference count vectors (rows), vectorized.
+@kernel
+def _principal_sentences(flat: np.ndarray, offsets: np.ndarray, count: int, sequential: bool, unique: bool,
+                         total: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Indices (unsorted) of PEGASUS's principal sentences of one chunk, from its token ids
+    ``flat`` with sentence i at ``flat[offsets[i]:offsets[i + 1]]``.
 
-    With ``unique`` the vectors are sets (n-grams counted once), otherwise multisets.
+    ``total`` and ``candidate`` are zeroed scratch counts of vocab size, left zeroed. The
+    candidate set is the sentences selected so far plus sentence i (just sentence i when
+    independent); its reference is the rest of the chunk. With ``unique`` both are sets.
     """
-    if unique:
-        candidate, reference = candidate > 0, reference > 0
-    overlap = np.minimum(candidate, reference).sum(axis=-1)
-    candidate_total, reference_total = candidate.sum(axis=-1), reference.sum(axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(candidate_total > 0, overlap / candidate_total, 0.0)
-        recall = np.where(reference_total > 0, overlap / reference_total, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return f1
+    num_sentences = len(offsets) - 1
+    distinct_in_chunk = 0
+    for k in range(len(flat)):
+        if total[flat[k]] == 0:
+            distinct_in_chunk += 1
+        total[flat[k]] += 1
+    chosen = np.zeros(num_sentences, dtype=np.bool_)
+    selected = np.empty(count, dtype=np.int64)
+    scores = np.zeros(num_sentences, dtype=np.float64)
+    selected_tokens = 0
+    for step in range(count):
+        if step == 0 or sequential:
+            for i in range(num_sentences):
+                if chosen[i]:
+                    continue
+                for k in range(offsets[i], offsets[i + 1]):
+                    candidate[flat[k]] += 1
+                overlap = candidate_total = only_in_candidate = 0
+                # every distinct token of the candidate: those of the selected sentences, then sentence i's
+                for j in range(num_sentences):
+                    if not (j == i or sequential and chosen[j]):
+                        continue
+                    for k in range(offsets[j], offsets[j + 1]):
+                        token = flat[k]
+                        in_candidate = candidate[token]
+                        if in_candidate <= 0:
+                            continue  # counted already (marked negative below)
+                        in_reference = total[token] - in_candidate
+                        if unique:
+                            candidate_total += 1
+                            overlap += 1 if in_reference > 0 else 0
+                        else:
+                            candidate_total += in_candidate
+                            overlap += min(in_candidate, in_reference)
+                        only_in_candidate += 1 if in_reference == 0 else 0
+                        candidate[token] = -in_candidate
+                length = offsets[i + 1] - offsets[i]
+                if unique:
+                    reference_total = distinct_in_chunk - only_in_candidate
+                else:
+                    reference_total = len(flat) - selected_tokens - length
+                scores[i] = _rouge1_f1_from_counts(overlap, candidate_total, reference_total)
+                # restore: the selected sentences' counts stay, sentence i's are removed
+                for j in range(num_sentences):
+                    if j == i or sequential and chosen[j]:
+                        for k in range(offsets[j], offsets[j + 1]):
+                            if candidate[flat[k]] < 0:
+                                candidate[flat[k]] = -candidate[flat[k]]
+                for k in range(offsets[i], offsets[i + 1]):
+                    candidate[flat[k]] -= 1
+        best = -1
+        for i in range(num_sentences):
+            if not chosen[i] and (best < 0 or scores[i] > scores[best]):
+                best = i  # strict: the earliest of equal scores
+        chosen[best] = True
+        selected[step] = best
+        if sequential:
+            for k in range(offsets[best], offsets[best + 1]):
+                candidate[flat[k]] += 1
+            selected_tokens += offsets[best + 1] - offsets[best]
+    for k in range(len(flat)):
+        total[flat[k]] = 0
+        candidate[flat[k]] = 0
+    return selected
+
+
+# Zeroed count arrays of vocab size, reused: the kernel leaves them zeroed.
+_scratch: dict[bool, tuple] = {}
 
 
 def select_principal_sentences(
@@ -318,24 +382,29 @@ def select_principal_sentences(
     sentence first); ``sequential`` adds, one at a time, the sentence that maximizes the
     ROUGE-1 F1 of everything selected so far against the rest. Computed on token ids.
     """
-    counts = sentence_token_counts(sentences, unique=False)
-    total = counts.sum(axis=0)
-    if mode == "independent":
-        # Rounded so that equal scores computed in different orders tie; ties go to the earlier sentence.
-        scores = np.round(rouge1_f1(counts, total - counts, unique), 9)
-        order = sorted(range(len(sentences)), key=lambda i: (-scores[i], i))
-        return sorted(order[:count])
-    selected: list[int] = []
-    selected_counts = np.zeros_like(total)
-    remaining = list(range(len(sentences)))
-    for _ in range(count):
-        candidate_counts = selected_counts + counts[remaining]
-        scores = np.round(rouge1_f1(candidate_counts, total - candidate_counts, unique), 9)
-        best = remaining[int(np.argmax(scores))]  # argmax takes the first of equal scores
-        selected.append(best)
-        selected_counts = selected_counts + counts[best]
-        remaining.remove(best)
-    return sorted(selected)
+    if mode not in ("independent", "sequential"):
+        raise ValueError(f"unknown ROUGE mode {mode!r}")
+    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+    offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int64, count=int(offsets[-1]))
+    return principal_sentences(flat, offsets, min(count, len(sentences)), mode == "sequential", unique)
+
+
+def principal_sentences(flat: np.ndarray, offsets: np.ndarray, count: int, sequential: bool, unique: bool,
+                        compiled: bool = COMPILED) -> list[int]:
+    """:func:`select_principal_sentences` on a flat int64 id array and sentence offsets, by the
+    compiled kernel or (``compiled=False``) the same code run as Python on lists."""
+    size = max(int(flat.max()) + 1 if len(flat) else 1, 1 << 15)
+    scratch = _scratch.get(compiled)
+    if scratch is None or len(scratch[0]) < size:
+        scratch = _scratch[compiled] = ((np.zeros(size, np.int64), np.zeros(size, np.int64)) if compiled
+                                        else ([0] * size, [0] * size))
+    if compiled:
+        chosen = _principal_sentences(flat, offsets, count, sequential, unique, *scratch)
+    else:
+        chosen = _principal_sentences.py_func(flat.tolist(), offsets.tolist(), count, sequential, unique, *scratch)
+    return sorted(chosen.tolist())
 
 
 def select_gap_sentences(

@@ -1,12 +1,14 @@
 """Properties of the pure noising functions, checked with explicit generators and hypothesis."""
 
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data_tools.compiled import COMPILED
 from data_tools.noising import (
     BartNoiseConfig,
     SpecialIds,
@@ -19,6 +21,7 @@ from data_tools.noising import (
     place_spans,
     sample_span_lengths,
     sample_spans,
+    principal_sentences,
     select_gap_sentences,
     select_principal_sentences,
 )
@@ -200,13 +203,14 @@ def test_place_spans_drops_what_does_not_fit():
 # -- PEGASUS --------------------------------------------------------------------------------------
 
 
-def brute_force_rouge1_f1(candidate: list[int], reference: list[int], unique: bool) -> float:
+def brute_force_rouge1_f1(candidate: list[int], reference: list[int], unique: bool) -> Fraction:
+    """Exact (rational) ROUGE-1 F1: equal scores tie exactly, and ties go to the earlier sentence."""
     c, r = (Counter(set(candidate)), Counter(set(reference))) if unique else (Counter(candidate), Counter(reference))
     overlap = sum((c & r).values())
     if not overlap:
-        return 0.0
-    precision, recall = overlap / sum(c.values()), overlap / sum(r.values())
-    return round(2 * precision * recall / (precision + recall), 9)  # ties within 1e-9 go to the earlier sentence
+        return Fraction(0)
+    precision, recall = Fraction(overlap, sum(c.values())), Fraction(overlap, sum(r.values()))
+    return 2 * precision * recall / (precision + recall)
 
 
 def brute_force_principal(sentences, count, mode, unique):
@@ -236,8 +240,12 @@ def brute_force_principal(sentences, count, mode, unique):
        st.sampled_from(["independent", "sequential"]), st.booleans(), st.integers(1, 4))
 def test_principal_selection_equals_brute_force(sentences, mode, unique, count):
     count = min(count, len(sentences))
-    assert select_principal_sentences(sentences, count, mode, unique) == brute_force_principal(
-        sentences, count, mode, unique)
+    expected = brute_force_principal(sentences, count, mode, unique)
+    assert select_principal_sentences(sentences, count, mode, unique) == expected
+    flat = np.array([t for s in sentences for t in s], dtype=np.int64)
+    offsets = np.cumsum([0] + [len(s) for s in sentences]).astype(np.int64)
+    for compiled in (True, False) if COMPILED else (False,):  # the kernel and the same code as Python
+        assert principal_sentences(flat, offsets, count, mode == "sequential", unique, compiled) == expected
 
 
 def test_gap_sentence_selection():
