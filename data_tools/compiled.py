@@ -50,7 +50,10 @@ def kernel(function: F) -> F:
     if _numba is None:
         function.py_func = function  # type: ignore[attr-defined]
         return function
-    return _numba.njit(cache=True, nogil=True)(function)
+    try:
+        return _numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "no locator available": neither the package nor a user cache dir is writable
+        return _numba.njit(cache=False, nogil=True)(function)
 
 
 def notice_if_pure_python(stage: str) -> None:
