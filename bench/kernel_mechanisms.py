@@ -88,9 +88,7 @@ def build_cpp(build_dir: Path):
 
 
 def load_chunks(quick: bool):
-    import numpy as np
-
-    from data_tools.noising import pack_sentences
+    from data_tools.noising import flatten_sentences, pack_sentences
     from data_tools.tokenize_shards import tokenize_document
     from data_tools.wordpiece import BertWordPieceEncoder
 
@@ -106,9 +104,7 @@ def load_chunks(quick: bool):
         sentences = [flat[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
         for chunk in pack_sentences(sentences, 510):
             if len(chunk) >= 2:
-                offsets = np.cumsum([0] + [len(s) for s in chunk]).astype(np.int64)
-                chunks.append((np.array([t for s in chunk for t in s], dtype=np.int64), offsets,
-                               max(1, round(len(chunk) * 0.3))))
+                chunks.append((*flatten_sentences(chunk), max(1, round(len(chunk) * 0.3))))
     return chunks
 
 

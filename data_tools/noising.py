@@ -320,10 +320,10 @@ def _principal_sentences(flat: np.ndarray, offsets: np.ndarray, count: int, sequ
                 for k in range(offsets[i], offsets[i + 1]):
                     candidate[flat[k]] += 1
                 overlap = candidate_total = only_in_candidate = 0
-                # every distinct token of the candidate: those of the selected sentences, then sentence i's
-                for j in range(num_sentences):
-                    if not (j == i or sequential and chosen[j]):
-                        continue
+                # the candidate's sentences: i (member -1), then, when sequential, those selected so far
+                members = step if sequential else 0
+                for member in range(-1, members):
+                    j = i if member < 0 else selected[member]
                     for k in range(offsets[j], offsets[j + 1]):
                         token = flat[k]
                         in_candidate = candidate[token]
@@ -345,11 +345,11 @@ def _principal_sentences(flat: np.ndarray, offsets: np.ndarray, count: int, sequ
                     reference_total = len(flat) - selected_tokens - length
                 scores[i] = _rouge1_f1_from_counts(overlap, candidate_total, reference_total)
                 # restore: the selected sentences' counts stay, sentence i's are removed
-                for j in range(num_sentences):
-                    if j == i or sequential and chosen[j]:
-                        for k in range(offsets[j], offsets[j + 1]):
-                            if candidate[flat[k]] < 0:
-                                candidate[flat[k]] = -candidate[flat[k]]
+                for member in range(-1, members):
+                    j = i if member < 0 else selected[member]
+                    for k in range(offsets[j], offsets[j + 1]):
+                        if candidate[flat[k]] < 0:
+                            candidate[flat[k]] = -candidate[flat[k]]
                 for k in range(offsets[i], offsets[i + 1]):
                     candidate[flat[k]] -= 1
         best = -1
@@ -384,11 +384,16 @@ def select_principal_sentences(
     """
     if mode not in ("independent", "sequential"):
         raise ValueError(f"unknown ROUGE mode {mode!r}")
-    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
-    offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int64, count=int(offsets[-1]))
+    flat, offsets = flatten_sentences(sentences)
     return principal_sentences(flat, offsets, min(count, len(sentences)), mode == "sequential", unique)
+
+
+def flatten_sentences(sentences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 ids of all sentences in order, offsets: sentence i is ``flat[offsets[i]:offsets[i + 1]]``)."""
+    offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)), out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int64, count=int(offsets[-1]))
+    return flat, offsets
 
 
 def principal_sentences(flat: np.ndarray, offsets: np.ndarray, count: int, sequential: bool, unique: bool,

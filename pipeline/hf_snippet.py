@@ -20,12 +20,16 @@ def run_snippet(export_dir: Path, prompt: str = PROMPT) -> str:
     import transformers
     from transformers import BertTokenizer, Text2TextGenerationPipeline
 
-    model_class_name = json.loads((Path(export_dir) / "config.json").read_text())["architectures"][0]
-    model_class = getattr(transformers, model_class_name)  # Bart/PegasusForConditionalGeneration
+    model_class = getattr(transformers, architecture(export_dir))  # Bart/PegasusForConditionalGeneration
     tokenizer = BertTokenizer.from_pretrained(str(export_dir))
     model = model_class.from_pretrained(str(export_dir))
     result = Text2TextGenerationPipeline(model, tokenizer)(prompt, max_length=50, do_sample=False)
     return result[0]["generated_text"]
+
+
+def architecture(export_dir: Path) -> str:
+    """The model class an export's config.json names."""
+    return json.loads((Path(export_dir) / "config.json").read_text())["architectures"][0]
 
 
 def context_similarity(generated: str, prompt: str = PROMPT) -> float:
@@ -42,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for directory in directories:
         text = remove_cjk_spaces(run_snippet(Path(directory)))
-        architecture = json.loads((Path(directory) / "config.json").read_text())["architectures"][0]
         copied = (f"  (context given back: similarity {context_similarity(text):.2f})"
-                  if architecture.startswith("Bart") else "")
+                  if architecture(Path(directory)).startswith("Bart") else "")
         print(f"{directory}: {PROMPT} -> {text}{copied}")
     return 0
 

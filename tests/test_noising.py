@@ -15,6 +15,7 @@ from data_tools.noising import (
     VocabInfo,
     build_bart_example,
     build_gsg_example,
+    flatten_sentences,
     noise_spans,
     pack_sentences,
     permute_sentence_order,
@@ -242,8 +243,7 @@ def test_principal_selection_equals_brute_force(sentences, mode, unique, count):
     count = min(count, len(sentences))
     expected = brute_force_principal(sentences, count, mode, unique)
     assert select_principal_sentences(sentences, count, mode, unique) == expected
-    flat = np.array([t for s in sentences for t in s], dtype=np.int64)
-    offsets = np.cumsum([0] + [len(s) for s in sentences]).astype(np.int64)
+    flat, offsets = flatten_sentences(sentences)
     for compiled in (True, False) if COMPILED else (False,):  # the kernel and the same code as Python
         assert principal_sentences(flat, offsets, count, mode == "sequential", unique, compiled) == expected
 
