@@ -37,6 +37,7 @@ from data_tools.noising import (
     select_gap_sentences,
 )
 from data_tools.outputs import overwrite_option, staged_dir
+from data_tools.random_streams import LazyGenerator
 from data_tools.parallel import chunked, ordered_map
 from data_tools.shards import (
     RollingShardWriter,
@@ -160,23 +161,6 @@ class MaskConfig:
 
     def bart_noise(self) -> BartNoiseConfig:
         return BartNoiseConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BartNoiseConfig)})
-
-
-class LazyGenerator:
-    """A ``numpy.random.Generator`` seeded on first use. Seeding costs ~20 microseconds, as much
-    as selecting a document's principal sentences, and PEGASUS's recipe ([MASK] gaps at principal
-    sentences) never draws; the numbers drawn are those of ``default_rng(seed)``."""
-
-    __slots__ = ("_seed", "_generator")
-
-    def __init__(self, seed: list[int]) -> None:
-        self._seed = seed
-        self._generator: np.random.Generator | None = None
-
-    def __getattr__(self, name: str):
-        if self._generator is None:
-            self._generator = np.random.default_rng(self._seed)
-        return getattr(self._generator, name)
 
 
 def document_rng(seed: int, pass_index: int, document_index: int) -> np.random.Generator:

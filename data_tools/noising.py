@@ -1,12 +1,15 @@
 """Pure noising functions for BART (text infilling) and PEGASUS (gap sentences).
 
-Every function takes its randomness as an explicit ``numpy.random.Generator`` and
+Every function takes its randomness as an explicit ``numpy.random.Generator`` (BART's
+compiled kernels draw from a SplitMix64 stream keyed by it, see data_tools.random_streams) and
 returns new lists: nothing here does I/O or touches global state, so each piece can be
-checked on a 20-token example.
+checked on a 20-token example. The hot loops are kernels (data_tools.compiled): compiled with
+numba, or run as the same Python code without it.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from data_tools.compiled import COMPILED, kernel
+from data_tools.random_streams import below, kernel_state, uniform, wrapping_arithmetic
 
 Span = tuple[int, int]  # (start, length); length 0 is an insertion point
 
@@ -67,94 +71,6 @@ def pack_sentences(sentences: list[list[int]], max_tokens: int) -> list[list[lis
     return [[sentences[index][start:end] for index, start, end in chunk] for chunk in plan]
 
 
-def sample_span_lengths(num_to_mask: int, poisson_lambda: float, rng: np.random.Generator) -> list[int]:
-    """Poisson span lengths whose sum is exactly ``num_to_mask`` (the last one is trimmed).
-
-    Zero-length spans are kept: BART inserts a [MASK] there that covers no token.
-    """
-    lengths: list[int] = []
-    total = 0
-    while total < num_to_mask:
-        batch = rng.poisson(poisson_lambda, size=max(4, int((num_to_mask - total) / max(poisson_lambda, 1.0)) + 2))
-        for length in batch.tolist():
-            if total + length > num_to_mask:
-                length = num_to_mask - total
-            lengths.append(length)
-            total += length
-            if total >= num_to_mask:
-                break
-    return lengths
-
-
-def sample_geometric_span_lengths(
-    num_to_mask: int, p: float, max_length: int, rng: np.random.Generator
-) -> list[int]:
-    """Geometric(p) span lengths capped at ``max_length`` (UER-py's span masking), summing to ``num_to_mask``."""
-    lengths: list[int] = []
-    total = 0
-    while total < num_to_mask:
-        for length in np.minimum(rng.geometric(p, size=16), max_length).tolist():
-            length = min(length, num_to_mask - total)
-            lengths.append(length)
-            total += length
-            if total >= num_to_mask:
-                break
-    return lengths
-
-
-def place_spans(length: int, span_lengths: list[int], rng: np.random.Generator) -> list[Span]:
-    """Non-adjacent spans of the given lengths at uniformly random places, sorted by start.
-
-    At least one unmasked unit separates consecutive spans, so each span stays its own
-    [MASK]; if the sequence is too short for that, the spans drawn last are dropped.
-    """
-    span_lengths = list(span_lengths)
-    while span_lengths and sum(span_lengths) + len(span_lengths) - 1 > length:
-        span_lengths.pop()
-    if not span_lengths:
-        return []
-    num_spans = len(span_lengths)
-    free = length - sum(span_lengths) - (num_spans - 1)  # unmasked units beyond the mandatory gaps
-    # Stars and bars: split `free` units into num_spans + 1 gaps uniformly.
-    cuts = np.sort(rng.choice(free + num_spans, size=num_spans, replace=False)) - np.arange(num_spans)
-    spans: list[Span] = []
-    position = 0
-    previous_cut = 0
-    for index, (cut, span_length) in enumerate(zip(cuts.tolist(), span_lengths)):
-        position += (cut - previous_cut) + (1 if index > 0 else 0)
-        spans.append((position, span_length))
-        position += span_length
-        previous_cut = cut
-    return spans
-
-
-def sample_spans(length: int, rng: np.random.Generator, mask_ratio: float, poisson_lambda: float) -> list[Span]:
-    """Non-adjacent spans with Poisson lengths covering ``round(length * mask_ratio)`` units."""
-    num_to_mask = int(round(length * mask_ratio))
-    if length == 0 or num_to_mask == 0:
-        return []
-    return place_spans(length, sample_span_lengths(num_to_mask, poisson_lambda, rng), rng)
-
-
-def word_starts(ids: list[int], is_continuation: np.ndarray) -> list[int]:
-    """Token positions where a word begins: every token but WordPiece's ``##`` continuations."""
-    flags = is_continuation[np.asarray(ids, dtype=np.int64)]
-    starts = np.flatnonzero(~flags)
-    if len(ids) and (len(starts) == 0 or starts[0] != 0):
-        starts = np.concatenate(([0], starts))
-    return starts.tolist()
-
-
-def permute_sentence_order(num_sentences: int, ratio: float, rng: np.random.Generator) -> list[int]:
-    """fairseq's sentence permutation: ``ceil(n * ratio)`` sentences change places among themselves."""
-    order = np.arange(num_sentences)
-    count = int(math.ceil(num_sentences * ratio))
-    if count > 1:
-        chosen = rng.permutation(num_sentences)[:count]
-        order[chosen] = chosen[rng.permutation(count)]
-    return order.tolist()
-
-
 @dataclass(frozen=True, slots=True)
 class BartNoiseConfig:
     """BART's noising (fairseq ``DenoisingDataset`` semantics) and UER-py's variant.
@@ -201,86 +117,358 @@ class VocabInfo:
         )
 
 
-def noise_spans(
-    ids: list[int], rng: np.random.Generator, noise: BartNoiseConfig, vocab: VocabInfo
-) -> list[int]:
-    """Span corruption of one token sequence: spans in words (or tokens), each replaced
-    by [MASK] (per ``replace_length``), random tokens, or left unchanged. Spans touching a
-    special token are left alone, so special tokens are never masked."""
-    if not ids:
-        return []
-    starts = word_starts(ids, vocab.is_continuation) if noise.whole_word_mask else list(range(len(ids)))
-    bounds = starts + [len(ids)]
-    num_to_mask = int(round(len(starts) * noise.mask_ratio))
+# -- BART -------------------------------------------------------------------------------------------
+# One compiled kernel per chunk (``_bart_example``) built from the small kernels below, each also
+# reachable on its own through a Python wrapper of the same name without the underscore. All
+# randomness comes from the chunk's SplitMix64 stream (data_tools.random_streams), in a fixed order:
+# sentence permutation, span lengths, span placement, then per span its action and replacement
+# tokens, insertion, rotation.
+
+
+@kernel
+def _round_half_even(x: float) -> int:
+    """Python's ``round(x)`` for a float: halves go to the even neighbour."""
+    floor = math.floor(x)
+    rest = x - floor
+    if rest > 0.5 or (rest == 0.5 and floor % 2 == 1):
+        floor += 1
+    return int(floor)
+
+
+@kernel
+def _span_lengths(state: np.ndarray, num_to_mask: int, cdf: np.ndarray) -> np.ndarray:
+    """Span lengths drawn by inversion from ``cdf`` (cdf[k] = P(length <= k), last entry 1.0) until
+    they cover ``num_to_mask`` units; the last is trimmed so the sum is exact. Zero-length spans
+    are kept: BART inserts a [MASK] there that covers no token."""
+    lengths = np.empty(num_to_mask + 8, np.int64)
+    count = total = 0
+    while total < num_to_mask:
+        u = uniform(state)
+        length = 0
+        while u >= cdf[length]:
+            length += 1
+        length = min(length, num_to_mask - total)
+        if count == len(lengths):
+            grown = np.empty(2 * count, np.int64)
+            grown[:count] = lengths
+            lengths = grown
+        lengths[count] = length
+        count += 1
+        total += length
+    return lengths[:count]
+
+
+@kernel
+def _choose_sorted(state: np.ndarray, population: int, count: int) -> np.ndarray:
+    """``count`` distinct values of range(population), uniformly, in increasing order (Floyd's
+    algorithm: ``count`` draws, then one pass over a bitmap instead of a sort)."""
+    chosen = np.zeros(population, np.bool_)
+    for j in range(population - count, population):
+        t = below(state, j + 1)
+        chosen[j if chosen[t] else t] = True
+    values = np.empty(count, np.int64)
+    filled = 0
+    for value in range(population):
+        if chosen[value]:
+            values[filled] = value
+            filled += 1
+    return values
+
+
+@kernel
+def _place_spans(state: np.ndarray, length: int, span_lengths: np.ndarray) -> np.ndarray:
+    """Starts of non-adjacent spans of the given lengths at uniformly random places, in order.
+
+    At least one unmasked unit separates consecutive spans, so each span stays its own [MASK];
+    if the sequence is too short for that, the spans drawn last are dropped (fewer starts
+    than lengths come back).
+    """
+    num_spans = len(span_lengths)
+    covered = 0
+    for index in range(num_spans):
+        covered += span_lengths[index]
+    while num_spans > 0 and covered + num_spans - 1 > length:
+        num_spans -= 1
+        covered -= span_lengths[num_spans]
+    if num_spans == 0:
+        return np.empty(0, np.int64)
+    free = length - covered - (num_spans - 1)  # unmasked units beyond the mandatory gaps
+    # Stars and bars: num_spans sorted distinct cuts among free + num_spans places split `free`
+    # units into num_spans + 1 gaps uniformly.
+    cuts = _choose_sorted(state, free + num_spans, num_spans)
+    starts = np.empty(num_spans, np.int64)
+    position = previous_cut = 0
+    for index in range(num_spans):
+        cut = cuts[index] - index
+        position += cut - previous_cut + (1 if index > 0 else 0)
+        starts[index] = position
+        position += span_lengths[index]
+        previous_cut = cut
+    return starts
+
+
+@kernel
+def _permute_sentences(state: np.ndarray, num_sentences: int, ratio: float) -> np.ndarray:
+    """fairseq's sentence permutation: ``ceil(n * ratio)`` sentences, chosen uniformly, change
+    places among themselves (uniformly); the others stay."""
+    order = np.arange(num_sentences)
+    count = int(math.ceil(num_sentences * ratio))
+    if count < 2:
+        return order
+    pool = np.arange(num_sentences)
+    for i in range(count):  # partial Fisher-Yates: pool[:count] is a uniform random subset
+        j = i + below(state, num_sentences - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    shuffled = pool[:count].copy()
+    for i in range(count - 1, 0, -1):
+        j = below(state, i + 1)
+        shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
+    for i in range(count):
+        order[pool[i]] = shuffled[i]
+    return order
+
+
+@kernel
+def _noise_spans(tokens: np.ndarray, state: np.ndarray, cdf: np.ndarray, mask_ratio: float, whole_word: bool,
+                 replace_length: int, random_ratio: float, keep_ratio: float, collapse: bool,
+                 is_continuation: np.ndarray, is_special: np.ndarray, mask_id: int, first_regular: int,
+                 vocab_size: int) -> np.ndarray:
+    """Span corruption of one token sequence (see :func:`noise_spans`)."""
+    n = len(tokens)
+    # unit u covers tokens[bounds[u]:bounds[u + 1]]: a word (its ## pieces with it) or a token
+    bounds = np.empty(n + 1, np.int64)
+    units = 0
+    for position in range(n):
+        if position == 0 or not whole_word or not is_continuation[tokens[position]]:
+            bounds[units] = position
+            units += 1
+    bounds[units] = n
+    num_to_mask = _round_half_even(units * mask_ratio)
     if num_to_mask == 0:
-        return list(ids)
-    if noise.span_distribution == "poisson":
-        spans = sample_spans(len(starts), rng, noise.mask_ratio, noise.poisson_lambda)
-    else:
-        lengths = sample_geometric_span_lengths(num_to_mask, noise.geometric_p, noise.max_span_length, rng)
-        spans = place_spans(len(starts), lengths, rng)
-    special = vocab.is_special[np.asarray(ids, dtype=np.int64)].tolist()
-    actions = rng.random(len(spans)).tolist()
-    mask_id = vocab.special.mask
-    output: list[int] = []
-    position = 0
-    # A plain loop: with ~50 spans per 512 tokens it beats a dozen numpy calls per sequence.
-    for (unit_start, unit_length), action in zip(spans, actions):
-        start, end = bounds[unit_start], bounds[unit_start + unit_length]
-        if any(special[start:end]):
-            continue
-        output.extend(ids[position:start])
+        return tokens.copy()
+    lengths = _span_lengths(state, num_to_mask, cdf)
+    starts = _place_spans(state, units, lengths)
+    output = np.empty(n + len(starts), np.int64)  # a span adds at most one token: an inserted [MASK]
+    written = position = 0
+    for index in range(len(starts)):
+        action = uniform(state)
+        start, end = bounds[starts[index]], bounds[starts[index] + lengths[index]]
+        touches_special = False
+        for k in range(start, end):
+            touches_special = touches_special or is_special[tokens[k]]
+        if touches_special:
+            continue  # special tokens are never masked
+        output[written:written + start - position] = tokens[position:start]
+        written += start - position
         position = end
-        if action < noise.random_ratio:
-            count = 1 if noise.replace_length == 1 or start == end else (end - start if noise.replace_length else 0)
-            output.extend(rng.integers(vocab.first_regular_id, vocab.size, size=count).tolist())
-        elif action < noise.random_ratio + noise.keep_ratio:
-            output.extend(ids[start:end])
-        elif noise.replace_length == 1 or start == end:
-            output.append(mask_id)
-        elif noise.replace_length == -1:
-            output.extend([mask_id] * (end - start))
-    output.extend(ids[position:])
-    if noise.collapse_masks:
-        output = [t for i, t in enumerate(output) if not (t == mask_id and i and output[i - 1] == mask_id)]
+        if action < random_ratio:
+            count = 1 if replace_length == 1 or start == end else (end - start if replace_length != 0 else 0)
+            for _ in range(count):
+                output[written] = first_regular + below(state, vocab_size - first_regular)
+                written += 1
+        elif action < random_ratio + keep_ratio:
+            output[written:written + end - start] = tokens[start:end]
+            written += end - start
+        elif replace_length == 1 or start == end:
+            output[written] = mask_id
+            written += 1
+        elif replace_length == -1:
+            output[written:written + end - start] = mask_id
+            written += end - start
+    output[written:written + n - position] = tokens[position:]
+    written += n - position
+    if collapse:
+        kept = 0
+        for k in range(written):
+            if not (output[k] == mask_id and kept > 0 and output[kept - 1] == mask_id):
+                output[kept] = output[k]
+                kept += 1
+        written = kept
+    return output[:written]
+
+
+@kernel
+def _insert_random_tokens(tokens: np.ndarray, state: np.ndarray, ratio: float, random_ratio: float,
+                          mask_id: int, first_regular: int, vocab_size: int) -> np.ndarray:
+    """fairseq's insertion noise (see :func:`insert_random_tokens`)."""
+    count = int(math.ceil(len(tokens) * ratio))
+    if count == 0:
+        return tokens.copy()
+    total = len(tokens) + count
+    positions = _choose_sorted(state, total, count)
+    randoms = int(math.ceil(count * random_ratio))
+    fillers = np.full(count, mask_id, np.int64)
+    for k in range(count - randoms, count):
+        fillers[k] = first_regular + below(state, vocab_size - first_regular)
+    for i in range(count - 1, 0, -1):  # Fisher-Yates: random tokens at random insertion points
+        j = below(state, i + 1)
+        fillers[i], fillers[j] = fillers[j], fillers[i]
+    output = np.empty(total, np.int64)
+    taken = inserted = 0
+    for k in range(total):
+        if inserted < count and positions[inserted] == k:
+            output[k] = fillers[inserted]
+            inserted += 1
+        else:
+            output[k] = tokens[taken]
+            taken += 1
     return output
 
 
+@kernel
+def _bart_example(flat: np.ndarray, offsets: np.ndarray, state: np.ndarray, cdf: np.ndarray, mask_ratio: float,
+                  whole_word: bool, replace_length: int, random_ratio: float, keep_ratio: float, collapse: bool,
+                  permute_ratio: float, insert_ratio: float, rotate_ratio: float, is_continuation: np.ndarray,
+                  is_special: np.ndarray, mask_id: int, cls_id: int, sep_id: int, first_regular: int,
+                  vocab_size: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) of one chunk (see :func:`build_bart_example`)."""
+    num_sentences = len(offsets) - 1
+    tokens = flat
+    if permute_ratio > 0 and num_sentences > 1:
+        order = _permute_sentences(state, num_sentences, permute_ratio)
+        tokens = np.empty_like(flat)
+        written = 0
+        for sentence in order:
+            length = offsets[sentence + 1] - offsets[sentence]
+            tokens[written:written + length] = flat[offsets[sentence]:offsets[sentence + 1]]
+            written += length
+    noised = _noise_spans(tokens, state, cdf, mask_ratio, whole_word, replace_length, random_ratio, keep_ratio,
+                          collapse, is_continuation, is_special, mask_id, first_regular, vocab_size)
+    if insert_ratio > 0:
+        noised = _insert_random_tokens(noised, state, insert_ratio, random_ratio, mask_id, first_regular,
+                                       vocab_size)
+    if rotate_ratio > 0 and len(noised) > 1 and uniform(state) < rotate_ratio:
+        offset = 1 + below(state, len(noised) - 1)
+        noised = np.concatenate((noised[offset:], noised[:offset]))
+    body = min(len(noised), seq_length - 2)
+    source = np.empty(body + 2, np.int64)
+    source[0] = cls_id
+    source[1:body + 1] = noised[:body]
+    source[body + 1] = sep_id
+    kept = min(len(flat), seq_length - 1)
+    target = np.empty(kept + 1, np.int64)
+    target[:kept] = flat[:kept]
+    target[kept] = sep_id
+    return source, target
+
+
+@functools.lru_cache(maxsize=64)
+def _span_length_cdf(distribution: str, poisson_lambda: float, geometric_p: float, max_length: int) -> np.ndarray:
+    """cdf[k] = P(span length <= k) for the kernels' inversion sampling; the last entry is 1.0.
+
+    Poisson(lambda) up to where the tail is below 1e-18 (its mass goes to the last entry);
+    geometric(p) on 1, 2, ... capped at ``max_length`` (UER-py's span masking).
+    """
+    if distribution == "poisson":
+        pmf, k = [], 0
+        while True:
+            pmf.append(math.exp(k * math.log(poisson_lambda) - poisson_lambda - math.lgamma(k + 1)))
+            if k > poisson_lambda and 1.0 - math.fsum(pmf) < 1e-18 or pmf[-1] == 0.0 and k > poisson_lambda:
+                break
+            k += 1
+    elif distribution == "geometric":
+        pmf = [0.0] + [(1 - geometric_p) ** (k - 1) * geometric_p for k in range(1, max_length)]
+    else:
+        raise ValueError(f"unknown span distribution {distribution!r}")
+    cdf = np.cumsum(pmf)
+    cdf = np.append(cdf[:-1], 1.0) if distribution == "poisson" else np.append(cdf, 1.0)
+    return cdf
+
+
+def span_length_cdf(noise: BartNoiseConfig) -> np.ndarray:
+    return _span_length_cdf(noise.span_distribution, noise.poisson_lambda, noise.geometric_p, noise.max_span_length)
+
+
+def _select(function, compiled: bool):
+    return function if compiled else function.py_func
+
+
+def sample_span_lengths(num_to_mask: int, poisson_lambda: float, rng: np.random.Generator,
+                        compiled: bool = COMPILED) -> list[int]:
+    """Poisson span lengths whose sum is exactly ``num_to_mask`` (the last one is trimmed)."""
+    cdf = _span_length_cdf("poisson", poisson_lambda, 0.0, 0)
+    with wrapping_arithmetic(compiled):
+        return _select(_span_lengths, compiled)(kernel_state(rng), num_to_mask, cdf).tolist()
+
+
+def sample_geometric_span_lengths(num_to_mask: int, p: float, max_length: int, rng: np.random.Generator,
+                                  compiled: bool = COMPILED) -> list[int]:
+    """Geometric(p) span lengths capped at ``max_length`` (UER-py's span masking), summing to ``num_to_mask``."""
+    cdf = _span_length_cdf("geometric", 0.0, p, max_length)
+    with wrapping_arithmetic(compiled):
+        return _select(_span_lengths, compiled)(kernel_state(rng), num_to_mask, cdf).tolist()
+
+
+def place_spans(length: int, span_lengths: list[int], rng: np.random.Generator,
+                compiled: bool = COMPILED) -> list[Span]:
+    """Non-adjacent spans of the given lengths at uniformly random places, sorted by start;
+    the spans drawn last are dropped when the sequence is too short for all of them."""
+    with wrapping_arithmetic(compiled):
+        starts = _select(_place_spans, compiled)(kernel_state(rng), length, np.asarray(span_lengths, np.int64))
+    return list(zip(starts.tolist(), span_lengths))
+
+
+def sample_spans(length: int, rng: np.random.Generator, mask_ratio: float, poisson_lambda: float,
+                 compiled: bool = COMPILED) -> list[Span]:
+    """Non-adjacent spans with Poisson lengths covering ``round(length * mask_ratio)`` units, drawn
+    from one stream in the order :func:`noise_spans` draws them."""
+    num_to_mask = round(length * mask_ratio)
+    if length == 0 or num_to_mask == 0:
+        return []
+    cdf = _span_length_cdf("poisson", poisson_lambda, 0.0, 0)
+    with wrapping_arithmetic(compiled):
+        state = kernel_state(rng)
+        lengths = _select(_span_lengths, compiled)(state, num_to_mask, cdf)
+        starts = _select(_place_spans, compiled)(state, length, lengths)
+    return list(zip(starts.tolist(), lengths.tolist()))
+
+
+def permute_sentence_order(num_sentences: int, ratio: float, rng: np.random.Generator,
+                           compiled: bool = COMPILED) -> list[int]:
+    """fairseq's sentence permutation: ``ceil(n * ratio)`` sentences change places among themselves."""
+    with wrapping_arithmetic(compiled):
+        return _select(_permute_sentences, compiled)(kernel_state(rng), num_sentences, ratio).tolist()
+
+
+def noise_spans(ids: list[int], rng: np.random.Generator, noise: BartNoiseConfig, vocab: VocabInfo,
+                compiled: bool = COMPILED) -> list[int]:
+    """Span corruption of one token sequence: spans in words (or tokens), each replaced
+    by [MASK] (per ``replace_length``), random tokens, or left unchanged. Spans touching a
+    special token are left alone, so special tokens are never masked."""
+    tokens = np.asarray(ids, dtype=np.int64)
+    with wrapping_arithmetic(compiled):
+        noised = _select(_noise_spans, compiled)(
+            tokens, kernel_state(rng), span_length_cdf(noise), noise.mask_ratio, noise.whole_word_mask,
+            noise.replace_length, noise.random_ratio, noise.keep_ratio, noise.collapse_masks,
+            vocab.is_continuation, vocab.is_special, vocab.special.mask, vocab.first_regular_id, vocab.size)
+    return noised.tolist()
+
+
 def insert_random_tokens(ids: list[int], ratio: float, rng: np.random.Generator, noise: BartNoiseConfig,
-                         vocab: VocabInfo) -> list[int]:
+                         vocab: VocabInfo, compiled: bool = COMPILED) -> list[int]:
     """fairseq's insertion noise: ``ceil(len * ratio)`` new tokens, [MASK] or (``random_ratio``) random."""
-    count = int(math.ceil(len(ids) * ratio))
-    if count == 0:
-        return ids
-    total = len(ids) + count
-    positions = set(rng.choice(total, size=count, replace=False).tolist())
-    randoms = int(math.ceil(count * noise.random_ratio))
-    fillers = [vocab.special.mask] * (count - randoms) + rng.integers(
-        vocab.first_regular_id, vocab.size, size=randoms).tolist()
-    fillers = [fillers[i] for i in rng.permutation(count)]
-    source = iter(ids)
-    filler = iter(fillers)
-    return [next(filler) if i in positions else next(source) for i in range(total)]
+    with wrapping_arithmetic(compiled):
+        return _select(_insert_random_tokens, compiled)(
+            np.asarray(ids, dtype=np.int64), kernel_state(rng), ratio, noise.random_ratio, vocab.special.mask,
+            vocab.first_regular_id, vocab.size).tolist()
 
 
 def build_bart_example(
-    sentences: list[list[int]], rng: np.random.Generator, noise: BartNoiseConfig, vocab: VocabInfo, seq_length: int
+    sentences: list[list[int]], rng: np.random.Generator, noise: BartNoiseConfig, vocab: VocabInfo, seq_length: int,
+    compiled: bool = COMPILED,
 ) -> tuple[list[int], list[int]]:
     """(source_ids, target_ids) for one packed chunk: permute sentences, corrupt spans,
-    insert, rotate; the target is the original chunk."""
-    original = [token for sentence in sentences for token in sentence]
-    if noise.permute_sentence_ratio > 0 and len(sentences) > 1:
-        order = permute_sentence_order(len(sentences), noise.permute_sentence_ratio, rng)
-        sentences = [sentences[i] for i in order]
-    tokens = [token for sentence in sentences for token in sentence]
-    noised = noise_spans(tokens, rng, noise, vocab)
-    if noise.insert_ratio > 0:
-        noised = insert_random_tokens(noised, noise.insert_ratio, rng, noise, vocab)
-    if noise.rotate_ratio > 0 and len(noised) > 1 and rng.random() < noise.rotate_ratio:
-        offset = int(rng.integers(1, len(noised)))
-        noised = noised[offset:] + noised[:offset]
+    insert, rotate; the target is the original chunk. One kernel call, drawing from one new
+    stream of ``rng`` (see :func:`data_tools.random_streams.kernel_state`)."""
+    flat, offsets = flatten_sentences(sentences)
     special = vocab.special
-    return [special.cls, *noised[: seq_length - 2], special.sep], [*original[: seq_length - 1], special.sep]
+    with wrapping_arithmetic(compiled):
+        source, target = _select(_bart_example, compiled)(
+            flat, offsets, kernel_state(rng), span_length_cdf(noise), noise.mask_ratio, noise.whole_word_mask,
+            noise.replace_length, noise.random_ratio, noise.keep_ratio, noise.collapse_masks,
+            noise.permute_sentence_ratio, noise.insert_ratio, noise.rotate_ratio, vocab.is_continuation,
+            vocab.is_special, special.mask, special.cls, special.sep, vocab.first_regular_id, vocab.size, seq_length)
+    return source.tolist(), target.tolist()
 
 
 @kernel

@@ -372,7 +372,8 @@ class OnlineMaskedExamples:
         return len(self.index)
 
     def example(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        from data_tools.mask import LazyGenerator, mask_chunk
+        from data_tools.mask import mask_chunk
+        from data_tools.random_streams import LazyGenerator
         from data_tools.noising import pack_sentences
 
         document, chunk_index = int(self.index[index, 0]), int(self.index[index, 1])

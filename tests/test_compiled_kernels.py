@@ -26,7 +26,9 @@ def mask_stage(tokenized_dir, output_dir, compiled: bool, *flags: str):
 @pytest.mark.parametrize("flags", [
     ("--preset", "pegasus_paper", "--seq_length", "256"),
     ("--preset", "pegasus_paper", "--seq_length", "256", "--rouge_mode", "sequential", "--rouge_unique"),
-], ids=["independent", "sequential-unique"])
+    ("--preset", "bart_paper", "--seq_length", "256", "--insert_ratio", "0.05", "--rotate_ratio", "0.5"),
+    ("--preset", "uer_bart", "--seq_length", "128"),
+], ids=["independent", "sequential-unique", "bart-paper", "uer-bart"])
 def test_mask_stage_writes_the_same_examples_with_and_without_compiled_kernels(tmp_path, clue_tokenized_dir, flags):
     compiled = mask_stage(clue_tokenized_dir, tmp_path / "compiled", True, *flags)
     python = mask_stage(clue_tokenized_dir, tmp_path / "python", False, *flags)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_tools.compiled import COMPILED
+from data_tools.random_streams import LazyGenerator, kernel_state, next_u64, uniform, wrapping_arithmetic
 from data_tools.noising import (
     BartNoiseConfig,
     SpecialIds,
@@ -21,6 +22,7 @@ from data_tools.noising import (
     permute_sentence_order,
     place_spans,
     sample_span_lengths,
+    sample_geometric_span_lengths,
     sample_spans,
     principal_sentences,
     select_gap_sentences,
@@ -70,6 +72,7 @@ def test_pack_sentences_keeps_order_and_limit_and_splits_long_sentences():
     assert pack_sentences([], 5) == []
 
 
+@settings(deadline=None)  # the first example loads the compiled kernels
 @given(st.integers(1, 400), st.integers(0, 2**32 - 1), st.floats(0.05, 0.6))
 def test_spans_cover_exactly_the_ratio_without_touching(length, seed, ratio):
     rng = np.random.default_rng(seed)
@@ -93,6 +96,63 @@ def test_span_lengths_follow_poisson_by_chi_square():
     chi_square = float(((observed - expected) ** 2 / expected).sum())
     assert chi_square < 27.88  # chi-square critical value, 9 degrees of freedom, p = 0.001
     assert observed[0] > 0  # zero-length spans (insertions) are kept
+
+
+def test_geometric_span_lengths_follow_the_capped_distribution_by_chi_square():
+    p, cap = 0.2, 10
+    lengths = np.array(sample_geometric_span_lengths(200_000, p, cap, np.random.default_rng(0))[:-1])
+    observed = np.bincount(lengths, minlength=cap + 1)[1:]
+    pmf = np.array([(1 - p) ** (k - 1) * p for k in range(1, cap)] + [(1 - p) ** (cap - 1)])
+    expected = len(lengths) * pmf
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square < 27.88  # 9 degrees of freedom, p = 0.001
+    assert lengths.min() == 1 and lengths.max() == cap
+
+
+def test_splitmix64_draws_the_published_reference_numbers():
+    # Vigna's splitmix64.c seeded with 1234567: the compiled kernel and its Python twin both
+    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431]
+    for compiled in (True, False):
+        state = np.array([1234567], dtype=np.uint64)
+        draw = next_u64 if compiled else next_u64.py_func
+        with wrapping_arithmetic(compiled):
+            assert [int(draw(state)) for _ in expected] == expected
+
+
+def test_kernel_streams_are_keyed_by_the_seed_and_their_order():
+    first, again, other = LazyGenerator([1, 0, 5]), LazyGenerator([1, 0, 5]), LazyGenerator([1, 0, 6])
+    keys = [first.kernel_stream() for _ in range(3)]
+    assert keys == [again.kernel_stream() for _ in range(3)] and len(set(keys)) == 3
+    assert other.kernel_stream() not in keys
+    state = kernel_state(np.random.default_rng(3))  # any numpy generator: 64 bits drawn from it
+    assert state.dtype == np.uint64 and state.shape == (1,)
+    assert kernel_state(np.random.default_rng(3))[0] == state[0]
+    draws = np.array([uniform(state) for _ in range(20_000)])
+    assert 0.0 <= draws.min() and draws.max() < 1.0 and abs(draws.mean() - 0.5) < 0.01
+
+
+NOISE_SETTINGS = st.builds(
+    BartNoiseConfig,
+    mask_ratio=st.floats(0.0, 0.6), poisson_lambda=st.floats(0.5, 6.0),
+    span_distribution=st.sampled_from(["poisson", "geometric"]), geometric_p=st.floats(0.05, 1.0),
+    max_span_length=st.integers(1, 12), replace_length=st.sampled_from([-1, 0, 1]),
+    random_ratio=st.floats(0.0, 0.5), keep_ratio=st.floats(0.0, 0.5), collapse_masks=st.booleans(),
+    permute_sentence_ratio=st.floats(0.0, 1.0), rotate_ratio=st.floats(0.0, 1.0), insert_ratio=st.floats(0.0, 0.3),
+    whole_word_mask=st.booleans(),
+)
+
+
+@pytest.mark.skipif(not COMPILED, reason="numba is not installed: only the Python path exists here")
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.one_of(CONTENT_IDS, st.sampled_from([100, 101, 102, 103])), min_size=1, max_size=40),
+                min_size=1, max_size=10), NOISE_SETTINGS, st.integers(0, 2**32 - 1), st.integers(8, 200))
+def test_bart_kernel_and_its_python_twin_build_the_same_example(sentences, noise, seed, seq_length):
+    compiled = build_bart_example(sentences, np.random.default_rng(seed), noise, VOCAB, seq_length, compiled=True)
+    python = build_bart_example(sentences, np.random.default_rng(seed), noise, VOCAB, seq_length, compiled=False)
+    assert compiled == python
+    source, target = compiled
+    assert source[0] == SPECIAL.cls and source[-1] == SPECIAL.sep and len(source) <= seq_length
+    assert target == [t for s in sentences for t in s][: seq_length - 1] + [SPECIAL.sep]
 
 
 def test_each_span_becomes_one_mask_and_empty_spans_insert_one():
@@ -155,7 +215,9 @@ def test_whole_word_masking_never_splits_a_word():
 
 def test_random_and_kept_spans_and_collapsing():
     ids = list(range(200, 400))
-    random_only = BartNoiseConfig(mask_ratio=0.3, random_ratio=1.0, replace_length=-1, whole_word_mask=False)
+    # geometric spans: no zero-length span, whose insertion would add a token whatever replace_length says
+    random_only = BartNoiseConfig(mask_ratio=0.3, random_ratio=1.0, replace_length=-1, whole_word_mask=False,
+                                  span_distribution="geometric")
     noised = noise_spans(ids, np.random.default_rng(1), random_only, VOCAB)
     assert SPECIAL.mask not in noised and len(noised) == len(ids) and noised != ids
     assert all(VOCAB.first_regular_id <= t < VOCAB.size for t in noised)
@@ -165,7 +227,8 @@ def test_random_and_kept_spans_and_collapsing():
                                 whole_word_mask=False)
     noised = noise_spans(ids, np.random.default_rng(1), collapsed, VOCAB)
     assert all(not (a == b == SPECIAL.mask) for a, b in zip(noised, noised[1:]))
-    deleted = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, replace_length=0, whole_word_mask=False)
+    deleted = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, replace_length=0, whole_word_mask=False,
+                              span_distribution="geometric")
     noised = noise_spans(ids, np.random.default_rng(1), deleted, VOCAB)
     assert SPECIAL.mask not in noised and len(noised) == len(ids) - 60
 
