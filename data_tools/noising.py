@@ -456,10 +456,11 @@ def insert_random_tokens(ids: list[int], ratio: float, rng: np.random.Generator,
 def build_bart_example(
     sentences: list[list[int]], rng: np.random.Generator, noise: BartNoiseConfig, vocab: VocabInfo, seq_length: int,
     compiled: bool = COMPILED,
-) -> tuple[list[int], list[int]]:
-    """(source_ids, target_ids) for one packed chunk: permute sentences, corrupt spans,
-    insert, rotate; the target is the original chunk. One kernel call, drawing from one new
-    stream of ``rng`` (see :func:`data_tools.random_streams.kernel_state`)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(source_ids, target_ids) int64 arrays for one packed chunk: permute sentences, corrupt
+    spans, insert, rotate; the target is the original chunk. One kernel call, drawing from one
+    new stream of ``rng`` (see :func:`data_tools.random_streams.kernel_state`). Arrays, not
+    lists: they go to Arrow and across processes without a per-token Python object."""
     flat, offsets = flatten_sentences(sentences)
     special = vocab.special
     with wrapping_arithmetic(compiled):
@@ -468,7 +469,7 @@ def build_bart_example(
             noise.replace_length, noise.random_ratio, noise.keep_ratio, noise.collapse_masks,
             noise.permute_sentence_ratio, noise.insert_ratio, noise.rotate_ratio, vocab.is_continuation,
             vocab.is_special, special.mask, special.cls, special.sep, vocab.first_regular_id, vocab.size, seq_length)
-    return source.tolist(), target.tolist()
+    return source, target
 
 
 @kernel

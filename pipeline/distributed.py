@@ -158,7 +158,8 @@ def warn_stale_extension_locks(max_age_s: float = 900.0) -> None:
     if not root or not Path(root).is_dir():
         return
     now = time.time()
-    for lock in Path(root).glob("*/*/lock"):
+    # TORCH_EXTENSIONS_DIR/<op>/lock; torch's own default adds a level (py311_cpu/<op>/lock)
+    for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
         if now - lock.stat().st_mtime > max_age_s:
             print(f"train: {lock} is {int((now - lock.stat().st_mtime) / 60)} minutes old: a killed JIT build left "
                   "it and ranks building that op will wait on it forever; delete it if no build is running",
