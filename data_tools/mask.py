@@ -13,6 +13,7 @@ the work is split, and ``--dup_factor N`` writes N passes with different masks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import sys
 from collections import Counter
@@ -159,7 +160,9 @@ class MaskConfig:
         if self.seed < 0:
             raise UserError(f"--seed {self.seed} must be >= 0")
 
+    @functools.cached_property
     def bart_noise(self) -> BartNoiseConfig:
+        """The noising flags as one frozen config, built once (per chunk it cost as much as the kernel)."""
         return BartNoiseConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BartNoiseConfig)})
 
 
@@ -174,7 +177,7 @@ def mask_chunk(
     """One (source_ids, target_ids) example from one packed chunk; None for a gsg chunk
     of a single sentence, which leaves nothing to condition on."""
     if config.target == "bart":
-        return build_bart_example(chunk, rng, config.bart_noise(), vocab, config.seq_length)
+        return build_bart_example(chunk, rng, config.bart_noise, vocab, config.seq_length)
     if len(chunk) < 2:
         return None
     selected = select_gap_sentences(
