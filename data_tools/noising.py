@@ -118,8 +118,9 @@ class VocabInfo:
 
 
 # -- BART -------------------------------------------------------------------------------------------
-# One compiled kernel per chunk (``_bart_example``) built from the small kernels below, each also
-# reachable on its own through a Python wrapper of the same name without the underscore. All
+# One compiled kernel per chunk (``_bart_example``) built from the small kernels below, which the
+# Python wrappers further down (sample_span_lengths, place_spans, noise_spans, ...) expose one by
+# one for tests; each wrapper runs the compiled kernel or, with ``compiled=False``, its Python twin. All
 # randomness comes from the chunk's SplitMix64 stream (data_tools.random_streams), in a fixed order:
 # sentence permutation, span lengths, span placement, then per span its action and replacement
 # tokens, insertion, rotation.
