@@ -38,8 +38,8 @@ from data_tools.noising import (
     select_gap_sentences,
 )
 from data_tools.outputs import overwrite_option, staged_dir
-from data_tools.random_streams import LazyGenerator
 from data_tools.parallel import chunked, ordered_map
+from data_tools.random_streams import LazyGenerator
 from data_tools.shards import (
     RollingShardWriter,
     check_stage_output,
@@ -166,6 +166,10 @@ class MaskConfig:
         return BartNoiseConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BartNoiseConfig)})
 
 
+# (source_ids, target_ids): int64 arrays from BART's kernel, lists from PEGASUS's functions
+Example = tuple[np.ndarray | list[int], np.ndarray | list[int]]
+
+
 def document_rng(seed: int, pass_index: int, document_index: int) -> np.random.Generator:
     """The generator for one document in one pass, independent of worker layout."""
     return LazyGenerator([seed, pass_index, document_index])  # type: ignore[return-value]
@@ -173,7 +177,7 @@ def document_rng(seed: int, pass_index: int, document_index: int) -> np.random.G
 
 def mask_chunk(
     chunk: list[list[int]], rng: np.random.Generator, config: MaskConfig, vocab: VocabInfo
-) -> tuple[list[int], list[int]] | None:
+) -> Example | None:
     """One (source_ids, target_ids) example from one packed chunk; None for a gsg chunk
     of a single sentence, which leaves nothing to condition on."""
     if config.target == "bart":
@@ -189,7 +193,7 @@ def mask_chunk(
 
 def mask_document(
     sentences: list[list[int]], rng: np.random.Generator, config: MaskConfig, vocab: VocabInfo
-) -> tuple[list[tuple[list[int], list[int]]], str | None]:
+) -> tuple[list[Example], str | None]:
     """All examples of one document, or none and the reason it was skipped."""
     built = (mask_chunk(chunk, rng, config, vocab) for chunk in pack_sentences(sentences, config.seq_length - 2))
     examples = [example for example in built if example is not None]

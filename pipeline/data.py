@@ -373,8 +373,8 @@ class OnlineMaskedExamples:
 
     def example(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         from data_tools.mask import mask_chunk
-        from data_tools.random_streams import LazyGenerator
         from data_tools.noising import pack_sentences
+        from data_tools.random_streams import LazyGenerator
 
         document, chunk_index = int(self.index[index, 0]), int(self.index[index, 1])
         sentences = [sentence.tolist() for sentence in self.corpus[document]]
