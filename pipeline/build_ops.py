@@ -2,8 +2,8 @@
 
 DeepSpeed JIT-compiles its ops the first time a process loads them, one after another, while
 every rank of the run waits: on a 2-core CPU machine FusedAdam and the shared-memory comm op
-take about a minute and 40 s. Built here, in parallel (one process per op) and possibly while
-the data stages run, they cost the time of the slowest one, and the trainer's ranks find them
+took 55 s and 37 s, one after the other. Built here, in parallel (one process per op) and
+possibly while the data stages run, they cost about the time of the slowest one, and the trainer's ranks find them
 ready in ``TORCH_EXTENSIONS_DIR`` (``bin/env.sh`` sets it per checkout). Run it once per node
 before a first launch; an op already built is only loaded.
 
