@@ -364,15 +364,15 @@ def _span_length_cdf(distribution: str, poisson_lambda: float, geometric_p: floa
         pmf, k = [], 0
         while True:
             pmf.append(math.exp(k * math.log(poisson_lambda) - poisson_lambda - math.lgamma(k + 1)))
-            if k > poisson_lambda and 1.0 - math.fsum(pmf) < 1e-18 or pmf[-1] == 0.0 and k > poisson_lambda:
+            if k > poisson_lambda and (1.0 - math.fsum(pmf) < 1e-18 or pmf[-1] == 0.0):
                 break
             k += 1
     elif distribution == "geometric":
-        pmf = [0.0] + [(1 - geometric_p) ** (k - 1) * geometric_p for k in range(1, max_length)]
+        pmf = [0.0] + [(1 - geometric_p) ** (k - 1) * geometric_p for k in range(1, max_length + 1)]
     else:
         raise ValueError(f"unknown span distribution {distribution!r}")
     cdf = np.cumsum(pmf)
-    cdf = np.append(cdf[:-1], 1.0) if distribution == "poisson" else np.append(cdf, 1.0)
+    cdf[-1] = 1.0  # the last length takes the tail: the cap, or Poisson's last 1e-18
     return cdf
 
 
@@ -380,32 +380,31 @@ def span_length_cdf(noise: BartNoiseConfig) -> np.ndarray:
     return _span_length_cdf(noise.span_distribution, noise.poisson_lambda, noise.geometric_p, noise.max_span_length)
 
 
-def _select(function, compiled: bool):
-    return function if compiled else function.py_func
+def _run(function, compiled: bool, *args):
+    """A kernel, or (``compiled=False``) its Python twin, whose SplitMix64 arithmetic wraps on purpose."""
+    with wrapping_arithmetic(compiled):
+        return (function if compiled else function.py_func)(*args)
 
 
 def sample_span_lengths(num_to_mask: int, poisson_lambda: float, rng: np.random.Generator,
                         compiled: bool = COMPILED) -> list[int]:
     """Poisson span lengths whose sum is exactly ``num_to_mask`` (the last one is trimmed)."""
     cdf = _span_length_cdf("poisson", poisson_lambda, 0.0, 0)
-    with wrapping_arithmetic(compiled):
-        return _select(_span_lengths, compiled)(kernel_state(rng), num_to_mask, cdf).tolist()
+    return _run(_span_lengths, compiled, kernel_state(rng), num_to_mask, cdf).tolist()
 
 
 def sample_geometric_span_lengths(num_to_mask: int, p: float, max_length: int, rng: np.random.Generator,
                                   compiled: bool = COMPILED) -> list[int]:
     """Geometric(p) span lengths capped at ``max_length`` (UER-py's span masking), summing to ``num_to_mask``."""
     cdf = _span_length_cdf("geometric", 0.0, p, max_length)
-    with wrapping_arithmetic(compiled):
-        return _select(_span_lengths, compiled)(kernel_state(rng), num_to_mask, cdf).tolist()
+    return _run(_span_lengths, compiled, kernel_state(rng), num_to_mask, cdf).tolist()
 
 
 def place_spans(length: int, span_lengths: list[int], rng: np.random.Generator,
                 compiled: bool = COMPILED) -> list[Span]:
     """Non-adjacent spans of the given lengths at uniformly random places, sorted by start;
     the spans drawn last are dropped when the sequence is too short for all of them."""
-    with wrapping_arithmetic(compiled):
-        starts = _select(_place_spans, compiled)(kernel_state(rng), length, np.asarray(span_lengths, np.int64))
+    starts = _run(_place_spans, compiled, kernel_state(rng), length, np.asarray(span_lengths, np.int64))
     return list(zip(starts.tolist(), span_lengths))
 
 
@@ -417,18 +416,16 @@ def sample_spans(length: int, rng: np.random.Generator, mask_ratio: float, poiss
     if length == 0 or num_to_mask == 0:
         return []
     cdf = _span_length_cdf("poisson", poisson_lambda, 0.0, 0)
-    with wrapping_arithmetic(compiled):
-        state = kernel_state(rng)
-        lengths = _select(_span_lengths, compiled)(state, num_to_mask, cdf)
-        starts = _select(_place_spans, compiled)(state, length, lengths)
+    state = kernel_state(rng)
+    lengths = _run(_span_lengths, compiled, state, num_to_mask, cdf)
+    starts = _run(_place_spans, compiled, state, length, lengths)
     return list(zip(starts.tolist(), lengths.tolist()))
 
 
 def permute_sentence_order(num_sentences: int, ratio: float, rng: np.random.Generator,
                            compiled: bool = COMPILED) -> list[int]:
     """fairseq's sentence permutation: ``ceil(n * ratio)`` sentences change places among themselves."""
-    with wrapping_arithmetic(compiled):
-        return _select(_permute_sentences, compiled)(kernel_state(rng), num_sentences, ratio).tolist()
+    return _run(_permute_sentences, compiled, kernel_state(rng), num_sentences, ratio).tolist()
 
 
 def noise_spans(ids: list[int], rng: np.random.Generator, noise: BartNoiseConfig, vocab: VocabInfo,
@@ -436,22 +433,17 @@ def noise_spans(ids: list[int], rng: np.random.Generator, noise: BartNoiseConfig
     """Span corruption of one token sequence: spans in words (or tokens), each replaced
     by [MASK] (per ``replace_length``), random tokens, or left unchanged. Spans touching a
     special token are left alone, so special tokens are never masked."""
-    tokens = np.asarray(ids, dtype=np.int64)
-    with wrapping_arithmetic(compiled):
-        noised = _select(_noise_spans, compiled)(
-            tokens, kernel_state(rng), span_length_cdf(noise), noise.mask_ratio, noise.whole_word_mask,
-            noise.replace_length, noise.random_ratio, noise.keep_ratio, noise.collapse_masks,
-            vocab.is_continuation, vocab.is_special, vocab.special.mask, vocab.first_regular_id, vocab.size)
-    return noised.tolist()
+    return _run(_noise_spans, compiled, np.asarray(ids, dtype=np.int64), kernel_state(rng), span_length_cdf(noise),
+                noise.mask_ratio, noise.whole_word_mask, noise.replace_length, noise.random_ratio, noise.keep_ratio,
+                noise.collapse_masks, vocab.is_continuation, vocab.is_special, vocab.special.mask,
+                vocab.first_regular_id, vocab.size).tolist()
 
 
 def insert_random_tokens(ids: list[int], ratio: float, rng: np.random.Generator, noise: BartNoiseConfig,
                          vocab: VocabInfo, compiled: bool = COMPILED) -> list[int]:
     """fairseq's insertion noise: ``ceil(len * ratio)`` new tokens, [MASK] or (``random_ratio``) random."""
-    with wrapping_arithmetic(compiled):
-        return _select(_insert_random_tokens, compiled)(
-            np.asarray(ids, dtype=np.int64), kernel_state(rng), ratio, noise.random_ratio, vocab.special.mask,
-            vocab.first_regular_id, vocab.size).tolist()
+    return _run(_insert_random_tokens, compiled, np.asarray(ids, dtype=np.int64), kernel_state(rng), ratio,
+                noise.random_ratio, vocab.special.mask, vocab.first_regular_id, vocab.size).tolist()
 
 
 def build_bart_example(
@@ -464,13 +456,10 @@ def build_bart_example(
     lists: they go to Arrow and across processes without a per-token Python object."""
     flat, offsets = flatten_sentences(sentences)
     special = vocab.special
-    with wrapping_arithmetic(compiled):
-        source, target = _select(_bart_example, compiled)(
-            flat, offsets, kernel_state(rng), span_length_cdf(noise), noise.mask_ratio, noise.whole_word_mask,
-            noise.replace_length, noise.random_ratio, noise.keep_ratio, noise.collapse_masks,
-            noise.permute_sentence_ratio, noise.insert_ratio, noise.rotate_ratio, vocab.is_continuation,
-            vocab.is_special, special.mask, special.cls, special.sep, vocab.first_regular_id, vocab.size, seq_length)
-    return source, target
+    return _run(_bart_example, compiled, flat, offsets, kernel_state(rng), span_length_cdf(noise), noise.mask_ratio,
+                noise.whole_word_mask, noise.replace_length, noise.random_ratio, noise.keep_ratio, noise.collapse_masks,
+                noise.permute_sentence_ratio, noise.insert_ratio, noise.rotate_ratio, vocab.is_continuation,
+                vocab.is_special, special.mask, special.cls, special.sep, vocab.first_regular_id, vocab.size, seq_length)
 
 
 @kernel
