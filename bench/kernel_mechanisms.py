@@ -89,7 +89,6 @@ def build_cpp(build_dir: Path):
 
 def load_chunks(quick: bool):
     from data_tools.noising import flatten_sentences, pack_sentences
-    from data_tools.tokenize_shards import tokenize_document
     from data_tools.wordpiece import BertWordPieceEncoder
 
     vocab = SHARED / "google_zh_vocab.txt"
@@ -99,7 +98,7 @@ def load_chunks(quick: bool):
     encoder = BertWordPieceEncoder(vocab)
     chunks = []
     for line in corpus.read_text(encoding="utf-8").splitlines()[: 400 if quick else None]:
-        flat, lengths = tokenize_document(line, encoder)
+        flat, lengths = encoder.encode_document(line)
         bounds = [0, *lengths.cumsum().tolist()]
         sentences = [flat[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
         for chunk in pack_sentences(sentences, 510):

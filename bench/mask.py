@@ -33,7 +33,6 @@ UER_REFERENCE = {"bart": 12_700.0, "gsg_random": 9_700.0}  # instances/s, one co
 
 
 def load_documents(quick: bool):
-    from data_tools.tokenize_shards import tokenize_document
     from data_tools.wordpiece import BertWordPieceEncoder
 
     vocab = SHARED / "google_zh_vocab.txt"
@@ -45,7 +44,7 @@ def load_documents(quick: bool):
     start = time.perf_counter()
     documents = []
     for line in lines:
-        flat, lengths = tokenize_document(line, encoder)
+        flat, lengths = encoder.encode_document(line)
         bounds = [0, *lengths.cumsum().tolist()]
         documents.append([flat[a:b].tolist() for a, b in zip(bounds, bounds[1:])])
     return documents, vocab, time.perf_counter() - start

@@ -50,7 +50,9 @@ class ArrowShardWriter:
         self._writer = pa.ipc.new_stream(self._sink, schema)
 
     def write(self, columns: dict[str, pa.Array]) -> None:
-        batch = pa.record_batch([columns[name] for name in self.schema.names], schema=self.schema)
+        self.write_batch(pa.record_batch([columns[name] for name in self.schema.names], schema=self.schema))
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
@@ -252,14 +254,35 @@ class RollingShardWriter:
 
     def add(self, row: Any) -> None:
         if self._writer is None:
-            path = self.output_dir / f"{self.prefix}-{len(self.shards):05d}.arrow"
-            self._writer = ArrowShardWriter(path, self.schema)
+            self._open_shard()
         self._pending.append(row)
         self._stats.update(self.row_stats(row))
         if len(self._pending) >= self.batch_rows:
             self._flush()
         if self._writer.rows + len(self._pending) >= self.rows_per_shard:
             self._close_shard()
+
+    def add_columns(self, columns: dict[str, pa.Array], row_stats: dict[str, np.ndarray]) -> None:
+        """Many rows at once, already as arrays (``row_stats``: one value per row for each statistic):
+        written in record batches of at most ``batch_rows`` rows, cut where a shard fills up, with no
+        Python object per row."""
+        batch = pa.record_batch([columns[name] for name in self.schema.names], schema=self.schema)
+        start = 0
+        while start < batch.num_rows:
+            if self._writer is None:
+                self._open_shard()
+            self._flush()  # rows added one by one before these come first
+            take = min(self.batch_rows, self.rows_per_shard - self._writer.rows, batch.num_rows - start)
+            self._writer.write_batch(batch.slice(start, take))
+            for name, values in row_stats.items():
+                self._stats[name] += int(values[start:start + take].sum())
+            start += take
+            if self._writer.rows >= self.rows_per_shard:
+                self._close_shard()
+
+    def _open_shard(self) -> None:
+        path = self.output_dir / f"{self.prefix}-{len(self.shards):05d}.arrow"
+        self._writer = ArrowShardWriter(path, self.schema)
 
     def _flush(self) -> None:
         if self._pending:

@@ -12,7 +12,6 @@ import json
 import shutil
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,10 +22,11 @@ from tqdm import tqdm
 
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
+from data_tools.compiled import notice_if_pure_python
 from data_tools.outputs import overwrite_option, staged_dir
 from data_tools.parallel import chunked, ordered_map
 from data_tools.shards import RollingShardWriter, check_stage_output, id_type_for_vocab, load_manifest, shard_paths
-from data_tools.wordpiece import BertWordPieceEncoder, load_encoder
+from data_tools.wordpiece import BertWordPieceEncoder, EncodedDocuments, load_encoder
 
 STAGE = "tokenize"
 
@@ -56,46 +56,38 @@ class TokenizeConfig:
             raise UserError("--documents_per_shard, --batch_rows, --processes_num, --chunk_documents must be positive")
 
 
-Document = tuple[np.ndarray, np.ndarray]  # (token ids of all sentences, length of each sentence)
-
-
-def sentences_array(documents: list[Document], id_type: pa.DataType) -> pa.ListArray:
-    """``list<list<id>>`` from documents given as (flat ids, sentence lengths)."""
-    flat = np.concatenate([ids for ids, _ in documents]).astype(id_type.to_pandas_dtype(), copy=False)
-    lengths = np.concatenate([sentence_lengths for _, sentence_lengths in documents])
-    inner_offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=inner_offsets[1:])
-    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat, id_type))
-    outer_offsets = np.zeros(len(documents) + 1, dtype=np.int32)
-    np.cumsum([len(sentence_lengths) for _, sentence_lengths in documents], out=outer_offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(outer_offsets), inner)
-
-
-def tokenize_document(text: str, encoder: BertWordPieceEncoder) -> Document:
-    """All sentences of one document as ids, sentences with no tokens left out."""
-    return encoder.encode_document(text)
+def sentences_array(encoded: EncodedDocuments, id_type: pa.DataType) -> pa.ListArray:
+    """``list<list<id>>`` of the documents that have sentences, straight from the flat buffers."""
+    inner_offsets = np.zeros(len(encoded.sentence_lengths) + 1, dtype=np.int32)
+    np.cumsum(encoded.sentence_lengths, out=inner_offsets[1:])
+    counts = encoded.sentences_per_document[encoded.sentences_per_document > 0]
+    outer_offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=outer_offsets[1:])
+    ids = pa.array(encoded.ids.astype(id_type.to_pandas_dtype()), id_type)
+    return pa.ListArray.from_arrays(pa.array(outer_offsets), pa.ListArray.from_arrays(pa.array(inner_offsets), ids))
 
 
 _worker: dict = {}
 
 
-def _init_worker(vocab_path: Path, do_lower_case: bool) -> None:
-    _worker["encoder"] = BertWordPieceEncoder(vocab_path, do_lower_case=do_lower_case)
+def _init_worker(encoder: BertWordPieceEncoder) -> None:
+    # Forked workers inherit the parent's encoder, its kernel tables and the loaded kernel (none is
+    # rebuilt per worker); under spawn the encoder arrives pickled.
+    _worker["encoder"] = encoder
 
 
-def _tokenize_chunk(chunk: tuple[Path, int, list[bytes]]) -> tuple[list[Document], int, int]:
+def _tokenize_chunk(chunk: tuple[Path, int, list[bytes]]) -> tuple[EncodedDocuments, int, int]:
     """The documents of one chunk of JSONL lines, the chunk's size in bytes and its [UNK] count."""
     path, first_line, lines = chunk
     encoder = _worker["encoder"]
-    documents = []
+    texts = []
     for line_number, line in enumerate(lines, start=first_line):
         try:
-            text = json.loads(line)["text"]
+            texts.append(json.loads(line)["text"])
         except (ValueError, KeyError, TypeError) as error:  # the shard's sha256 matched: a foreign manifest
             raise UserError(f"{path}:{line_number}: not a {{'text': ...}} line ({error}); re-run clean") from error
-        documents.append(tokenize_document(text, encoder))
-    unknown = sum(int(np.count_nonzero(ids == encoder.unk_id)) for ids, _ in documents)
-    return documents, sum(map(len, lines)), unknown
+    encoded = encoder.encode_documents(texts)
+    return encoded, sum(map(len, lines)), int(np.count_nonzero(encoded.ids == encoder.unk_id))
 
 
 def _read_chunks(paths: list[Path], chunk_documents: int) -> Iterator[tuple[Path, int, list[bytes]]]:
@@ -111,6 +103,7 @@ def tokenize(config: TokenizeConfig) -> dict:
     check_stage_output(config.output_dir, STAGE, "tokenized", config.overwrite,
                        {"--input_dir": config.input_dir, "--vocab_path": config.vocab_path})
     inputs = shard_paths(config.input_dir, clean_manifest)  # each checked against the clean manifest
+    notice_if_pure_python(STAGE)
     with staged_dir(config.output_dir) as staging:
         manifest = _tokenize_into(staging, inputs, clean_manifest, encoder, config)
     return manifest
@@ -120,29 +113,31 @@ def _tokenize_into(staging: Path, inputs: list[Path], clean_manifest: dict, enco
                    config: TokenizeConfig) -> dict:
     id_type = id_type_for_vocab(encoder.vocab_size)
     schema = pa.schema([pa.field("sentences", pa.list_(pa.list_(id_type)))])
-    writer = RollingShardWriter(
-        staging, "tokenized", schema, config.documents_per_shard, config.batch_rows,
-        to_columns=lambda documents: {"sentences": sentences_array(documents, id_type)},
-        row_stats=lambda document: {"sentences": len(document[1]), "tokens": len(document[0])},
-    )
-    dropped: Counter[str] = Counter()
-    read = unknown = 0
+    writer = RollingShardWriter(staging, "tokenized", schema, config.documents_per_shard, config.batch_rows,
+                                to_columns=lambda rows: {})  # rows arrive as columns (add_columns)
+    read = unknown = no_tokens = 0
     started = time.perf_counter()
     total_bytes = sum(path.stat().st_size for path in inputs)
     bar = tqdm(total=total_bytes / 1e6, desc="tokenize", unit=" MB", disable=not config.progress, file=sys.stderr,
                mininterval=1.0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}, {rate_fmt}]")
     chunks = _read_chunks(inputs, config.chunk_documents)
+    encoder.encode_documents(["。"])  # tables and compiled kernel ready before the workers fork
     results = ordered_map(_tokenize_chunk, chunks, config.processes_num, initializer=_init_worker,
-                          initargs=(config.vocab_path, config.do_lower_case))
-    for documents, chunk_bytes, chunk_unknown in results:
+                          initargs=(encoder,))
+    for encoded, chunk_bytes, chunk_unknown in results:
         unknown += chunk_unknown
-        for document in documents:
-            read += 1
-            if len(document[1]):
-                writer.add(document)
-            else:
-                dropped["no_tokens"] += 1
+        counts = encoded.sentences_per_document
+        read += len(counts)
+        kept_counts = counts[counts > 0]
+        no_tokens += len(counts) - len(kept_counts)
+        if len(kept_counts):
+            document_ends = np.cumsum(kept_counts)  # in sentences
+            sentence_ends = np.cumsum(encoded.sentence_lengths, dtype=np.int64)
+            tokens = np.diff(sentence_ends[document_ends - 1], prepend=0)
+            writer.add_columns({"sentences": sentences_array(encoded, id_type)},
+                               {"sentences": kept_counts, "tokens": tokens})
         bar.update(chunk_bytes / 1e6)
+    dropped = {"no_tokens": no_tokens} if no_tokens else {}
     shards = writer.close()
     bar.close()
 
@@ -177,7 +172,7 @@ def _tokenize_into(staging: Path, inputs: list[Path], clean_manifest: dict, enco
         "counts": {
             "documents_read": read,
             "documents_kept": kept,
-            "documents_dropped": dict(dropped),
+            "documents_dropped": dropped,
             "sentences": sum(s["sentences"] for s in shards),
             "tokens": tokens,
             "unk_tokens": unknown,

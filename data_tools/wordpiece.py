@@ -18,12 +18,15 @@ import functools
 import itertools
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from data_tools import tokenize_kernel
 from data_tools.common import SPECIAL_TOKENS, UserError
-from data_tools.sentences import split_sentences
+from data_tools.compiled import COMPILED
+from data_tools.sentences import CLOSING_MARKS, SENTENCE_ENDERS, split_sentences
 
 MAX_INPUT_CHARS_PER_WORD = 100
 # A private-use character (BERT deletes it as a control character, so no real token
@@ -84,6 +87,29 @@ def is_bert_punctuation(char: str) -> bool:
     return unicodedata.category(char).startswith("P")
 
 
+@dataclass(frozen=True)
+class EncodedDocuments:
+    """Many documents' sentences as ids: flat, then split by lengths (document d has
+    ``sentences_per_document[d]`` sentences, 0 when it produced no token)."""
+
+    ids: np.ndarray  # int32, every kept sentence's ids in order
+    sentence_lengths: np.ndarray  # int32, one per kept sentence (all > 0)
+    sentences_per_document: np.ndarray  # int64, one per document
+
+    def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(flat ids, sentence lengths) of one document, as :meth:`BertWordPieceEncoder.encode_document` gives them."""
+        first_sentence = np.concatenate(([0], np.cumsum(self.sentences_per_document)))
+        first_token = np.concatenate(([0], np.cumsum(self.sentence_lengths, dtype=np.int64)))
+        a, b = first_sentence[index], first_sentence[index + 1]
+        return self.ids[first_token[a]:first_token[b]], self.sentence_lengths[a:b]
+
+    @classmethod
+    def concatenate(cls, parts: list["EncodedDocuments"]) -> "EncodedDocuments":
+        return cls(*(np.concatenate([getattr(part, name) for part in parts]).astype(dtype, copy=False)
+                     for name, dtype in (("ids", np.int32), ("sentence_lengths", np.int32),
+                                         ("sentences_per_document", np.int64))))
+
+
 def load_vocab(vocab_path: Path) -> dict[str, int]:
     """token -> id, one token per line, as BERT reads it (a later duplicate wins)."""
     vocab: dict[str, int] = {}
@@ -123,8 +149,9 @@ class BertWordPieceEncoder:
         self.unk_id = self.vocab["[UNK]"]
         self.special_ids = {token: self.vocab[token] for token in SPECIAL_TOKENS}
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True)))
-        self._char_ids = self._build_fast_char_table()
-        fast_chars = "".join(re.escape(c) for c in self._char_ids if not is_cjk_codepoint(ord(c)))
+        fast_punctuation = self._fast_punctuation_ids()
+        self._char_ids = {**self._ideograph_ids(), **fast_punctuation}
+        fast_chars = "".join(map(re.escape, fast_punctuation))
         # Runs of characters that need the full procedure; everything between them is
         # looked up one character at a time.
         self._slow_run_re = re.compile(f"([^{_UNIFIED_CJK_CLASS}{fast_chars}]+)")
@@ -132,7 +159,7 @@ class BertWordPieceEncoder:
         self._run_cache: dict[str, list[int]] = {}
         self._separated_char_ids = {**self._char_ids, _SENTENCE_SEPARATOR: -1}
         self._separated_run_re = re.compile(f"([^{_UNIFIED_CJK_CLASS}{fast_chars}{_SENTENCE_SEPARATOR}]+)")
-
+        self._kernel_tables: tokenize_kernel.KernelTables | None = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -170,19 +197,95 @@ class BertWordPieceEncoder:
         lengths = (bounds[1:] - bounds[:-1] - 1).astype(np.int32)
         return flat[is_token], lengths[lengths > 0]
 
+    def encode_documents(self, texts: list[str], compiled: bool = COMPILED) -> EncodedDocuments:
+        """:meth:`encode_document` of every text, as one :class:`EncodedDocuments`.
+
+        Compiled, one kernel pass over the batch's code points does the sentence splitting and the
+        ids of all but the rare runs that need Unicode normalization, which this encoder's cached
+        Python procedure fills in (data_tools.tokenize_kernel). Without numba (or ``compiled=False``)
+        each document goes through :meth:`encode_document`: the same ids.
+        """
+        if not compiled:
+            return self._encode_documents_one_by_one(texts)
+        joined = "".join(texts)
+        special = self._special_re.search(joined)
+        if special is not None or _SENTENCE_SEPARATOR in joined:
+            # [MASK] and friends stay whole: those documents (rare) take the per-sentence path
+            return self._encode_documents_mixed(texts)
+        offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, texts), np.int64, count=len(texts)), out=offsets[1:])
+        code_points = np.minimum(np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32),
+                                 tokenize_kernel.TABLE_SIZE)
+        tables = self.kernel_tables()
+        ids, sentence_ends, per_document, run_starts, run_ends = tokenize_kernel.scan_documents(
+            code_points, offsets, tables.kind, tables.char_id, tables.sentence_mark, tables.is_py_space, tables.slots,
+            tables.entry_bytes, tables.entry_offsets, tables.entry_ids, tables.longest_entry, tables.unk_id,
+            tables.do_lower_case)
+        if len(run_starts) == 0:
+            lengths = np.diff(sentence_ends, prepend=0).astype(np.int32)
+            return EncodedDocuments(ids, lengths, per_document)
+        run_cache, encode_new = self._run_cache, self._encode_new_run
+        run_ids = []
+        for start, end in zip(run_starts.tolist(), run_ends.tolist()):
+            run = joined[start:end]
+            cached = run_cache.get(run)
+            run_ids.append(cached if cached is not None else encode_new(run))
+        run_offsets = np.zeros(len(run_ids) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, run_ids), np.int64, count=len(run_ids)), out=run_offsets[1:])
+        flat_run_ids = np.fromiter(itertools.chain.from_iterable(run_ids), np.int32, count=int(run_offsets[-1]))
+        return EncodedDocuments(*tokenize_kernel.splice_runs(ids, sentence_ends, per_document, flat_run_ids,
+                                                             run_offsets))
+
+    def kernel_tables(self) -> tokenize_kernel.KernelTables:
+        """The compiled tokenizer's tables for this vocab (built on first use)."""
+        if self._kernel_tables is None:
+            self._kernel_tables = tokenize_kernel.build_tables(
+                self.vocab, self._char_ids, self.unk_id, self.do_lower_case, SENTENCE_ENDERS, CLOSING_MARKS,
+                is_bert_punctuation)
+        return self._kernel_tables
+
+    def _encode_documents_one_by_one(self, texts: list[str]) -> EncodedDocuments:
+        encoded = [self.encode_document(text) for text in texts]
+        return EncodedDocuments(
+            np.concatenate([ids for ids, _ in encoded] or [np.zeros(0, np.int32)]).astype(np.int32, copy=False),
+            np.concatenate([lengths for _, lengths in encoded] or [np.zeros(0, np.int32)]).astype(np.int32, copy=False),
+            np.fromiter((len(lengths) for _, lengths in encoded), np.int64, count=len(encoded)))
+
+    def _encode_documents_mixed(self, texts: list[str]) -> EncodedDocuments:
+        """Documents with special tokens one by one, runs of the others through the kernel."""
+        parts, plain = [], []
+        for text in texts:
+            if self._special_re.search(text) or _SENTENCE_SEPARATOR in text:
+                if plain:
+                    parts.append(self.encode_documents(plain))
+                    plain = []
+                parts.append(self._encode_documents_one_by_one([text]))
+            else:
+                plain.append(text)
+        if plain:
+            parts.append(self.encode_documents(plain))
+        return EncodedDocuments.concatenate(parts)
+
     # -- internals ------------------------------------------------------------------------
 
-    def _build_fast_char_table(self) -> dict[str, int]:
-        """Characters that always form one token on their own, whatever surrounds them."""
+    def _ideograph_ids(self) -> dict[str, int]:
+        """Unified ideographs: each is a token of its own, whatever surrounds it."""
         vocab, unk_id = self.vocab, self.unk_id
-        table = {chr(cp): vocab.get(chr(cp), unk_id) for lo, hi in _UNIFIED_CJK_RANGES for cp in range(lo, hi + 1)}
+        return {char: vocab.get(char, unk_id) for lo, hi in _UNIFIED_CJK_RANGES for char in map(chr, range(lo, hi + 1))}
+
+    def _fast_punctuation_ids(self) -> dict[str, int]:
+        """Punctuation that always forms one token on its own, whatever surrounds it."""
+        vocab, unk_id = self.vocab, self.unk_id
+        table = {}
         for char in (chr(cp) for lo, hi in _FAST_CANDIDATE_RANGES for cp in range(lo, hi + 1)):
             if not is_bert_punctuation(char):
                 continue
             if is_bert_control(char) or is_bert_whitespace(char) or unicodedata.combining(char):
                 continue
-            if unicodedata.decomposition(char) or char in _composition_starters():
-                continue  # NFC could change it or merge it with what follows: slow path
+            decomposition = unicodedata.decomposition(char)
+            if (decomposition and not decomposition.startswith("<")) or char in _composition_starters():
+                continue  # NFC could change it or merge it with what follows: slow path (a compatibility
+                # decomposition such as full-width "，" -> "," is NFKC's business, not NFC's)
             token = self._normalize_word(char)
             if token != char:
                 continue

@@ -1,10 +1,9 @@
 """Build the DeepSpeed ops the trainer loads, all at once, before a run starts.
 
 DeepSpeed JIT-compiles its ops the first time a process loads them, one after another, while
-every rank of the run waits: on a 2-core CPU machine FusedAdam and the shared-memory comm op
-took 55 s and 37 s, one after the other. Built here, in parallel (one process per op) and
-possibly while the data stages run, they cost about the time of the slowest one, and the trainer's ranks find them
-ready in ``TORCH_EXTENSIONS_DIR`` (``bin/env.sh`` sets it per checkout). Run it once per node
+every rank of the run waits: on a 2-core CPU machine FusedAdam took 55 s. Built here, in
+parallel (one process per op) and possibly while the data stages run, they cost about the time
+of the slowest one, and the trainer's ranks find them ready in ``TORCH_EXTENSIONS_DIR`` (``bin/env.sh`` sets it per checkout). Run it once per node
 before a first launch; an op already built is only loaded.
 
     zh-build-ops            # the ops of this machine's accelerator (cuda, or cpu without a GPU)
@@ -20,10 +19,10 @@ from dataclasses import dataclass
 from data_tools.cli import option, run_stage
 from data_tools.common import UserError
 
-# What the trainer loads per accelerator: the optimizer of its DeepSpeed configs
-# (``torch_adam: false``) and, on CPU ranks, the shared-memory collectives DeepSpeed's comm layer
-# builds when it initializes.
-OPS_PER_ACCELERATOR = {"cpu": ("FusedAdamBuilder", "ShareMemCommBuilder"), "cuda": ("FusedAdamBuilder",)}
+# What the trainer loads per accelerator: the optimizer of its DeepSpeed configs (``torch_adam:
+# false``). Not the CPU shared-memory all-reduce DeepSpeed's comm layer would build: the trainer
+# switches it off, training never calls it (pipeline.distributed.skip_shared_memory_inference_op).
+OPS_PER_ACCELERATOR = {"cpu": ("FusedAdamBuilder",), "cuda": ("FusedAdamBuilder",)}
 
 
 @dataclass(kw_only=True)

@@ -88,10 +88,71 @@ def init_distributed(accelerator: Any) -> Ranks:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)  # before the process group, so NCCL binds the right device
+    if accelerator.device_name() == "cpu":
+        skip_shared_memory_inference_op()
     deepspeed.init_distributed(dist_init_required=True)
+    if accelerator.device_name() == "cpu":
+        threads = cpu_threads_per_rank(os.environ, usable_cores())
+        if threads is not None:
+            torch.set_num_threads(threads)
     device = torch.device("cpu") if accelerator.device_name() == "cpu" else torch.device(
         accelerator.device_name(local_rank))
     return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+# DeepSpeed's name of its CPU shared-memory all-reduce op (ShareMemCommBuilder.NAME).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shared_memory_inference_op() -> None:
+    """Keep DeepSpeed's comm layer from JIT-building its shared-memory all-reduce on CPU ranks.
+
+    DeepSpeed 0.19's TorchBackend builds and loads that op whenever its CPU accelerator starts a
+    process group, but only ``inference_all_reduce`` calls it; training's collectives (the ZeRO-2
+    reduce-scatter and all-gather) go through torch.distributed (gloo). Its first build cost 37 s
+    of a 2-core machine, on the critical path of every fresh CPU run. DeepSpeed decides from its
+    per-process table of compatible ops, which it keeps as one dict precisely so edits persist;
+    marking the op incompatible there makes ``build_shm_op`` return None. A DeepSpeed without
+    that table is left alone (it then just builds the op).
+    """
+    import deepspeed.ops
+
+    try:
+        compatible = deepspeed.ops.__compatible_ops__
+    except AttributeError:
+        return
+    if isinstance(compatible, dict):
+        compatible[SHM_COMM_OP] = False
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_rank_count(environ: Mapping[str, str]) -> int:
+    """Ranks on this node: the deepspeed launcher's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node."""
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = environ.get(name, "").split("(")[0]  # Slurm may write "2(x3)"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cpu_threads_per_rank(environ: Mapping[str, str], cores: int) -> int | None:
+    """Intra-op threads for one CPU rank, or None to leave torch's choice (OMP_NUM_THREADS was set).
+
+    torch starts one thread per core in every process, so N CPU ranks on a node run N x cores
+    threads on its cores; OpenMP threads that wait for each other at every matrix product then
+    lose their time slices (measured on 2 cores and 2 ranks: steps 20% slower than with one
+    thread each). Each rank gets its share of the cores instead, as the deepspeed launcher's
+    --bind_cores_to_rank does, without needing numactl.
+    """
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cores // local_rank_count(environ))
 
 
 def use_deterministic_kernels() -> None:

@@ -119,9 +119,10 @@ def train(config: TrainConfig) -> TrainerState:
         # only now: a start that failed earlier must not make the corrected retry look like a resume
         write_json_atomic(config.output_dir / TRAIN_CONFIG_FILE, config_to_dict(config))
         precision = mixed_precision(ds_config)
+        cpu_threads = f" ({torch.get_num_threads()} threads each)" if ranks.device.type == "cpu" else ""
         print(f"train: {type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | "
               f"ZeRO stage {engine.zero_optimization_stage()} {precision} on {ranks.world_size} x "
-              f"{accelerator.device_name()} | optimizer {type(getattr(optimizer, 'optimizer', optimizer)).__name__} | "
+              f"{accelerator.device_name()}{cpu_threads} | optimizer {type(getattr(optimizer, 'optimizer', optimizer)).__name__} | "
               f"layer norm {norm_kernel} | global batch {ds_config['train_batch_size']} | data workers "
               f"{config.data_workers} | " + (f"resuming from {tag} (step {state.step})" if tag else "fresh start"),
               file=sys.stderr)

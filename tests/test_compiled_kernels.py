@@ -1,9 +1,10 @@
 """The compiled kernels and their pure-Python fallback give the same output.
 
 Function-level equality (kernel against the same code run as Python, and both against a
-brute-force reference) is in test_noising.py; here the whole mask stage runs once with the
-kernels compiled and once with ``ZH_COMPILED_KERNELS=0``, on real text, and must write the same
-examples, the fallback saying so in one line.
+brute-force reference or BertTokenizer) is in test_noising.py and test_wordpiece.py; here the
+whole mask and tokenize stages run once with the kernels compiled and once with
+``ZH_COMPILED_KERNELS=0``, on real text, and must write the same shards, the fallback saying so
+in one line.
 """
 
 import json
@@ -16,10 +17,18 @@ from data_tools.compiled import COMPILED, DISABLE_VARIABLE
 from tests.conftest import PROJECT_ROOT, run_command
 
 
-def mask_stage(tokenized_dir, output_dir, compiled: bool, *flags: str):
+def run_stage(module: str, input_dir, output_dir, compiled: bool, *flags: str):
     env = {**os.environ, DISABLE_VARIABLE: "1" if compiled else "0"}
-    return run_command([sys.executable, "-m", "data_tools.mask", "--input_dir", str(tokenized_dir),
-                        "--output_dir", str(output_dir), "--no-progress", *flags], env=env, cwd=PROJECT_ROOT)
+    return run_command([sys.executable, "-m", module, "--input_dir", str(input_dir), "--output_dir", str(output_dir),
+                        "--no-progress", *flags], env=env, cwd=PROJECT_ROOT)
+
+
+def assert_same_shards_and_one_notice(tmp_path, compiled, python):
+    shards = [json.loads((tmp_path / name / "manifest.json").read_text())["shards"] for name in ("compiled", "python")]
+    assert shards[0] == shards[1] and shards[0], "the same shards, byte for byte (sha256 in the manifests)"
+    notices = [line for line in python.stderr.splitlines() if "compiled kernels off" in line]
+    assert len(notices) == 1 and f"{DISABLE_VARIABLE}=0" in notices[0] and "same output" in notices[0]
+    assert "compiled kernels off" not in compiled.stderr
 
 
 @pytest.mark.skipif(not COMPILED, reason="numba is not installed: only the Python path exists here")
@@ -30,10 +39,16 @@ def mask_stage(tokenized_dir, output_dir, compiled: bool, *flags: str):
     ("--preset", "uer_bart", "--seq_length", "128"),
 ], ids=["independent", "sequential-unique", "bart-paper", "uer-bart"])
 def test_mask_stage_writes_the_same_examples_with_and_without_compiled_kernels(tmp_path, clue_tokenized_dir, flags):
-    compiled = mask_stage(clue_tokenized_dir, tmp_path / "compiled", True, *flags)
-    python = mask_stage(clue_tokenized_dir, tmp_path / "python", False, *flags)
-    shards = [json.loads((tmp_path / name / "manifest.json").read_text())["shards"] for name in ("compiled", "python")]
-    assert shards[0] == shards[1] and shards[0], "the same shards, byte for byte (sha256 in the manifests)"
-    notices = [line for line in python.stderr.splitlines() if "compiled kernels off" in line]
-    assert len(notices) == 1 and f"{DISABLE_VARIABLE}=0" in notices[0] and "same output" in notices[0]
-    assert "compiled kernels off" not in compiled.stderr
+    compiled = run_stage("data_tools.mask", clue_tokenized_dir, tmp_path / "compiled", True, *flags)
+    python = run_stage("data_tools.mask", clue_tokenized_dir, tmp_path / "python", False, *flags)
+    assert_same_shards_and_one_notice(tmp_path, compiled, python)
+
+
+@pytest.mark.skipif(not COMPILED, reason="numba is not installed: only the Python path exists here")
+def test_tokenize_stage_writes_the_same_ids_with_and_without_compiled_kernels(tmp_path, clue_tokenized_dir,
+                                                                               google_vocab):
+    clue_clean_dir = clue_tokenized_dir.parent / "clean"
+    flags = ("--vocab_path", str(google_vocab), "--chunk_documents", "700", "--processes_num", "2")
+    compiled = run_stage("data_tools.tokenize_shards", clue_clean_dir, tmp_path / "compiled", True, *flags)
+    python = run_stage("data_tools.tokenize_shards", clue_clean_dir, tmp_path / "python", False, *flags)
+    assert_same_shards_and_one_notice(tmp_path, compiled, python)

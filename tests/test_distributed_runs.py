@@ -36,6 +36,9 @@ def test_every_collective_of_the_trainer_takes_a_tensor_on_the_engine_device(bar
         # 4 log windows + 2 evaluations, all-reduced in float64; the run-dir check's broadcast and MIN in int64
         assert checked.get("all_reduce:torch.float64", 0) >= 6, checked
         assert checked.get("broadcast:torch.int64", 0) >= 1 and checked.get("all_reduce:torch.int64", 0) >= 1
+    # two CPU ranks share the cores (one thread each here, on 2 cores) and never build the inference-only shm op
+    assert "on 2 x cpu (" in result.stderr and " threads each)" in result.stderr, result.stderr[-3000:]
+    assert "shm_comm" not in result.stderr + result.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in records if "loss" in r)

@@ -100,7 +100,7 @@ def reference_run(run_dir: Path, model_config: Path, examples_dir: Path, schedul
     from pipeline.data import ExampleShards, Seq2SeqCollator
     from pipeline.distributed import seed_everything
     from pipeline.ds_config import lr_multiplier
-    from pipeline.loss import seq2seq_loss
+    from pipeline.loss import token_cross_entropy
     from pipeline.model import build_model, load_model_config, weight_decay_groups
 
     manifest = json.loads((examples_dir / "manifest.json").read_text())
@@ -126,7 +126,10 @@ def reference_run(run_dir: Path, model_config: Path, examples_dir: Path, schedul
             batch = collate([dataset[i] for i in per_rank[rank][step]])
             if label_shift:
                 batch["labels"] = torch.roll(batch["labels"], shifts=-1, dims=1)
-            rank_losses.append(seq2seq_loss(model, batch))
+            # HF's full logits scored with ignore_index: the trainer projects only the labelled positions
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
+            rank_losses.append(token_cross_entropy(logits, batch["labels"]))
         loss = torch.stack(rank_losses).mean()
         (loss * grad_scale).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))

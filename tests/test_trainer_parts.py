@@ -89,6 +89,43 @@ def test_loss_is_computed_in_fp32_from_low_precision_logits():
     assert summed.item() == pytest.approx(ours.item() * 8, rel=1e-6)  # 8 target tokens
 
 
+@pytest.mark.parametrize("name", ["bart-tiny", "pegasus-tiny"])
+def test_loss_projects_only_labelled_positions_and_equals_the_full_projection(name):
+    """seq2seq_loss gives the LM head the labelled decoder positions alone: the same loss and gradients as
+    scoring HF's full logits with ignore_index, and the head is left as it was."""
+    from pipeline.loss import seq2seq_loss
+    from pipeline.model import build_model, load_model_config
+
+    torch.manual_seed(0)
+    specials = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+    model = build_model(load_model_config(name, 500, specials)).eval()  # no dropout: both passes see one function
+    inputs = torch.randint(104, 500, (4, 12))
+    decoder_inputs = torch.randint(104, 500, (4, 9))
+    labels = torch.randint(104, 500, (4, 9))
+    for row, length in enumerate((9, 5, 1, 7)):
+        labels[row, length:] = IGNORE_INDEX  # padding of varied lengths
+    batch = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs), "decoder_input_ids": decoder_inputs,
+             "labels": labels}
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, full_grads = loss_and_grads(lambda: token_cross_entropy(model(
+        input_ids=inputs, attention_mask=batch["attention_mask"], decoder_input_ids=decoder_inputs).logits, labels))
+    ours, our_grads = loss_and_grads(lambda: seq2seq_loss(model, batch))
+    torch.testing.assert_close(ours, full, rtol=1e-6, atol=0)
+    assert len(our_grads) == len(full_grads)
+    for got, expected in zip(our_grads, full_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    summed = seq2seq_loss(model, batch, reduction="sum")
+    assert summed.item() == pytest.approx(full.item() * 22, rel=1e-5)  # 22 labelled positions
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook went with the block
+    assert model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits.shape == (4, 9, 500)
+
+
 def test_each_planned_batch_carries_the_position_reached_after_it():
     from pipeline.data import ResumableDistributedSampler
 
@@ -183,15 +220,16 @@ def test_the_metrics_window_reduces_on_the_engine_device_not_the_cpu(record_coll
     assert [device.type for device in record_collectives] == ["meta"]
 
 
-def test_evaluation_reduces_on_the_engine_device(record_collectives):
+def test_evaluation_reduces_on_the_engine_device(record_collectives, monkeypatch):
+    import pipeline.trainer
     from pipeline.train_config import TrainConfig
     from pipeline.trainer import maybe_evaluate
 
+    # the loss of a meta-device batch (selecting its labelled positions needs real values)
+    monkeypatch.setattr(pipeline.trainer, "seq2seq_loss", lambda engine, batch, reduction: torch.zeros((), device="meta"))
+
     class Engine:
         device = torch.device("meta")
-
-        def __call__(self, **batch):
-            return SimpleNamespace(logits=torch.zeros(2, 4, 30, device="meta"))
 
         def eval(self):
             pass

@@ -258,3 +258,17 @@ def test_skip_streak_counts_consecutive_skipped_steps():
         streak, total = skip_streak(total, skipped_now, streak), skipped_now
         history.append(streak)
     assert history == [0, 1, 2, 3, 0, 1, 2]
+
+
+def test_cpu_ranks_share_the_cores_unless_omp_num_threads_is_set():
+    from pipeline.distributed import cpu_threads_per_rank, local_rank_count
+
+    assert local_rank_count({"LOCAL_SIZE": "2"}) == 2  # the deepspeed launcher
+    assert local_rank_count({"LOCAL_WORLD_SIZE": "4"}) == 4  # torchrun
+    assert local_rank_count({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 8
+    assert local_rank_count({}) == 1
+    assert cpu_threads_per_rank({"LOCAL_SIZE": "2"}, cores=2) == 1
+    assert cpu_threads_per_rank({"LOCAL_SIZE": "4"}, cores=16) == 4
+    assert cpu_threads_per_rank({"LOCAL_SIZE": "8"}, cores=2) == 1  # never zero
+    assert cpu_threads_per_rank({}, cores=16) == 16
+    assert cpu_threads_per_rank({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, cores=2) is None  # the user's choice

