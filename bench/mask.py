@@ -2,8 +2,9 @@
 
 Documents: the CLUECorpusSmall samples from ../shared/data (skipped with a message when
 absent), tokenized once with Google's Chinese vocab. Each configuration then builds
-examples from every document in one process, as the mask stage's workers do
-(``mask_document`` with a per-document generator), and is timed alone.
+examples from every document in one process, as the mask stage's workers do (``mask_block``
+on blocks of 1,000 documents in Arrow's flat layout: one kernel call per block for BART,
+document by document for PEGASUS), and is timed alone.
 
 UER-py cannot be installed here (it is not a package), so its figures are the ones
 issue #4 reports for UER-py on this machine class (instance building plus tokenization,
@@ -32,7 +33,14 @@ SHARED = PROJECT_ROOT.parent / "shared" / "data"
 UER_REFERENCE = {"bart": 12_700.0, "gsg_random": 9_700.0}  # instances/s, one core, from issue #4
 
 
+BLOCK_DOCUMENTS = 1_000  # the stage's default --chunk_documents
+
+
 def load_documents(quick: bool):
+    """The corpus as the mask stage's workers receive it: blocks of documents in Arrow's flat layout."""
+    import numpy as np
+
+    from data_tools.shards import DocumentBlock
     from data_tools.wordpiece import BertWordPieceEncoder
 
     vocab = SHARED / "google_zh_vocab.txt"
@@ -41,27 +49,31 @@ def load_documents(quick: bool):
         raise SystemExit(f"bench/mask.py needs {vocab} and {corpus} (../shared/data beside the project)")
     encoder = BertWordPieceEncoder(vocab)
     lines = corpus.read_text(encoding="utf-8").splitlines()[: 300 if quick else None]
+    encoder.encode_documents(lines[:10])  # the compiled tokenizer loads outside the timing
     start = time.perf_counter()
-    documents = []
-    for line in lines:
-        flat, lengths = encoder.encode_document(line)
-        bounds = [0, *lengths.cumsum().tolist()]
-        documents.append([flat[a:b].tolist() for a, b in zip(bounds, bounds[1:])])
-    return documents, vocab, time.perf_counter() - start
+    encoded = encoder.encode_documents(lines)
+    tokenize_seconds = time.perf_counter() - start
+    counts = encoded.sentences_per_document[encoded.sentences_per_document > 0]
+    document_offsets = np.concatenate(([0], np.cumsum(counts)))
+    sentence_offsets = np.concatenate(([0], np.cumsum(encoded.sentence_lengths, dtype=np.int64)))
+    ids = encoded.ids.astype(np.uint16)
+    blocks = []
+    for first in range(0, len(counts), BLOCK_DOCUMENTS):
+        documents = document_offsets[first:first + BLOCK_DOCUMENTS + 1]
+        sentences = sentence_offsets[documents[0]:documents[-1] + 1]
+        blocks.append(DocumentBlock(first, documents - documents[0], sentences - sentences[0],
+                                    ids[sentences[0]:sentences[-1]]))
+    return blocks, len(counts), vocab, tokenize_seconds
 
 
-def time_config(documents, config, vocab_info, repeats: int) -> tuple[float, int]:
-    from data_tools.mask import document_rng, mask_document
+def time_config(blocks, config, vocab_info, repeats: int) -> tuple[float, int]:
+    from data_tools.mask import mask_block
 
     best, examples = float("inf"), 0
-    for index, sentences in enumerate(documents[:20]):  # compiled kernels load (or compile) on first use
-        mask_document(sentences, document_rng(config.seed, 1, index), config, vocab_info)
+    mask_block(blocks[0], 1, config, vocab_info)  # compiled kernels load (or compile) on first use
     for _ in range(repeats):
         start = time.perf_counter()
-        examples = 0
-        for index, sentences in enumerate(documents):
-            built, _ = mask_document(sentences, document_rng(config.seed, 0, index), config, vocab_info)
-            examples += len(built)
+        examples = sum(len(mask_block(block, 0, config, vocab_info)[0][1]) - 1 for block in blocks)
         best = min(best, time.perf_counter() - start)
     return best, examples
 
@@ -74,7 +86,7 @@ def main() -> None:
     from data_tools.mask import MaskConfig
     from data_tools.noising import SpecialIds, VocabInfo
 
-    documents, vocab_path, tokenize_seconds = load_documents(args.quick)
+    blocks, documents, vocab_path, tokenize_seconds = load_documents(args.quick)
     vocab_info = VocabInfo.from_tokens(vocab_path.read_text(encoding="utf-8").split("\n")[:21128], SpecialIds())
     configs = {
         "bart (defaults: bart_paper-like)": dict(target="bart"),
@@ -86,14 +98,14 @@ def main() -> None:
     }
     repeats = 1 if args.quick else 3
     results = {}
-    print(f"{len(documents)} CLUECorpusSmall documents, seq_length 512, one core, best of {repeats}")
+    print(f"{documents} CLUECorpusSmall documents, seq_length 512, one core, best of {repeats}")
     print(f"{'configuration':36s} {'examples':>9s} {'examples/s':>11s} {'docs/s':>9s}")
     for name, overrides in configs.items():
         config = MaskConfig(input_dir=Path("."), output_dir=Path("."), seq_length=512, tgt_seq_length=128, **overrides)
-        seconds, examples = time_config(documents, config, vocab_info, repeats)
-        results[name] = (examples / seconds, len(documents) / seconds)
-        print(f"{name:36s} {examples:9d} {examples / seconds:11.0f} {len(documents) / seconds:9.0f}")
-    docs_per_s_tokenize = len(documents) / tokenize_seconds
+        seconds, examples = time_config(blocks, config, vocab_info, repeats)
+        results[name] = (examples / seconds, documents / seconds)
+        print(f"{name:36s} {examples:9d} {examples / seconds:11.0f} {documents / seconds:9.0f}")
+    docs_per_s_tokenize = documents / tokenize_seconds
     print(f"{'(tokenizing the same documents)':36s} {'':9s} {'':11s} {docs_per_s_tokenize:9.0f}")
     print(f"UER-py reference (issue #4, not run here): BART {UER_REFERENCE['bart']:.0f} instances/s, "
           f"GSG random {UER_REFERENCE['gsg_random']:.0f} instances/s, tokenization included")

@@ -19,34 +19,38 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.cli import check_field_types, config_to_dict, option, required, run_stage
-from data_tools.compiled import notice_if_pure_python
+from data_tools.compiled import COMPILED, notice_if_pure_python
 from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
 from data_tools.noising import (
     BartNoiseConfig,
     SpecialIds,
     VocabInfo,
+    bart_examples_of_documents,
     build_bart_example,
+    gsg_examples_of_documents,
     build_gsg_example,
     pack_sentences,
     select_gap_sentences,
 )
 from data_tools.outputs import overwrite_option, staged_dir
-from data_tools.parallel import chunked, ordered_map
+from data_tools.parallel import ordered_map
 from data_tools.random_streams import LazyGenerator
 from data_tools.shards import (
+    DocumentBlock,
     RollingShardWriter,
     check_stage_output,
     checked_vocab_file,
+    columns_from_sequences,
     id_type_for_vocab,
-    iter_rows,
-    list_array,
+    iter_document_blocks,
+    list_column,
     load_manifest,
     shard_paths,
 )
@@ -215,25 +219,46 @@ def _init_worker(config: MaskConfig, vocab: VocabInfo) -> None:
     _worker.update(config=config, vocab=vocab)
 
 
-def _mask_chunk(chunk: tuple[int, int, list]) -> tuple[list, Counter, int]:
-    """Examples of consecutive documents; each document's generator depends only on
-    (seed, pass, document index), so chunking and worker count never change the output."""
-    pass_index, first, documents = chunk
-    config, vocab = _worker["config"], _worker["vocab"]
+Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # source values, offsets; target values, offsets
+
+
+def mask_block(block: DocumentBlock, pass_index: int, config: MaskConfig, vocab: VocabInfo,
+               compiled: bool = COMPILED) -> tuple[Columns, Counter]:
+    """The examples of a block of documents as flat columns, and the documents skipped by reason.
+
+    Each document's randomness depends only on (seed, pass, document index), so blocks and worker
+    count never change the output. Compiled, BART and the PEGASUS recipes that draw nothing
+    (principal or lead gaps, masked, removed or kept) take the whole block in one kernel call from
+    Arrow's buffers; the others (random gaps, mixed actions) and every recipe without numba go
+    document by document through :func:`mask_document`: the same examples.
+    """
+    if config.target == "bart" and compiled:
+        return bart_examples_of_documents(block.document_offsets, block.sentence_offsets, block.ids,
+                                          block.first_document, [config.seed, pass_index], config.bart_noise, vocab,
+                                          config.seq_length), Counter()
+    if (config.target == "gsg" and compiled and config.sentence_selection_strategy in ("lead", "principal")
+            and config.gap_action != "mixed"):  # recipes that draw nothing
+        *columns, per_document = gsg_examples_of_documents(
+            block.document_offsets, block.sentence_offsets, block.ids, config.sentence_selection_strategy,
+            config.gap_sentence_ratio, config.keep_last_sentence, config.rouge_mode, config.rouge_unique,
+            config.gap_action, vocab.special, vocab.size, config.seq_length, config.tgt_seq_length)
+        without = int(np.count_nonzero(per_document == 0))
+        return tuple(columns), Counter({"fewer_than_two_sentences": without} if without else {})
     examples, skipped = [], Counter()
-    for document_index, sentences in enumerate(documents, start=first):
+    for document_index, sentences in enumerate(block.document_lists(), start=block.first_document):
         built, reason = mask_document(sentences, document_rng(config.seed, pass_index, document_index), config, vocab)
         examples.extend(built)
         if reason:
             skipped[reason] += 1
-    return examples, skipped, len(documents)
+    source = columns_from_sequences([s for s, _ in examples], pa.int64())
+    target = columns_from_sequences([t for _, t in examples], pa.int64())
+    return (*source, *target), skipped
 
 
-def _numbered_chunks(rows: Iterator, size: int) -> Iterator[tuple[int, list]]:
-    first = 0
-    for chunk in chunked(rows, size):
-        yield first, chunk
-        first += len(chunk)
+def _mask_block(work: tuple[int, DocumentBlock]) -> tuple[Columns, Counter, int]:
+    pass_index, block = work
+    columns, skipped = mask_block(block, pass_index, _worker["config"], _worker["vocab"])
+    return columns, skipped, len(block)
 
 
 def mask(config: MaskConfig) -> dict:
@@ -250,34 +275,30 @@ def mask(config: MaskConfig) -> dict:
 def _mask_into(staging: Path, tokenized: dict, vocab: VocabInfo, config: MaskConfig) -> dict:
     id_type = id_type_for_vocab(tokenized["vocab"]["size"])
     schema = pa.schema([pa.field("source_ids", pa.list_(id_type)), pa.field("target_ids", pa.list_(id_type))])
-    writer = RollingShardWriter(
-        staging, "examples", schema, config.examples_per_shard, config.batch_rows,
-        to_columns=lambda examples: {"source_ids": list_array([s for s, _ in examples], id_type),
-                                     "target_ids": list_array([t for _, t in examples], id_type)},
-        row_stats=lambda example: {"source_tokens": len(example[0]), "target_tokens": len(example[1])},
-    )
+    writer = RollingShardWriter(staging, "examples", schema, config.examples_per_shard, config.batch_rows)
     skipped: Counter[str] = Counter()
     documents = tokenized["counts"]["documents_kept"]
     bar = tqdm(
         total=documents * config.dup_factor, desc=f"mask {config.target}", unit=" docs",
         disable=not config.progress, file=sys.stderr, mininterval=1.0,
     )
-    chunks = (
-        (pass_index, first, documents_chunk)
-        for pass_index in range(config.dup_factor)
-        for first, documents_chunk in _numbered_chunks(
-            iter_rows(config.input_dir, tokenized, "sentences", checksum=False), config.chunk_documents)
-    )
+    work = ((pass_index, block) for pass_index in range(config.dup_factor)
+            for block in iter_document_blocks(config.input_dir, tokenized, "sentences", config.chunk_documents,
+                                              checksum=False))
     read = longest_source = longest_target = 0
-    for chunk_examples, chunk_skipped, chunk_documents in ordered_map(
-        _mask_chunk, chunks, config.processes_num, initializer=_init_worker, initargs=(config, vocab)
+    for (source_values, source_offsets, target_values, target_offsets), block_skipped, block_documents in ordered_map(
+        _mask_block, work, config.processes_num, initializer=_init_worker, initargs=(config, vocab)
     ):
-        bar.update(chunk_documents)
-        read += chunk_documents
-        skipped.update(chunk_skipped)
-        for example in chunk_examples:
-            writer.add(example)
-            longest_source, longest_target = max(longest_source, len(example[0])), max(longest_target, len(example[1]))
+        bar.update(block_documents)
+        read += block_documents
+        skipped.update(block_skipped)
+        if len(source_offsets) > 1:
+            source_lengths, target_lengths = np.diff(source_offsets), np.diff(target_offsets)
+            writer.add_columns({"source_ids": list_column(source_values, source_offsets, id_type),
+                                "target_ids": list_column(target_values, target_offsets, id_type)},
+                               {"source_tokens": source_lengths, "target_tokens": target_lengths})
+            longest_source = max(longest_source, int(source_lengths.max()))
+            longest_target = max(longest_target, int(target_lengths.max()))
     shards = writer.close()
     bar.close()
 

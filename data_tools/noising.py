@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from data_tools.compiled import COMPILED, kernel
-from data_tools.random_streams import below, kernel_state, uniform, wrapping_arithmetic
+from data_tools.random_streams import below, kernel_state, stream_key_kernel as _stream_key, uniform, wrapping_arithmetic
 
 Span = tuple[int, int]  # (start, length); length 0 is an insertion point
 
@@ -353,6 +353,114 @@ def _bart_example(flat: np.ndarray, offsets: np.ndarray, state: np.ndarray, cdf:
     return source, target
 
 
+@kernel
+def _plan_block_chunks(document_offsets: np.ndarray, sentence_offsets: np.ndarray, max_tokens: int) -> tuple:
+    """:func:`plan_chunks` of every document of a block at once: (piece ends as token positions,
+    each chunk's first piece (one entry more), each chunk's first token, each chunk's document)."""
+    pieces_bound = 0
+    for sentence in range(document_offsets[0], document_offsets[len(document_offsets) - 1]):
+        length = sentence_offsets[sentence + 1] - sentence_offsets[sentence]
+        pieces_bound += (length + max_tokens - 1) // max_tokens
+    piece_ends = np.empty(pieces_bound, np.int64)
+    chunk_first_piece = np.empty(pieces_bound + 1, np.int64)
+    chunk_start = np.empty(pieces_bound, np.int64)
+    chunk_document = np.empty(pieces_bound, np.int64)
+    pieces = chunks = 0
+    for document in range(len(document_offsets) - 1):
+        current = 0
+        for sentence in range(document_offsets[document], document_offsets[document + 1]):
+            begin, end = sentence_offsets[sentence], sentence_offsets[sentence + 1]
+            for start in range(begin, end, max_tokens):
+                stop = min(start + max_tokens, end)
+                if current > 0 and current + stop - start > max_tokens:
+                    current = 0
+                if current == 0:
+                    chunk_first_piece[chunks] = pieces
+                    chunk_start[chunks] = start
+                    chunk_document[chunks] = document
+                    chunks += 1
+                piece_ends[pieces] = stop
+                pieces += 1
+                current += stop - start
+    chunk_first_piece[chunks] = pieces
+    return piece_ends, chunk_first_piece[:chunks + 1], chunk_start[:chunks], chunk_document[:chunks]
+
+
+@kernel
+def _chunk_arrays(ids: np.ndarray, piece_ends: np.ndarray, chunk_first_piece: np.ndarray, chunk_start: np.ndarray,
+                  chunk: int) -> tuple:
+    """(int64 ids, piece offsets) of one planned chunk."""
+    first, last = chunk_first_piece[chunk], chunk_first_piece[chunk + 1]
+    start = chunk_start[chunk]
+    flat = ids[start:piece_ends[last - 1]].astype(np.int64)
+    offsets = np.empty(last - first + 1, np.int64)
+    offsets[0] = 0
+    for piece in range(first, last):
+        offsets[piece - first + 1] = piece_ends[piece] - start
+    return flat, offsets
+
+
+@kernel
+def _bart_documents(document_offsets: np.ndarray, sentence_offsets: np.ndarray, ids: np.ndarray,
+                    first_document: int, stream_seed: np.ndarray, max_tokens: int, cdf: np.ndarray, mask_ratio: float,
+                    whole_word: bool, replace_length: int, random_ratio: float, keep_ratio: float, collapse: bool,
+                    permute_ratio: float, insert_ratio: float, rotate_ratio: float, is_continuation: np.ndarray,
+                    is_special: np.ndarray, mask_id: int, cls_id: int, sep_id: int, first_regular: int,
+                    vocab_size: int, seq_length: int) -> tuple:
+    """Every BART example of a block of documents straight from Arrow's buffers (document k of the
+    block is sentences ``document_offsets[k]:document_offsets[k + 1]``, sentence s is
+    ``ids[sentence_offsets[s]:sentence_offsets[s + 1]]``): each document packed as
+    :func:`plan_chunks` packs it, each chunk noised by :func:`_bart_example` from the stream keyed by
+    (``stream_seed``..., document index, chunk number), as the per-document path draws them.
+
+    Returns (source values, source offsets, target values, target offsets), int64.
+    """
+    piece_ends, chunk_first_piece, chunk_start, chunk_document = _plan_block_chunks(
+        document_offsets, sentence_offsets, max_tokens)
+    chunks = len(chunk_start)
+    source_values = np.empty(chunks * seq_length, np.int64)
+    target_values = np.empty(chunks * seq_length, np.int64)
+    source_offsets = np.zeros(chunks + 1, np.int64)
+    target_offsets = np.zeros(chunks + 1, np.int64)
+    state = np.empty(1, np.uint64)
+    chunk_of_document = 0
+    for chunk in range(chunks):
+        if chunk == 0 or chunk_document[chunk] != chunk_document[chunk - 1]:
+            chunk_of_document = 0
+        chunk_of_document += 1  # LazyGenerator.kernel_stream counts streams from 1
+        state[0] = _stream_key(stream_seed, first_document + chunk_document[chunk], chunk_of_document)
+        flat, offsets = _chunk_arrays(ids, piece_ends, chunk_first_piece, chunk_start, chunk)
+        source, target = _bart_example(flat, offsets, state, cdf, mask_ratio, whole_word, replace_length,
+                                       random_ratio, keep_ratio, collapse, permute_ratio, insert_ratio, rotate_ratio,
+                                       is_continuation, is_special, mask_id, cls_id, sep_id, first_regular, vocab_size,
+                                       seq_length)
+        source_values[source_offsets[chunk]:source_offsets[chunk] + len(source)] = source
+        source_offsets[chunk + 1] = source_offsets[chunk] + len(source)
+        target_values[target_offsets[chunk]:target_offsets[chunk] + len(target)] = target
+        target_offsets[chunk + 1] = target_offsets[chunk] + len(target)
+    return (source_values[:source_offsets[chunks]], source_offsets, target_values[:target_offsets[chunks]],
+            target_offsets)
+
+
+def bart_examples_of_documents(document_offsets: np.ndarray, sentence_offsets: np.ndarray, ids: np.ndarray,
+                               first_document: int, stream_seed: list[int], noise: BartNoiseConfig, vocab: VocabInfo,
+                               seq_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """BART examples of consecutive documents given as Arrow's flat buffers (a ``list<list<id>>``
+    column's two offset arrays and its values), identical to :func:`build_bart_example` on each chunk of
+    :func:`pack_sentences` with the generator ``LazyGenerator([*stream_seed, document index])``.
+
+    Returns (source values, source offsets, target values, target offsets), int64: no Python object
+    per token or per example. Needs the compiled kernels (the per-document path is the fallback).
+    """
+    special = vocab.special
+    return _bart_documents(
+        np.asarray(document_offsets, np.int64), np.asarray(sentence_offsets, np.int64), ids, first_document,
+        np.asarray(stream_seed, np.uint64), seq_length - 2, span_length_cdf(noise), noise.mask_ratio,
+        noise.whole_word_mask, noise.replace_length, noise.random_ratio, noise.keep_ratio, noise.collapse_masks,
+        noise.permute_sentence_ratio, noise.insert_ratio, noise.rotate_ratio, vocab.is_continuation, vocab.is_special,
+        special.mask, special.cls, special.sep, vocab.first_regular_id, vocab.size, seq_length)
+
+
 @functools.lru_cache(maxsize=64)
 def _span_length_cdf(distribution: str, poisson_lambda: float, geometric_p: float, max_length: int) -> np.ndarray:
     """cdf[k] = P(span length <= k) for the kernels' inversion sampling; the last entry is 1.0.
@@ -545,6 +653,94 @@ def _principal_sentences(flat: np.ndarray, offsets: np.ndarray, count: int, sequ
         total[flat[k]] = 0
         candidate[flat[k]] = 0
     return selected
+
+
+@kernel
+def _gsg_documents(document_offsets: np.ndarray, sentence_offsets: np.ndarray, ids: np.ndarray, max_tokens: int,
+                   ratio: float, principal: bool, keep_last: bool, sequential: bool, unique: bool, gap_action: int,
+                   mask_id: int, cls_id: int, sep_id: int, tgt_seq_length: int, vocab_size: int) -> tuple:
+    """PEGASUS examples of a block of documents (layout as :func:`_bart_documents`) for the recipes that
+    draw nothing: principal (or lead) gap sentences, each masked (0), removed (1) or kept (2).
+
+    Returns (source values, source offsets, target values, target offsets, examples per document).
+    """
+    piece_ends, chunk_first_piece, chunk_start, chunk_document = _plan_block_chunks(
+        document_offsets, sentence_offsets, max_tokens)
+    chunks = len(chunk_start)
+    source_values = np.empty(chunks * (max_tokens + 2), np.int64)
+    target_values = np.empty(chunks * tgt_seq_length, np.int64)
+    source_offsets = np.zeros(chunks + 1, np.int64)
+    target_offsets = np.zeros(chunks + 1, np.int64)
+    per_document = np.zeros(len(document_offsets) - 1, np.int64)
+    total = np.zeros(vocab_size, np.int64)
+    candidate = np.zeros(vocab_size, np.int64)
+    examples = 0
+    for chunk in range(chunks):
+        flat, offsets = _chunk_arrays(ids, piece_ends, chunk_first_piece, chunk_start, chunk)
+        num_sentences = len(offsets) - 1
+        if num_sentences < 2:
+            continue  # a single sentence leaves nothing to condition on
+        candidates = num_sentences - 1 if keep_last else num_sentences
+        count = min(candidates, max(1, _round_half_even(num_sentences * ratio)))
+        chosen = np.zeros(num_sentences, np.bool_)
+        if count > 0:
+            if principal:
+                selected = _principal_sentences(flat[:offsets[candidates]], offsets[:candidates + 1],
+                                                min(count, candidates), sequential, unique, total, candidate)
+                for index in selected:
+                    chosen[index] = True
+            else:
+                chosen[:count] = True
+        written = source_offsets[examples]
+        source_values[written] = cls_id
+        written += 1
+        target_written = target_offsets[examples]
+        target_end = target_written + tgt_seq_length - 1
+        for sentence in range(num_sentences):
+            begin, end = offsets[sentence], offsets[sentence + 1]
+            if chosen[sentence]:
+                for k in range(begin, end):
+                    if target_written < target_end:
+                        target_values[target_written] = flat[k]
+                        target_written += 1
+                if gap_action == 0:
+                    source_values[written] = mask_id
+                    written += 1
+                elif gap_action == 2:
+                    source_values[written:written + end - begin] = flat[begin:end]
+                    written += end - begin
+            else:
+                source_values[written:written + end - begin] = flat[begin:end]
+                written += end - begin
+        source_values[written] = sep_id
+        source_offsets[examples + 1] = written + 1
+        target_values[target_written] = sep_id
+        target_offsets[examples + 1] = target_written + 1
+        per_document[chunk_document[chunk]] += 1
+        examples += 1
+    return (source_values[:source_offsets[examples]], source_offsets[:examples + 1],
+            target_values[:target_offsets[examples]], target_offsets[:examples + 1], per_document)
+
+
+GAP_ACTION_CODES = {"mask": 0, "remove": 1, "keep": 2}  # what _gsg_documents does with a gap sentence
+
+
+def gsg_examples_of_documents(document_offsets: np.ndarray, sentence_offsets: np.ndarray, ids: np.ndarray,
+                              strategy: Literal["lead", "principal"], ratio: float, keep_last: bool,
+                              rouge_mode: Literal["independent", "sequential"], rouge_unique: bool,
+                              gap_action: Literal["mask", "remove", "keep"], special: SpecialIds, vocab_size: int,
+                              seq_length: int, tgt_seq_length: int) -> tuple[np.ndarray, ...]:
+    """PEGASUS examples of consecutive documents in Arrow's flat layout, identical to
+    :func:`select_gap_sentences` + :func:`build_gsg_example` on each chunk of :func:`pack_sentences`,
+    for the recipes that draw no random number (principal or lead selection; mask, remove or keep).
+
+    Returns (source values, source offsets, target values, target offsets, examples per document), int64.
+    """
+    return _gsg_documents(
+        np.asarray(document_offsets, np.int64), np.asarray(sentence_offsets, np.int64), ids, seq_length - 2,
+        ratio, strategy == "principal", keep_last, rouge_mode == "sequential", rouge_unique,
+        GAP_ACTION_CODES[gap_action], special.mask, special.cls, special.sep, tgt_seq_length,
+        max(vocab_size, int(ids.max()) + 1 if len(ids) else 1))
 
 
 # Zeroed count arrays of vocab size, reused: the kernel leaves them zeroed.

@@ -63,6 +63,23 @@ def stream_key(*parts: int) -> int:
     return key
 
 
+@kernel
+def _mix64_kernel(z: np.uint64) -> np.uint64:
+    z = (z ^ (z >> _SHIFT_30)) * _MIX1
+    z = (z ^ (z >> _SHIFT_27)) * _MIX2
+    return z ^ (z >> _SHIFT_31)
+
+
+@kernel
+def stream_key_kernel(seed: np.ndarray, document: int, stream: int) -> np.uint64:
+    """:func:`stream_key` of (*seed, document, stream) inside a kernel (``seed``: a uint64 array)."""
+    key = np.uint64(0)
+    for part in seed:
+        key = _mix64_kernel((key ^ part) + _GOLDEN)
+    key = _mix64_kernel((key ^ np.uint64(document)) + _GOLDEN)
+    return _mix64_kernel((key ^ np.uint64(stream)) + _GOLDEN)
+
+
 class LazyGenerator:
     """A ``numpy.random.Generator`` seeded on first use, plus kernel streams keyed by the same seed.
 

@@ -8,8 +8,10 @@ opening a shard costs nothing and rows are paged in on demand.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -29,14 +31,7 @@ def id_type_for_vocab(vocab_size: int) -> pa.DataType:
 
 def list_array(sequences: list[list[int]] | list[np.ndarray], id_type: pa.DataType) -> pa.ListArray:
     """A ``list<id_type>`` array built from one flat buffer and offsets (no per-row objects)."""
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    offsets = np.zeros(len(sequences) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    if len(sequences) and offsets[-1]:
-        flat = np.concatenate([np.asarray(s, dtype=id_type.to_pandas_dtype()) for s in sequences if len(s)])
-    else:
-        flat = np.zeros(0, dtype=id_type.to_pandas_dtype())
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, id_type))
+    return list_column(*columns_from_sequences(sequences, id_type), id_type)
 
 
 class ArrowShardWriter:
@@ -229,10 +224,72 @@ def iter_rows(directory: Path, manifest: dict, column: str, checksum: bool = Tru
             yield from batch.to_pylist()
 
 
+@dataclass(frozen=True)
+class DocumentBlock:
+    """Consecutive documents of a tokenized corpus as Arrow's flat buffers, rebased to start at 0:
+    document k is sentences ``document_offsets[k]:document_offsets[k + 1]``, sentence s is
+    ``ids[sentence_offsets[s]:sentence_offsets[s + 1]]``. Cheap to send to a worker (three arrays)."""
+
+    first_document: int  # corpus-wide index of the block's first document
+    document_offsets: np.ndarray  # int64
+    sentence_offsets: np.ndarray  # int64
+    ids: np.ndarray  # uint16 / uint32, a view of the mapped shard until pickled
+
+    def __len__(self) -> int:
+        return len(self.document_offsets) - 1
+
+    def document_lists(self) -> Iterator[list[list[int]]]:
+        """Each document's sentences as lists of ints, in order (for the code that works on lists)."""
+        ids, bounds = self.ids.tolist(), self.sentence_offsets.tolist()  # one conversion for the block
+        documents = self.document_offsets.tolist()
+        for first, last in zip(documents, documents[1:]):
+            yield [ids[bounds[s]:bounds[s + 1]] for s in range(first, last)]
+
+
+def iter_document_blocks(directory: Path, manifest: dict, column: str, size: int,
+                         checksum: bool = True) -> Iterator[DocumentBlock]:
+    """Every row of a ``list<list<id>>`` column across a stage's shards, in blocks of at most ``size``
+    documents (never across a record batch), with no Python object per row or token."""
+    first = 0
+    for path in shard_paths(directory, manifest, checksum):
+        for batch in open_shard(path).column(column).chunks:
+            document_offsets = batch.offsets.to_numpy().astype(np.int64)
+            sentence_offsets = batch.values.offsets.to_numpy().astype(np.int64)
+            ids = batch.values.values.to_numpy(zero_copy_only=True)
+            for start in range(0, len(batch), size):
+                documents = document_offsets[start:start + size + 1]
+                sentences = sentence_offsets[documents[0]:documents[-1] + 1]
+                yield DocumentBlock(first + start, documents - documents[0], sentences - sentences[0],
+                                    ids[sentences[0]:sentences[-1]])
+            first += len(batch)
+
+
+def columns_from_sequences(sequences: list, id_type: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list of id sequences, for :meth:`RollingShardWriter.add_columns`."""
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)), out=offsets[1:])
+    dtype = id_type.to_pandas_dtype()
+    if sequences and isinstance(sequences[0], np.ndarray):
+        values = np.concatenate(sequences).astype(dtype, copy=False) if offsets[-1] else np.zeros(0, dtype)
+    else:
+        values = np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=int(offsets[-1]))
+    return values, offsets
+
+
+def list_column(values: np.ndarray, offsets: np.ndarray, id_type: pa.DataType) -> pa.ListArray:
+    """A ``list<id_type>`` array from flat values and int64 offsets."""
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()),
+                                    pa.array(values.astype(id_type.to_pandas_dtype(), copy=False), id_type))
+
+
 class RollingShardWriter:
-    """Buffers rows, writes them as record batches, and starts a new numbered shard every
-    ``rows_per_shard`` rows. Each finished shard is described by its file, row count,
-    sha256 and the totals of ``row_stats`` over its rows (e.g. token counts)."""
+    """Buffers rows, writes them as record batches of ``batch_rows`` rows, and starts a new numbered
+    shard every ``rows_per_shard`` rows. Each finished shard is described by its file, row count,
+    sha256 and the totals of ``row_stats`` over its rows (e.g. token counts).
+
+    Rows come one at a time (:meth:`add`, turned into columns by ``to_columns``) or many at once as
+    columns (:meth:`add_columns`); either way the batches, and so the file's bytes, depend only on
+    the rows, not on how they were handed over."""
 
     def __init__(
         self,
@@ -241,7 +298,7 @@ class RollingShardWriter:
         schema: pa.Schema,
         rows_per_shard: int,
         batch_rows: int,
-        to_columns: Callable[[list], dict[str, pa.Array]],
+        to_columns: Callable[[list], dict[str, pa.Array]] = lambda rows: {},
         row_stats: Callable[[Any], dict[str, int]] = lambda row: {},
     ) -> None:
         self.output_dir, self.prefix, self.schema = Path(output_dir), prefix, schema
@@ -249,7 +306,9 @@ class RollingShardWriter:
         self.to_columns, self.row_stats = to_columns, row_stats
         self.shards: list[dict] = []
         self._writer: ArrowShardWriter | None = None
-        self._pending: list = []
+        self._pending: list = []  # rows from add()
+        self._queued: list[pa.RecordBatch] = []  # columns from add_columns(), not yet written
+        self._queued_rows = 0
         self._stats: Counter[str] = Counter()
 
     def add(self, row: Any) -> None:
@@ -263,31 +322,50 @@ class RollingShardWriter:
             self._close_shard()
 
     def add_columns(self, columns: dict[str, pa.Array], row_stats: dict[str, np.ndarray]) -> None:
-        """Many rows at once, already as arrays (``row_stats``: one value per row for each statistic):
-        written in record batches of at most ``batch_rows`` rows, cut where a shard fills up, with no
-        Python object per row."""
+        """Many rows at once, already as arrays (``row_stats``: one value per row for each statistic),
+        with no Python object per row."""
+        if self._pending:
+            raise AssertionError("RollingShardWriter: add() and add_columns() rows cannot be mixed")
         batch = pa.record_batch([columns[name] for name in self.schema.names], schema=self.schema)
         start = 0
         while start < batch.num_rows:
             if self._writer is None:
                 self._open_shard()
-            self._flush()  # rows added one by one before these come first
-            take = min(self.batch_rows, self.rows_per_shard - self._writer.rows, batch.num_rows - start)
-            self._writer.write_batch(batch.slice(start, take))
+            take = min(self.rows_per_shard - self._writer.rows - self._queued_rows, batch.num_rows - start)
+            self._queued.append(batch.slice(start, take))
+            self._queued_rows += take
             for name, values in row_stats.items():
                 self._stats[name] += int(values[start:start + take].sum())
             start += take
-            if self._writer.rows >= self.rows_per_shard:
+            self._write_queued(whole_batches_only=True)
+            if self._writer.rows + self._queued_rows >= self.rows_per_shard:
                 self._close_shard()
 
     def _open_shard(self) -> None:
         path = self.output_dir / f"{self.prefix}-{len(self.shards):05d}.arrow"
         self._writer = ArrowShardWriter(path, self.schema)
 
+    def _write_queued(self, whole_batches_only: bool) -> None:
+        if self._queued_rows < (self.batch_rows if whole_batches_only else 1):
+            return
+        queued = pa.Table.from_batches(self._queued, schema=self.schema).combine_chunks()
+        written = 0
+        while queued.num_rows - written >= (self.batch_rows if whole_batches_only else 1):
+            take = min(self.batch_rows, queued.num_rows - written)
+            # fresh arrays, not slices: the IPC writer pads a sliced buffer differently, and the
+            # file's bytes must not depend on where the blocks handed over began
+            part = queued.slice(written, take)
+            self._writer.write_batch(pa.record_batch([pa.concat_arrays(column.chunks) for column in part.columns],
+                                                     schema=self.schema))
+            written += take
+        self._queued = queued.slice(written).to_batches() if written < queued.num_rows else []
+        self._queued_rows = queued.num_rows - written
+
     def _flush(self) -> None:
         if self._pending:
             self._writer.write(self.to_columns(self._pending))
             self._pending = []
+        self._write_queued(whole_batches_only=False)
 
     def _close_shard(self) -> None:
         if self._writer is None:

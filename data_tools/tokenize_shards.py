@@ -113,8 +113,7 @@ def _tokenize_into(staging: Path, inputs: list[Path], clean_manifest: dict, enco
                    config: TokenizeConfig) -> dict:
     id_type = id_type_for_vocab(encoder.vocab_size)
     schema = pa.schema([pa.field("sentences", pa.list_(pa.list_(id_type)))])
-    writer = RollingShardWriter(staging, "tokenized", schema, config.documents_per_shard, config.batch_rows,
-                                to_columns=lambda rows: {})  # rows arrive as columns (add_columns)
+    writer = RollingShardWriter(staging, "tokenized", schema, config.documents_per_shard, config.batch_rows)
     read = unknown = no_tokens = 0
     started = time.perf_counter()
     total_bytes = sum(path.stat().st_size for path in inputs)

@@ -1,9 +1,15 @@
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_tools.common import UserError
+from data_tools.compiled import COMPILED
 from data_tools.mask import MaskConfig, mask
 from data_tools.shards import open_shard
+from tests.test_noising import VOCAB
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +108,46 @@ def test_output_is_identical_for_any_number_of_processes(tmp_path, tokenized_dir
         for n in (1, 2)
     ]
     assert manifests[0]["shards"] == manifests[1]["shards"]
+
+
+# -- the block kernels against the per-document path ---------------------------------------------
+
+BLOCK_RECIPES = {
+    "bart_paper": dict(preset="bart_paper"),
+    "uer_bart": dict(preset="uer_bart"),
+    "bart_insert_rotate": dict(target="bart", insert_ratio=0.1, rotate_ratio=0.5, replace_length=-1, keep_ratio=0.1),
+    "bart_delete": dict(target="bart", replace_length=0, whole_word_mask=False, permute_sentence_ratio=0.5),
+    "pegasus_paper": dict(preset="pegasus_paper"),
+    "gsg_sequential_unique_keep_last": dict(preset="pegasus_paper", rouge_mode="sequential", rouge_unique=True,
+                                            keep_last_sentence=True),
+    "gsg_lead_remove": dict(target="gsg", sentence_selection_strategy="lead", gap_action="remove"),
+    "gsg_principal_keep": dict(target="gsg", sentence_selection_strategy="principal", gap_action="keep",
+                               gap_sentence_ratio=0.5, tgt_seq_length=8),
+}
+_DOCUMENTS = st.lists(st.lists(st.lists(st.integers(min_value=0, max_value=999), min_size=1, max_size=40),
+                               min_size=1, max_size=8), min_size=1, max_size=6)
+
+
+@pytest.mark.skipif(not COMPILED, reason="numba is not installed: the per-document path is the only one")
+@pytest.mark.parametrize("recipe", BLOCK_RECIPES, ids=list(BLOCK_RECIPES))
+@settings(max_examples=40, deadline=None)
+@given(documents=_DOCUMENTS, first=st.integers(min_value=0, max_value=10**9), pass_index=st.integers(0, 3),
+       seq_length=st.sampled_from([8, 16, 64]))
+def test_a_block_kernel_writes_what_the_per_document_path_writes(recipe, documents, first, pass_index, seq_length):
+    """Ids 0-999 of a Google-shaped vocab: specials, [unused], characters and ## pieces; sentences longer
+    than a chunk are cut; the kernel and mask_document see the same (seed, pass, document) streams."""
+    import numpy as np
+
+    from data_tools.mask import mask_block
+    from data_tools.shards import DocumentBlock
+
+    config = MaskConfig(input_dir=Path("in"), output_dir=Path("out"), seq_length=seq_length, seed=5,
+                        **BLOCK_RECIPES[recipe])
+    lengths = [len(sentence) for document in documents for sentence in document]
+    block = DocumentBlock(first, np.cumsum([0] + [len(d) for d in documents]), np.cumsum([0] + lengths),
+                          np.array([t for d in documents for s in d for t in s], dtype=np.uint16))
+    (kernel_columns, kernel_skipped), (python_columns, python_skipped) = (
+        mask_block(block, pass_index, config, VOCAB, compiled=compiled) for compiled in (True, False))
+    for got, expected in zip(kernel_columns, python_columns):
+        assert got.tolist() == expected.tolist()
+    assert kernel_skipped == python_skipped

@@ -76,3 +76,43 @@ def test_reader_gives_random_access_equal_to_a_scan(stages):
     assert document[0].dtype == np.uint16
     with pytest.raises(IndexError):
         corpus[len(corpus)]
+
+
+def test_shard_bytes_do_not_depend_on_how_rows_were_handed_to_the_writer(tmp_path):
+    """One row at a time, one block, or blocks of random sizes: the same batches, the same sha256."""
+    import numpy as np
+    import pyarrow as pa
+
+    from data_tools.shards import RollingShardWriter, columns_from_sequences, list_array, list_column
+
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 6000, rng.integers(1, 30)).astype(np.uint16) for _ in range(2_345)]
+    schema = pa.schema([pa.field("ids", pa.list_(pa.uint16()))])
+
+    def written(name, hand_over):
+        directory = tmp_path / name
+        directory.mkdir()
+        writer = RollingShardWriter(directory, "x", schema, 1_000, 300,
+                                    to_columns=lambda batch: {"ids": list_array(batch, pa.uint16())},
+                                    row_stats=lambda row: {"tokens": len(row)})
+        hand_over(writer)
+        return writer.close()
+
+    def in_blocks(sizes):
+        def hand_over(writer):
+            start = 0
+            for size in sizes:
+                block = rows[start:start + size]
+                values, offsets = columns_from_sequences(block, pa.uint16())
+                writer.add_columns({"ids": list_column(values, offsets, pa.uint16())}, {"tokens": np.diff(offsets)})
+                start += size
+        return hand_over
+
+    one_by_one = written("rows", lambda writer: [writer.add(row) for row in rows])
+    random_sizes = list(rng.integers(1, 100, 40))
+    random_sizes.append(len(rows) - sum(random_sizes))
+    assert sum(random_sizes) == len(rows) and random_sizes[-1] > 0
+    for name, sizes in (("one", [len(rows)]), ("random", random_sizes), ("small", [7] * 335)):
+        assert written(name, in_blocks(sizes)) == one_by_one, name
+    assert [shard["rows"] for shard in one_by_one] == [1_000, 1_000, 345]
+    assert sum(shard["tokens"] for shard in one_by_one) == sum(map(len, rows))
