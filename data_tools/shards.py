@@ -29,6 +29,11 @@ def id_type_for_vocab(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
 
 
+def numpy_dtype(id_type: pa.DataType) -> np.dtype:
+    """The numpy dtype of an Arrow integer type (``to_pandas_dtype`` would import pandas: 0.5 s a stage)."""
+    return np.dtype(str(id_type))
+
+
 def list_array(sequences: list[list[int]] | list[np.ndarray], id_type: pa.DataType) -> pa.ListArray:
     """A ``list<id_type>`` array built from one flat buffer and offsets (no per-row objects)."""
     return list_column(*columns_from_sequences(sequences, id_type), id_type)
@@ -268,7 +273,7 @@ def columns_from_sequences(sequences: list, id_type: pa.DataType) -> tuple[np.nd
     """(values, offsets) of a list of id sequences, for :meth:`RollingShardWriter.add_columns`."""
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)), out=offsets[1:])
-    dtype = id_type.to_pandas_dtype()
+    dtype = numpy_dtype(id_type)
     if sequences and isinstance(sequences[0], np.ndarray):
         values = np.concatenate(sequences).astype(dtype, copy=False) if offsets[-1] else np.zeros(0, dtype)
     else:
@@ -279,7 +284,7 @@ def columns_from_sequences(sequences: list, id_type: pa.DataType) -> tuple[np.nd
 def list_column(values: np.ndarray, offsets: np.ndarray, id_type: pa.DataType) -> pa.ListArray:
     """A ``list<id_type>`` array from flat values and int64 offsets."""
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()),
-                                    pa.array(values.astype(id_type.to_pandas_dtype(), copy=False), id_type))
+                                    pa.array(values.astype(numpy_dtype(id_type), copy=False), id_type))
 
 
 class RollingShardWriter:

@@ -1,3 +1,6 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from data_tools.normalize import cjk_ratio, normalize_text
 
 
@@ -31,3 +34,17 @@ def test_repetition_measures():
     assert repeated_line_ratio("只有一行") == 0.0
     assert repeated_char_ratio("哈哈哈哈好") == 0.8
     assert repeated_char_ratio("分隔线------------之后") == 0.0  # punctuation runs are layout
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from(list("哈好aA0_-  \n😀😂\U00030000")), max_size=30))
+def test_the_fast_paths_measure_what_the_plain_definitions_do(text):
+    import re
+
+    from data_tools.normalize import cjk_ratio, repeated_char_ratio
+
+    runs = sum(len(m.group()) for m in re.finditer(r"(\w)\1{3,}", text))
+    assert repeated_char_ratio(text) == (runs / len(text) if text else 0.0)
+    visible = len(text) - text.count(" ") - text.count("\n")
+    ideographs = len(re.findall(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]", text))
+    assert cjk_ratio(text) == (ideographs / visible if visible > 0 else 0.0)
