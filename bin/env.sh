@@ -6,7 +6,7 @@ GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
 if [ -z "${DS_ACCELERATOR:-}" ] && [ "${GPUS_PER_NODE:-0}" -eq 0 ]; then
   export DS_ACCELERATOR=cpu
 fi
-# DeepSpeed JIT-builds its ops (FusedAdam, shm comm) on first use and keeps them here. Node-local
+# DeepSpeed JIT-builds its ops (FusedAdam) on first use and keeps them here. Node-local
 # (/tmp), never on shared storage: nodes would build into one directory at once, and a build killed
 # midway leaves a lock file that every rank waits on forever (the trainer names stale locks at start).
 # One directory per checkout: builds record their include paths (this checkout's .venv), so two

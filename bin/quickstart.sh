@@ -15,8 +15,8 @@ GSG_STEPS=${GSG_STEPS:-200}
 HELD_OUT=${HELD_OUT:-256}
 TRAIN_FLAGS=${TRAIN_FLAGS:---micro_batch_size 16 --learning_rate 3e-3 --warmup_steps 30 --save_checkpoint_steps 500 --log_every_steps 25 --eval_examples $HELD_OUT --eval_every_steps 200}
 
-# DeepSpeed's ops (FusedAdam; shared-memory collectives on CPU) build in parallel while the data
-# stages run, instead of one after the other while both training ranks wait (~1.5 min on 2 cores).
+# DeepSpeed's FusedAdam builds while the data stages run, instead of inside the first training run
+# while both ranks wait (~1-1.5 min on 2 cores).
 python -m pipeline.build_ops & BUILD_OPS=$!
 
 RAW="$(python -m data_tools.default_corpus)" OUT="$WORK/clean" "$BIN/clean.sh"
