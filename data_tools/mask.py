@@ -34,8 +34,8 @@ from data_tools.noising import (
     VocabInfo,
     bart_examples_of_documents,
     build_bart_example,
-    gsg_examples_of_documents,
     build_gsg_example,
+    gsg_examples_of_documents,
     pack_sentences,
     select_gap_sentences,
 )

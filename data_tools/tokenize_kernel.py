@@ -138,11 +138,11 @@ def _lookup(word: np.ndarray, start: int, end: int, continuation: bool, slots: n
             entry_offsets: np.ndarray, entry_ids: np.ndarray) -> int:
     """The id of ``word[start:end]`` (with a ``##`` prefix when ``continuation``), or -1."""
     value = 0
-    if continuation:
-        value = (value * 131 + 35) % 2147483647
-        value = (value * 131 + 35) % 2147483647
+    if continuation:  # "##": the hash of the entry as the vocab spells it
+        value = (value * _HASH_BASE + 35) % _HASH_MODULUS
+        value = (value * _HASH_BASE + 35) % _HASH_MODULUS
     for k in range(start, end):
-        value = (value * 131 + word[k]) % 2147483647
+        value = (value * _HASH_BASE + word[k]) % _HASH_MODULUS
     mask = len(slots) - 1
     slot = value & mask
     length = end - start + (2 if continuation else 0)
