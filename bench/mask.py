@@ -57,12 +57,8 @@ def load_documents(quick: bool):
     document_offsets = np.concatenate(([0], np.cumsum(counts)))
     sentence_offsets = np.concatenate(([0], np.cumsum(encoded.sentence_lengths, dtype=np.int64)))
     ids = encoded.ids.astype(np.uint16)
-    blocks = []
-    for first in range(0, len(counts), BLOCK_DOCUMENTS):
-        documents = document_offsets[first:first + BLOCK_DOCUMENTS + 1]
-        sentences = sentence_offsets[documents[0]:documents[-1] + 1]
-        blocks.append(DocumentBlock(first, documents - documents[0], sentences - sentences[0],
-                                    ids[sentences[0]:sentences[-1]]))
+    blocks = [DocumentBlock.cut(0, document_offsets, sentence_offsets, ids, start, BLOCK_DOCUMENTS)
+              for start in range(0, len(counts), BLOCK_DOCUMENTS)]
     return blocks, len(counts), vocab, tokenize_seconds
 
 

@@ -243,6 +243,16 @@ class DocumentBlock:
     def __len__(self) -> int:
         return len(self.document_offsets) - 1
 
+    @classmethod
+    def cut(cls, first_document: int, document_offsets: np.ndarray, sentence_offsets: np.ndarray, ids: np.ndarray,
+            start: int, size: int) -> "DocumentBlock":
+        """Documents ``start:start + size`` of a ``list<list<id>>`` layout (its two int64 offset arrays and its
+        values), rebased; ``first_document`` is the corpus-wide index of document 0 of that layout."""
+        documents = document_offsets[start:start + size + 1]
+        sentences = sentence_offsets[documents[0]:documents[-1] + 1]
+        return cls(first_document + start, documents - documents[0], sentences - sentences[0],
+                   ids[sentences[0]:sentences[-1]])
+
     def document_lists(self) -> Iterator[list[list[int]]]:
         """Each document's sentences as lists of ints, in order (for the code that works on lists)."""
         ids, bounds = self.ids.tolist(), self.sentence_offsets.tolist()  # one conversion for the block
@@ -262,10 +272,7 @@ def iter_document_blocks(directory: Path, manifest: dict, column: str, size: int
             sentence_offsets = batch.values.offsets.to_numpy().astype(np.int64)
             ids = batch.values.values.to_numpy(zero_copy_only=True)
             for start in range(0, len(batch), size):
-                documents = document_offsets[start:start + size + 1]
-                sentences = sentence_offsets[documents[0]:documents[-1] + 1]
-                yield DocumentBlock(first + start, documents - documents[0], sentences - sentences[0],
-                                    ids[sentences[0]:sentences[-1]])
+                yield DocumentBlock.cut(first, document_offsets, sentence_offsets, ids, start, size)
             first += len(batch)
 
 
@@ -353,7 +360,7 @@ class RollingShardWriter:
     def _write_queued(self, whole_batches_only: bool) -> None:
         if self._queued_rows < (self.batch_rows if whole_batches_only else 1):
             return
-        queued = pa.Table.from_batches(self._queued, schema=self.schema).combine_chunks()
+        queued = pa.Table.from_batches(self._queued, schema=self.schema)
         written = 0
         while queued.num_rows - written >= (self.batch_rows if whole_batches_only else 1):
             take = min(self.batch_rows, queued.num_rows - written)

@@ -98,10 +98,15 @@ class EncodedDocuments:
 
     def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(flat ids, sentence lengths) of one document, as :meth:`BertWordPieceEncoder.encode_document` gives them."""
-        first_sentence = np.concatenate(([0], np.cumsum(self.sentences_per_document)))
-        first_token = np.concatenate(([0], np.cumsum(self.sentence_lengths, dtype=np.int64)))
+        first_sentence, first_token = self._starts
         a, b = first_sentence[index], first_sentence[index + 1]
         return self.ids[first_token[a]:first_token[b]], self.sentence_lengths[a:b]
+
+    @functools.cached_property
+    def _starts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where each document's sentences and each sentence's ids begin (computed once, not per document)."""
+        return (np.concatenate(([0], np.cumsum(self.sentences_per_document))),
+                np.concatenate(([0], np.cumsum(self.sentence_lengths, dtype=np.int64))))
 
     @classmethod
     def concatenate(cls, parts: list["EncodedDocuments"]) -> "EncodedDocuments":
