@@ -48,3 +48,49 @@ def test_the_fast_paths_measure_what_the_plain_definitions_do(text):
     visible = len(text) - text.count(" ") - text.count("\n")
     ideographs = len(re.findall(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]", text))
     assert cjk_ratio(text) == (ideographs / visible if visible > 0 else 0.0)
+
+
+# Pieces that exercise every pass and the chunk path's joins: the document mark itself, line ends,
+# spaces that collapse or strip, tags and entities (one decoding to a newline, one to nothing),
+# URLs, e-mails, full-width letters, combining marks that NFC composes, invisible characters, runs.
+_PIECES = ["\uffff", "\n", "\r", "\r\n", " ", "\t", "\u3000", "\u00a0", "<", ">", "<p>", "</b \n>", "&amp;", "&#10;",
+           "&#xffff;", "&", "http://a.b/c", "www.", "a@b.cn", "@", "e", "\u0301", "Ａ", "１", "\x00", "\u200b",
+           "\ufeff", "哈", "中文", "好", "😀", "\U00020001", "\ud800", "a", "-", "。"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join), max_size=6),
+       st.sampled_from(["NFC", "NFKC", "none"]), st.booleans(), st.booleans())
+def test_a_chunk_normalizes_and_measures_as_its_documents_do_one_by_one(texts, form, fold, strip_html):
+    from data_tools.normalize import (
+        chunk_measures,
+        normalize_texts,
+        repeated_char_ratio,
+    )
+
+    options = dict(unicode_form=form, fullwidth_to_halfwidth=fold, strip_html=strip_html)
+    assert normalize_texts(texts, **options) == [normalize_text(text, **options) for text in texts]
+    ratios, may_repeat = chunk_measures(texts)
+    assert ratios.tolist() == [cjk_ratio(text) for text in texts]
+    assert all(may or repeated_char_ratio(text) == 0.0 for text, may in zip(texts, may_repeat.tolist()))
+
+
+def test_chunk_cleaning_keeps_and_drops_what_the_plain_filters_do(clue_lines_file):
+    from data_tools.clean import CleanConfig, clean_documents
+    from data_tools.normalize import repeated_char_ratio, repeated_line_ratio
+
+    config = CleanConfig(input_paths=[clue_lines_file], output_dir=clue_lines_file.parent / "unused")
+    texts = clue_lines_file.read_text(encoding="utf-8").splitlines()[:3000]
+    texts += ["哈哈哈哈哈哈哈哈好", "一行\n一行\n一行", "短", "english words only here", ""]
+
+    def plain(text):
+        text = normalize_text(text)
+        checks = [(not text, "empty_after_normalization"), (len(text) < config.min_chars, "too_short"),
+                  (len(text) > config.max_chars, "too_long"), (cjk_ratio(text) < config.min_cjk_ratio, "low_cjk_ratio"),
+                  (repeated_line_ratio(text) > config.max_repeated_line_ratio, "repeated_lines"),
+                  (repeated_char_ratio(text) > config.max_repeated_char_ratio, "repeated_chars")]
+        return text, next((reason for failed, reason in checks if failed), None)
+
+    chunked = clean_documents(texts, config)
+    assert chunked == [plain(text) for text in texts]
+    assert {reason for _, reason in chunked} >= {None, "too_short", "low_cjk_ratio", "repeated_lines", "repeated_chars"}
