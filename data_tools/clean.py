@@ -227,17 +227,11 @@ def minhash_signature(text: str, num_perm: int) -> Any:
     return minhash
 
 
-def _clean_chunk(documents: list[RawDocument]) -> list[tuple]:
-    """(text, drop_reason, exact-dedup digest, MinHash or None) per document, in order."""
+def _clean_texts(texts: list[str]) -> list[tuple]:
+    """(text, drop_reason, exact-dedup digest, MinHash or None) per readable document, in order."""
     config, t2s = _worker["config"], _worker["t2s"]
-    readable = [document.text for document in documents if document.drop_reason is None]
-    cleaned = iter(clean_documents(readable, config, t2s))
     results = []
-    for document in documents:
-        if document.drop_reason is not None:
-            results.append(("", document.drop_reason, None, None))
-            continue
-        text, reason = next(cleaned)
+    for text, reason in clean_documents(texts, config, t2s):
         digest = signature = None
         if reason is None:
             if config.deduplicate:
@@ -360,18 +354,23 @@ def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: 
         for document in iter_documents(path, config.input_format, config.max_line_bytes, config.text_field)
     )
     chunks = chunked(raw_documents, config.chunk_documents)
-    sources: deque[list[str]] = deque()
+    in_flight: deque[list[RawDocument]] = deque()
 
-    def remember_sources(chunk_iter: Iterator[list[RawDocument]]) -> Iterator[list[RawDocument]]:
+    def readable_texts(chunk_iter: Iterator[list[RawDocument]]) -> Iterator[list[str]]:
+        """What the workers get: the texts only (a list of str pickles and unpickles ~8x faster than the RawDocuments)."""
         for chunk in chunk_iter:
-            sources.append([document.source for document in chunk])
-            yield chunk
+            in_flight.append(chunk)
+            yield [document.text for document in chunk if document.drop_reason is None]
 
-    results = ordered_map(_clean_chunk, remember_sources(chunks), config.processes_num,
+    results = ordered_map(_clean_texts, readable_texts(chunks), config.processes_num,
                           initializer=_init_worker, initargs=(config,))
     for chunk_results in results:
-        chunk_sources = sources.popleft()
-        for source, (text, reason, digest, signature) in zip(chunk_sources, chunk_results):
+        cleaned = iter(chunk_results)
+        for document in in_flight.popleft():
+            if document.drop_reason is not None:
+                dropped[document.drop_reason] += 1
+                continue
+            text, reason, digest, signature = next(cleaned)
             if reason is None and digest is not None and spill is None:
                 if digest in seen_hashes:
                     reason = "duplicate"
@@ -382,6 +381,7 @@ def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: 
             if reason is not None:
                 dropped[reason] += 1
                 continue
+            source = document.source
             if spill is not None and digest is not None:
                 digests.add(digest, kept, file_index[source])  # its ordinal among the documents written
             writer.write(text)

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_tools.clean import CleanConfig, clean
 from data_tools.common import UserError
@@ -169,3 +171,31 @@ def test_slices_split_by_file_and_combine_with_cross_slice_dedup(tmp_path):
     assert counts["documents_read"] == 6
     assert counts["documents_kept"] == 4 and counts["documents_dropped"] == {"duplicate": 2}
     assert read_documents(tmp_path / "combined")[0] == "第0个文件独有的文档内容。"
+
+
+def _lines_one_readline_each(path, max_line_bytes):
+    """The plain reading that read_lines' block reader must agree with: readline(limit + 1) per line."""
+    with open(path, "rb") as handle:
+        number = 0
+        while chunk := handle.readline(max_line_bytes + 1):
+            number += 1
+            if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+                while chunk and not chunk.endswith(b"\n"):
+                    chunk = handle.readline(7)
+                yield number, None
+            else:
+                yield number, chunk.rstrip(b"\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"\n", b"\r", b"a", "中".encode(), b"\r\n"]), max_size=60).map(b"".join),
+       st.integers(1, 9), st.integers(1, 6))
+def test_block_reading_gives_the_lines_readline_gives(tmp_path_factory, content, max_line_bytes, block_bytes):
+    from unittest import mock
+
+    from data_tools import raw_input
+
+    path = tmp_path_factory.mktemp("lines") / "raw.txt"
+    path.write_bytes(content)
+    with mock.patch.object(raw_input, "READ_BLOCK_BYTES", block_bytes):
+        assert list(raw_input.read_lines(path, max_line_bytes)) == list(_lines_one_readline_each(path, max_line_bytes))
