@@ -10,7 +10,7 @@ BIN="$(cd "$(dirname "$0")" && pwd)"
 source "$BIN/env.sh"
 cd "$ROOT"
 WORK=${WORK:-work/quickstart}
-BART_STEPS=${BART_STEPS:-1000}
+BART_STEPS=${BART_STEPS:-1200}
 GSG_STEPS=${GSG_STEPS:-200}
 HELD_OUT=${HELD_OUT:-256}
 TRAIN_FLAGS=${TRAIN_FLAGS:---micro_batch_size 16 --learning_rate 3e-3 --warmup_steps 30 --save_checkpoint_steps 500 --log_every_steps 25 --eval_examples $HELD_OUT --eval_every_steps 200}
