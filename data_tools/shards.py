@@ -34,6 +34,22 @@ def numpy_dtype(id_type: pa.DataType) -> np.dtype:
     return np.dtype(str(id_type))
 
 
+def arrow_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A primitive Arrow array over a numpy array's buffer (converted to ``arrow_type``'s dtype first if need
+    be). ``pa.array`` would import pandas on its first call, to look for pandas objects: ~0.3 s a stage."""
+    values = np.ascontiguousarray(values, dtype=numpy_dtype(arrow_type))
+    return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(values)])
+
+
+def numpy_view(array: pa.Array) -> np.ndarray:
+    """A zero-copy numpy view of a primitive Arrow array without nulls (ids, offsets); ``to_numpy``
+    would import pandas on its first call (~0.3 s a stage)."""
+    if array.null_count:
+        raise ValueError(f"numpy_view: {array.null_count} nulls in a {array.type} array")
+    dtype = numpy_dtype(array.type)
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
 def list_array(sequences: list[list[int]] | list[np.ndarray], id_type: pa.DataType) -> pa.ListArray:
     """A ``list<id_type>`` array built from one flat buffer and offsets (no per-row objects)."""
     return list_column(*columns_from_sequences(sequences, id_type), id_type)
@@ -268,9 +284,9 @@ def iter_document_blocks(directory: Path, manifest: dict, column: str, size: int
     first = 0
     for path in shard_paths(directory, manifest, checksum):
         for batch in open_shard(path).column(column).chunks:
-            document_offsets = batch.offsets.to_numpy().astype(np.int64)
-            sentence_offsets = batch.values.offsets.to_numpy().astype(np.int64)
-            ids = batch.values.values.to_numpy(zero_copy_only=True)
+            document_offsets = numpy_view(batch.offsets).astype(np.int64)
+            sentence_offsets = numpy_view(batch.values.offsets).astype(np.int64)
+            ids = numpy_view(batch.values.values)
             for start in range(0, len(batch), size):
                 yield DocumentBlock.cut(first, document_offsets, sentence_offsets, ids, start, size)
             first += len(batch)
@@ -290,8 +306,7 @@ def columns_from_sequences(sequences: list, id_type: pa.DataType) -> tuple[np.nd
 
 def list_column(values: np.ndarray, offsets: np.ndarray, id_type: pa.DataType) -> pa.ListArray:
     """A ``list<id_type>`` array from flat values and int64 offsets."""
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()),
-                                    pa.array(values.astype(numpy_dtype(id_type), copy=False), id_type))
+    return pa.ListArray.from_arrays(arrow_array(offsets, pa.int32()), arrow_array(values, id_type))
 
 
 class RollingShardWriter:
@@ -408,9 +423,9 @@ class TokenizedCorpus:
             for column in open_shard(path).column("sentences").chunks:
                 sentences = column.values
                 self._shards.append((
-                    column.offsets.to_numpy(),
-                    sentences.offsets.to_numpy(),
-                    sentences.values.to_numpy(zero_copy_only=True),
+                    numpy_view(column.offsets),
+                    numpy_view(sentences.offsets),
+                    numpy_view(sentences.values),
                 ))
                 rows.append(len(column))
         self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)

@@ -30,7 +30,7 @@ from data_tools.shards import (
     check_stage_output,
     id_type_for_vocab,
     load_manifest,
-    numpy_dtype,
+    arrow_array,
     shard_paths,
 )
 from data_tools.wordpiece import BertWordPieceEncoder, EncodedDocuments, load_encoder
@@ -70,8 +70,9 @@ def sentences_array(encoded: EncodedDocuments, id_type: pa.DataType) -> pa.ListA
     counts = encoded.sentences_per_document[encoded.sentences_per_document > 0]
     outer_offsets = np.zeros(len(counts) + 1, dtype=np.int32)
     np.cumsum(counts, out=outer_offsets[1:])
-    ids = pa.array(encoded.ids.astype(numpy_dtype(id_type)), id_type)
-    return pa.ListArray.from_arrays(pa.array(outer_offsets), pa.ListArray.from_arrays(pa.array(inner_offsets), ids))
+    ids = arrow_array(encoded.ids, id_type)
+    return pa.ListArray.from_arrays(arrow_array(outer_offsets, pa.int32()),
+                                    pa.ListArray.from_arrays(arrow_array(inner_offsets, pa.int32()), ids))
 
 
 _worker: dict = {}

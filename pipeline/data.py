@@ -19,7 +19,7 @@ import torch
 
 from data_tools.common import UserError
 from data_tools.compiled import notice_if_pure_python
-from data_tools.shards import checked_vocab_file, load_manifest, open_shard, shard_paths
+from data_tools.shards import checked_vocab_file, load_manifest, numpy_view, open_shard, shard_paths
 from pipeline.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -40,8 +40,8 @@ class ExampleShards:
             table = open_shard(path)
             for source, target in zip(table.column("source_ids").chunks, table.column("target_ids").chunks):
                 self.columns.append((
-                    source.offsets.to_numpy(), source.values.to_numpy(zero_copy_only=True),
-                    target.offsets.to_numpy(), target.values.to_numpy(zero_copy_only=True),
+                    numpy_view(source.offsets), numpy_view(source.values),
+                    numpy_view(target.offsets), numpy_view(target.values),
                 ))
                 row_counts.append(len(source))
         self.shard_starts = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)

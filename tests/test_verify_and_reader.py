@@ -116,3 +116,29 @@ def test_shard_bytes_do_not_depend_on_how_rows_were_handed_to_the_writer(tmp_pat
         assert written(name, in_blocks(sizes)) == one_by_one, name
     assert [shard["rows"] for shard in one_by_one] == [1_000, 1_000, 345]
     assert sum(shard["tokens"] for shard in one_by_one) == sum(map(len, rows))
+
+
+def test_numpy_views_and_arrow_arrays_round_trip_without_copies_or_pandas(stages):
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from data_tools.shards import arrow_array, numpy_view
+
+    values = np.arange(10, dtype=np.int64) * 3
+    array = arrow_array(values, pa.uint16())
+    assert array.type == pa.uint16() and array.to_pylist() == values.tolist()
+    sliced = pa.array(values.tolist(), pa.int32()).slice(3, 4)  # a non-zero offset into the buffer
+    assert numpy_view(sliced).tolist() == values[3:7].tolist()
+    lists = pa.ListArray.from_arrays(arrow_array(np.array([0, 2, 5]), pa.int32()), array.slice(0, 5)).slice(1)
+    assert numpy_view(lists.offsets).tolist() == [2, 5]
+    with pytest.raises(ValueError, match="1 nulls"):
+        numpy_view(pa.array([1, None], pa.int32()))
+    # tokenize and mask never import pandas (pa.array / to_numpy would: ~0.3 s of each stage's start-up)
+    script = (f"import sys; from pathlib import Path; from data_tools.mask import MaskConfig, mask; "
+              f"from data_tools.shards import TokenizedCorpus; corpus = TokenizedCorpus(Path({str(stages / 'tok')!r})); "
+              f"corpus[0]; mask(MaskConfig(input_dir=Path({str(stages / 'tok')!r}), output_dir=Path(sys.argv[1]), "
+              f"target='bart', progress=False)); assert 'pandas' not in sys.modules, 'pandas imported'")
+    out = stages.parent / "no-pandas-mask"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True)
