@@ -178,14 +178,9 @@ def _init_worker(config: CleanConfig) -> None:
     _worker["t2s"] = TraditionalToSimplified() if config.traditional_to_simplified else None
 
 
-def clean_document(text: str, config: CleanConfig, t2s: TraditionalToSimplified | None = None) -> tuple[str, str | None]:
-    """The normalized text and the reason to drop it (None to keep)."""
-    return clean_documents([text], config, t2s)[0]
-
-
 def clean_documents(texts: list[str], config: CleanConfig,
                     t2s: TraditionalToSimplified | None = None) -> list[tuple[str, str | None]]:
-    """:func:`clean_document` of each text, normalized and measured a chunk at a time."""
+    """Each text normalized, and the reason to drop it (None to keep); normalized and measured a chunk at a time."""
     texts = normalize_texts(
         texts,
         unicode_form=config.unicode_normalization,
@@ -357,7 +352,8 @@ def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: 
     in_flight: deque[list[RawDocument]] = deque()
 
     def readable_texts(chunk_iter: Iterator[list[RawDocument]]) -> Iterator[list[str]]:
-        """What the workers get: the texts only (a list of str pickles and unpickles ~8x faster than the RawDocuments)."""
+        """What the workers get: the texts only (a list of str pickles and unpickles ~8x faster than the
+        RawDocuments)."""
         for chunk in chunk_iter:
             in_flight.append(chunk)
             yield [document.text for document in chunk if document.drop_reason is None]

@@ -8,6 +8,7 @@ folded to ASCII; NFKC (which would also fold ， to ,) is an opt-in.
 from __future__ import annotations
 
 import html
+import inspect
 import re
 import unicodedata
 
@@ -56,13 +57,11 @@ def normalize_text(
 _DOCUMENT_MARK = "\uffff"
 _DOCUMENT_JOIN = f"\n{_DOCUMENT_MARK}\n"
 _HTML_TAG_BEFORE_MARK_RE = re.compile(r"<\s*/?\s*[A-Za-z][^<>\uffff]{0,500}>")
-_NORMALIZE_DEFAULTS = dict(unicode_form="NFC", fullwidth_to_halfwidth=True, strip_html=True, remove_urls=True,
-                           remove_emails=True)
 
 
 def normalize_texts(texts: list[str], **options) -> list[str]:
     """``[normalize_text(text, **options) for text in texts]``, computed on the chunk at once."""
-    options = {**_NORMALIZE_DEFAULTS, **options}
+    options = {**_NORMALIZE_DEFAULTS, **options}  # normalize_text's own defaults
     joined = _DOCUMENT_JOIN.join(texts)
     if len(texts) < 2 or joined.count(_DOCUMENT_MARK) != len(texts) - 1:
         return [normalize_text(text, **options) for text in texts]
@@ -70,6 +69,11 @@ def normalize_texts(texts: list[str], **options) -> list[str]:
     # Each piece is "\n" + document + "\n" (the first and last lack one side); a normalized document
     # neither begins nor ends with a newline, and an empty one leaves "\n" or "".
     return [piece.strip("\n") for piece in pieces]
+
+
+_NORMALIZE_DEFAULTS = {name: parameter.default
+                       for name, parameter in inspect.signature(normalize_text).parameters.items()
+                       if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _character_passes(text: str, html_tag_re: re.Pattern, *, unicode_form: str, fullwidth_to_halfwidth: bool,
