@@ -49,9 +49,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "${VIRTUAL_ENV}"
 
+# The versions CI tests (bin/constraints.txt: transformers 5.x, deepspeed, numpy, ...): every pip
+# install below takes them; TORCH_VERSION and DEEPSPEED_VERSION must equal its lines (tests/test_dockerfile.py).
+COPY bin/constraints.txt /opt/constraints.txt
+
 # torch's CUDA build must be the one nvcc targets: checked here, before anything is compiled.
 RUN pip install --upgrade "pip==25.3" "setuptools==80.9.0" "wheel==0.45.1" "packaging==25.0" "ninja==1.13.0" \
-    && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
+    && pip install -c /opt/constraints.txt "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
     && torch_cuda="$(python -c 'import torch; print(torch.version.cuda)')" \
     && nvcc_cuda="$(nvcc --version | sed -n 's/.*release \([0-9]*\.[0-9]*\),.*/\1/p')" \
     && echo "torch ${TORCH_VERSION}: CUDA ${torch_cuda}; nvcc: CUDA ${nvcc_cuda}" \
@@ -66,7 +70,7 @@ RUN pip install --upgrade "pip==25.3" "setuptools==80.9.0" "wheel==0.45.1" "pack
 # build on the node that uses it: DeepSpeed compiles it with -march=native, which would tie the
 # image to the build machine's CPU.
 RUN DS_ACCELERATOR=cuda DS_BUILD_FUSED_ADAM=1 \
-        pip install --no-build-isolation --no-binary deepspeed "deepspeed==${DEEPSPEED_VERSION}" \
+        pip install -c /opt/constraints.txt --no-build-isolation --no-binary deepspeed "deepspeed==${DEEPSPEED_VERSION}" \
     && DS_ACCELERATOR=cuda python -c "import importlib; \
 from deepspeed.git_version_info import accelerator_name, installed_ops; \
 assert accelerator_name == 'cuda', f'DeepSpeed was built for the {accelerator_name} accelerator'; \
@@ -94,8 +98,8 @@ COPY ds_configs ./ds_configs
 COPY bin ./bin
 COPY tests ./tests
 COPY bench ./bench
-# All of setup.cfg's extras; then ds_report must still list fused_adam as installed ([YES]).
-RUN pip install -e ".[data,train,test,bench,plot]" \
+# All of setup.cfg's extras at the tested versions; then ds_report must still list fused_adam as installed ([YES]).
+RUN pip install -c /opt/constraints.txt -e ".[data,train,test,bench,plot]" \
     && python -c "import deepspeed, torch; print(torch.__version__, torch.version.cuda, deepspeed.__version__)" \
     && ds_report | sed -e 's/\x1b\[[0-9;]*m//g' > /tmp/ds_report.txt \
     && cat /tmp/ds_report.txt \

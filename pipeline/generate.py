@@ -60,12 +60,13 @@ def remove_cjk_spaces(text: str) -> str:
 def load_model(model_dir: Path):  # noqa: ANN201 - HF types
     from transformers import BertTokenizer
 
-    from pipeline.model import load_hf_model
+    from pipeline.model import load_hf_model, quiet_loading
 
     model = load_hf_model(model_dir, "--model_dir")
     if not (model_dir / VOCAB_FILE).is_file():
         raise UserError(f"--model_dir {model_dir} has no {VOCAB_FILE}; pass a directory written by zh-export")
-    tokenizer = BertTokenizer.from_pretrained(str(model_dir))
+    with quiet_loading():
+        tokenizer = BertTokenizer.from_pretrained(str(model_dir))
     model.eval()
     return tokenizer, model
 
@@ -80,7 +81,10 @@ def generate_texts(tokenizer, model, inputs: list[str], config: GenerateConfig) 
             **encoded, max_length=config.max_length, num_beams=config.num_beams, do_sample=config.do_sample,
             top_k=config.top_k, top_p=config.top_p, temperature=config.temperature,
         )
-    return [remove_cjk_spaces(t) for t in tokenizer.batch_decode(output, skip_special_tokens=True)]
+    # Explicit: transformers 4.x's BertTokenizer cleans up by default ("don ' t" -> "don't"), 5.x does not,
+    # and exports made before tokenizer_config.json said so (or published models) name no value.
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [remove_cjk_spaces(t) for t in texts]
 
 
 def _batches(lines: Iterable[str], size: int) -> Iterable[list[str]]:

@@ -1,9 +1,15 @@
 """Runs DESIGN.md's user snippet on exported model directories, exactly as a user would.
 
 ``python -m pipeline.hf_snippet EXPORT_DIR [EXPORT_DIR ...]`` loads each directory with
-``BertTokenizer`` and the model class named in its config, and prints one greedy
-generation through ``Text2TextGenerationPipeline``; for a BART model also how much of the
-prompt's context it gave back (difflib's character similarity to the prompt without [MASK]).
+``BertTokenizer`` and the model class named in its config, and prints one generation; for a
+BART model also how much of the prompt's context it gave back (difflib's character similarity
+to the prompt without [MASK]).
+
+The seed models' cards use ``Text2TextGenerationPipeline(model, tokenizer)(text, max_length=50,
+do_sample=False)``, which transformers 5 removed. On 4.x that pipeline is not greedy: exports set
+no ``num_beams``, so its default of 4 applies. ``generate_like_the_card`` is what it did, written
+with calls both versions have (the same token ids as 4.57's pipeline): no token_type_ids, which
+BART's forward does not take; 4 beams; special tokens skipped and spaces left as they are.
 """
 
 from __future__ import annotations
@@ -12,19 +18,34 @@ import difflib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 PROMPT = "内容丰富、版式设计考究、图片华丽、印制精美。[MASK]纸箱内还放了充气袋用于保护。"
+# Text2TextGenerationPipeline's defaults on 4.x for the card's call.
+CARD_GENERATION = {"max_length": 50, "do_sample": False, "num_beams": 4}
+
+
+def generate_like_the_card(model: Any, tokenizer: Any, text: str) -> str:
+    """The card's pipeline call on any transformers version (see the module docstring)."""
+    import torch
+
+    inputs = tokenizer(text, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, **CARD_GENERATION)
+    return tokenizer.decode(output[0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def run_snippet(export_dir: Path, prompt: str = PROMPT) -> str:
     import transformers
-    from transformers import BertTokenizer, Text2TextGenerationPipeline
+    from transformers import BertTokenizer
+
+    from pipeline.model import quiet_loading
 
     model_class = getattr(transformers, architecture(export_dir))  # Bart/PegasusForConditionalGeneration
-    tokenizer = BertTokenizer.from_pretrained(str(export_dir))
-    model = model_class.from_pretrained(str(export_dir))
-    result = Text2TextGenerationPipeline(model, tokenizer)(prompt, max_length=50, do_sample=False)
-    return result[0]["generated_text"]
+    with quiet_loading():
+        tokenizer = BertTokenizer.from_pretrained(str(export_dir))
+        model = model_class.from_pretrained(str(export_dir)).eval()
+    return generate_like_the_card(model, tokenizer, prompt)
 
 
 def architecture(export_dir: Path) -> str:

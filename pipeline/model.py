@@ -7,9 +7,10 @@ so a config never disagrees with the corpus it is trained on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -67,6 +68,25 @@ def build_model(config: Any) -> nn.Module:
     return AutoModelForSeq2SeqLM.from_config(config)
 
 
+def apex_fused_layer_norm() -> tuple[type | None, str]:
+    """apex's FusedLayerNorm class if it can run here, else (None, why not).
+
+    ``apex.normalization`` imports without its CUDA extension (a Python-only apex build, or one
+    built for another torch): FusedLayerNorm then fails in ``__init__``, when it imports
+    ``fused_layer_norm_cuda``. Importing the extension here turns that crash of every GPU run
+    into the native kernel and a reason in the start-up line.
+    """
+    try:
+        from apex.normalization import FusedLayerNorm
+    except ImportError:
+        return None, "apex not installed"
+    try:
+        import fused_layer_norm_cuda  # noqa: F401  (apex's compiled kernels)
+    except ImportError as error:
+        return None, f"apex is installed without its CUDA extension fused_layer_norm_cuda ({error})"
+    return FusedLayerNorm, ""
+
+
 def use_fused_layer_norm(model: nn.Module, device_type: str) -> str:
     """Swap ``nn.LayerNorm`` for apex's ``FusedLayerNorm`` when apex is installed and the run's
     accelerator (DeepSpeed's, not merely a visible GPU) is CUDA.
@@ -74,17 +94,16 @@ def use_fused_layer_norm(model: nn.Module, device_type: str) -> str:
     FusedLayerNorm has the same parameters and state_dict keys, so checkpoints and the
     export do not depend on which kernel trained them. Returns the kernel's name.
     """
-    try:
-        from apex.normalization import FusedLayerNorm
-    except ImportError:
-        return "torch.nn.LayerNorm (native kernel; apex not installed)"
+    fused_layer_norm, reason = apex_fused_layer_norm()
+    if fused_layer_norm is None:
+        return f"torch.nn.LayerNorm (native kernel; {reason})"
     if device_type != "cuda":
         return f"torch.nn.LayerNorm (native kernel; apex's FusedLayerNorm needs CUDA, the accelerator is {device_type})"
     replaced = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if type(child) is nn.LayerNorm:
-                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine)
+                fused = fused_layer_norm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine)
                 fused.load_state_dict(child.state_dict())
                 setattr(parent, name, fused.to(child.weight.device, child.weight.dtype))
                 replaced += 1
@@ -92,12 +111,14 @@ def use_fused_layer_norm(model: nn.Module, device_type: str) -> str:
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: no decay on biases, norms and embeddings of positions."""
+    """AdamW parameter groups: no decay on biases, norms and embeddings of positions (BART's learned
+    ones; PEGASUS's sinusoidal table is not trained). Token embeddings and the weight matrices decay."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+        if (parameter.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+                or "embed_positions" in name):
             no_decay.append(parameter)
         else:
             decay.append(parameter)
@@ -122,6 +143,21 @@ def read_hf_config(model_dir: Path, flag: str) -> dict:
     return values
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars from transformers inside the block: 5.x draws a "Loading weights" bar on stderr
+    in every ``from_pretrained``, which would break the commands' one-line errors and clutter logs."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf_model(model_dir: Path, flag: str) -> nn.Module:
     """An HF BART/PEGASUS model in fp32; a broken config or truncated weights give one line."""
     from transformers import AutoModelForSeq2SeqLM
@@ -129,7 +165,8 @@ def load_hf_model(model_dir: Path, flag: str) -> nn.Module:
     read_hf_config(model_dir, flag)
     try:
         # fp32 whatever the saved dtype (.float(): the dtype keyword changed name across transformers versions)
-        return AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).float()
+        with quiet_loading():
+            return AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).float()
     except Exception as error:  # transformers and safetensors raise many types here; all mean a broken directory
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{flag} {model_dir}: the model cannot be loaded ({type(error).__name__}: {first_line}); "

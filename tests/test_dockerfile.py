@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 
@@ -77,15 +78,48 @@ def test_hadolint_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_image_pins_the_versions_setup_cfg_declares():
-    setup = setup_cfg()
-    torch_pin = requirement(setup["options"]["install_requires"], "torch")
-    assert arg("TORCH_VERSION") in torch_pin.specifier and str(torch_pin.specifier).startswith("==")
-    deepspeed_spec = requirement(setup["options.extras_require"]["train"], "deepspeed").specifier
-    assert arg("DEEPSPEED_VERSION") in deepspeed_spec
+def constraints(name: str = "constraints.txt") -> dict[str, str]:
+    """Package -> pinned version of a bin/ constraints file (every line an exact pin)."""
+    pins = {}
+    for line in (PROJECT_ROOT / "bin" / name).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            pin = Requirement(line)
+            specifiers = list(pin.specifier)
+            assert len(specifiers) == 1 and specifiers[0].operator == "==", f"{name}: {line} is not an exact pin"
+            pins[canonicalize_name(pin.name)] = specifiers[0].version
+    return pins
+
+
+def test_image_installs_the_versions_ci_tests():
+    """The image installs every package from bin/constraints.txt, the pins CI tests (transformers 5.x);
+    setup.cfg keeps ranges, which must admit those pins."""
+    pins = constraints()
+    assert arg("TORCH_VERSION") == pins["torch"] and arg("DEEPSPEED_VERSION") == pins["deepspeed"]
+    assert int(pins["transformers"].split(".")[0]) == 5
+    assert ("COPY", "bin/constraints.txt /opt/constraints.txt") in instructions()
+    for marker in ('"torch==${TORCH_VERSION}"', "DS_BUILD_FUSED_ADAM=1", "pip install -c /opt/constraints.txt -e"):
+        assert "-c /opt/constraints.txt" in the_run(marker), marker
     torch_run = the_run('"torch==${TORCH_VERSION}"')
     assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in torch_run
     assert '"deepspeed==${DEEPSPEED_VERSION}"' in the_run("DS_BUILD_FUSED_ADAM=1")
+    setup = setup_cfg()
+    torch_range = requirement(setup["options"]["install_requires"], "torch").specifier
+    assert not str(torch_range).startswith("=="), "setup.cfg states a range: users install into their environments"
+    assert pins["torch"] in torch_range and "2.11.0" in torch_range  # the GPU machines' torch too
+    train = setup["options.extras_require"]["train"]
+    assert pins["deepspeed"] in requirement(train, "deepspeed").specifier
+    transformers_range = requirement(train, "transformers").specifier
+    assert pins["transformers"] in transformers_range
+    assert constraints("constraints-transformers4.txt")["transformers"] in transformers_range
+
+
+def test_the_compatibility_constraints_differ_only_in_the_transformers_family():
+    current, compatible = constraints(), constraints("constraints-transformers4.txt")
+    family = {"transformers", "tokenizers", "huggingface-hub"}
+    assert current.keys() == compatible.keys()
+    assert {name for name in current if current[name] != compatible[name]} == family
+    assert compatible["transformers"].startswith("4.57.")
 
 
 def test_one_cuda_line_base_image_nvcc_and_torch_build():
@@ -135,7 +169,7 @@ def test_apex_is_a_current_commit_built_with_that_commits_flags():
 
 def test_every_extra_and_the_multi_node_tools_are_installed():
     extras = set(setup_cfg()["options.extras_require"])
-    installed = re.search(r'pip install -e "\.\[([^\]]+)\]"', the_run("pip install -e")).group(1).split(",")
+    installed = re.search(r'-e "\.\[([^\]]+)\]"', the_run("pip install -c /opt/constraints.txt -e")).group(1).split(",")
     assert set(installed) == extras and "bench" in extras
     apt_run = the_run("apt-get install")
     packages = set(apt_run.split("--no-install-recommends", 1)[1].split("&&", 1)[0].split())
