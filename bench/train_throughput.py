@@ -88,13 +88,15 @@ sys.path.insert(0, str(PROJECT_ROOT))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
+# ZH_SHARED_DATA: a copy of the data where ../shared does not travel (a lent GPU machine; bin/gpu_kit.sh).
+SHARED = Path(os.environ.get("ZH_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
 MICRO_BATCH = 32
 SEED = 7  # the trainer's default --seed; passed explicitly so the peer's fixed order matches ours
 START = time.perf_counter()
@@ -267,15 +269,17 @@ def padding_shares(data_dir: Path, micro_batch: int, max_tokens: int) -> dict[st
 
 
 def _deepspeed_command() -> list[str]:
-    from pipeline.distributed import free_port
+    from pipeline.distributed import deepspeed_launcher, free_port
 
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port())]
+    return [*deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(free_port())]
 
 
 def _bench_env() -> dict:
     import os
 
     import torch
+
+    from pipeline.distributed import launched_env
 
     env = dict(os.environ)  # what bin/env.sh sets, for a run without it
     if not torch.cuda.is_available():
@@ -284,8 +288,7 @@ def _bench_env() -> dict:
         env["TORCH_EXTENSIONS_DIR"] = subprocess.run(
             ["bash", "-c", 'source "$1" && printf %s "$TORCH_EXTENSIONS_DIR"', "_", str(PROJECT_ROOT / "bin" / "env.sh")],
             capture_output=True, text=True, check=True).stdout
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return launched_env(env, PROJECT_ROOT)
 
 
 def _failure(output: str) -> str:
@@ -353,6 +356,17 @@ def run_ours(data_dir: Path, out: Path, model: str, micro: int, steps: int, wind
         figures["batches"] = [json.loads(line)["example_ids"] for line in lines if line.strip()]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # GBs per run on a GPU
     return figures
+
+
+def length_grouping_argument(grouped: bool) -> dict:
+    """The peer's length grouping in its own spelling: transformers 5 replaced ``group_by_length`` (which
+    it rejects) with ``train_sampling_strategy="group_by_length"``, the same LengthGroupedSampler."""
+    from transformers import Seq2SeqTrainingArguments
+
+    fields = Seq2SeqTrainingArguments.__dataclass_fields__
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
 
 
 def run_hf_baseline(data_dir: Path, out: Path, model: str, micro: int, steps: int, window: int,
@@ -446,7 +460,7 @@ def hf_baseline_main(args: dict) -> None:
     training_args = Seq2SeqTrainingArguments(
         output_dir=args["out"], per_device_train_batch_size=args["micro"], max_steps=args["steps"],
         learning_rate=1e-4, warmup_steps=2, weight_decay=0.01, bf16=bf16, deepspeed=ds_config,
-        gradient_checkpointing=args["checkpointing"], group_by_length=args["grouped"],
+        gradient_checkpointing=args["checkpointing"], **length_grouping_argument(args["grouped"]),
         logging_steps=args["window"], save_strategy="no", report_to=[], dataloader_num_workers=PEER_DATA_WORKERS,
         dataloader_persistent_workers=PEER_DATA_WORKERS > 0, remove_unused_columns=False, disable_tqdm=True,
         seed=SEED, use_cpu=not torch.cuda.is_available(),
@@ -679,7 +693,7 @@ def main() -> None:
 
     corpus, vocab = SHARED / "CLUECorpusSmall_bert_sampled.txt", SHARED / "google_zh_vocab.txt"
     if not (corpus.is_file() and vocab.is_file()):
-        raise SystemExit(f"bench/train_throughput.py needs {corpus} and {vocab} (../shared/data)")
+        raise SystemExit(f"bench/train_throughput.py needs {corpus} and {vocab} (../shared/data, or ZH_SHARED_DATA)")
     batches = 100 if args.quick else 400
     results, padding, online = {}, {}, None
     gpu_figures = []

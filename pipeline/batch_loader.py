@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.data import PlannedBatch, Seq2SeqCollator
-from pipeline.loss import IGNORE_INDEX
+from pipeline.loss import IGNORE_INDEX, with_label_positions
 
 
 @dataclass
@@ -52,7 +52,8 @@ class PlannedBatchDataset(torch.utils.data.Dataset):
         self.examples, self.collate, self.flops = examples, collate, flops
 
     def __getitems__(self, plan: PlannedBatch) -> LoadedBatch:
-        tensors = self.collate([self.examples.example(index, plan.epoch) for index in plan.indices])
+        tensors = with_label_positions(self.collate([self.examples.example(index, plan.epoch)
+                                                     for index in plan.indices]))
         source_lengths = tensors["attention_mask"].sum(dim=1).numpy()
         target_lengths = (tensors["labels"] != IGNORE_INDEX).sum(dim=1).numpy()
         corpus_counts = self.examples.corpus_counts(plan.indices) if hasattr(self.examples, "corpus_counts") else ()

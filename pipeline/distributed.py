@@ -43,6 +43,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def deepspeed_launcher() -> list[str]:
+    """The ``deepspeed`` launcher as this interpreter's module: it works where the console script is
+    not beside ``sys.executable`` (deepspeed installed with ``pip --target``, a venv not on PATH)."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def launched_env(environ: Mapping[str, str], project_root: Path) -> dict[str, str]:
+    """``environ`` with the project on PYTHONPATH, so that ranks started by a launcher import it from a
+    checkout that is not pip-installed (DeepSpeed adds the working directory only on its multi-node
+    path, and the script's own folder is ``pipeline/``, not the project root)."""
+    env = dict(environ)
+    paths = [str(project_root), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
 def slurm_rank_env(environ: Mapping[str, str], visible_devices: int) -> dict[str, str]:
     """RANK/LOCAL_RANK/WORLD_SIZE from Slurm's variables when no launcher set them.
 

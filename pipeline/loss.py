@@ -31,13 +31,26 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: s
                            reduction=reduction)
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) indices of the labelled target positions: computed on the host with the batch,
+    so that selecting them on the device needs no device-to-host sync (a boolean mask does: its
+    result's size is data-dependent, so indexing with one waits for the device, twice a micro batch)."""
+    return torch.nonzero(labels.flatten() != IGNORE_INDEX).squeeze(1)
+
+
+def with_label_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with its ``label_positions``, for batches still on the host."""
+    return {**batch, "label_positions": label_positions(batch["labels"])}
+
+
 @contextlib.contextmanager
-def projected_positions(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
-    """Within the block, the model's LM head sees only the decoder states where ``keep`` (batch x
-    target length, bool) is True: its logits come back as (kept positions, vocab), in row-major order."""
+def projected_positions(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's LM head sees only the decoder states at ``positions`` (flat indices
+    into batch x target length, on the model's device): its logits come back as (positions, vocab)."""
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
     head = module.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _head, args: (args[0][keep], *args[1:]))
+    handle = head.register_forward_pre_hook(
+        lambda _head, args: (args[0].flatten(0, 1).index_select(0, positions), *args[1:]))
     try:
         yield
     finally:
@@ -46,10 +59,13 @@ def projected_positions(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[
 
 def seq2seq_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Forward the model (a DeepSpeed engine or an HF module) without labels and score the logits of the
-    labelled positions in fp32."""
+    labelled positions in fp32. The batch's ``label_positions`` (``with_label_positions``) are used when
+    present; without them they are found on the device, which costs a sync."""
     labels = batch["labels"]
-    keep = labels != IGNORE_INDEX
-    with projected_positions(model, keep):
+    positions = batch.get("label_positions")
+    if positions is None:
+        positions = label_positions(labels)
+    with projected_positions(model, positions):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
-    return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
+    return F.cross_entropy(logits.float(), labels.flatten().index_select(0, positions), reduction=reduction)

@@ -8,6 +8,7 @@ for the metrics; the one synchronization is the all-reduce at each log step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class MetricsWindow:
     steps: int = 0
     data_wait_s: float = 0.0  # time the loop spent waiting for its next batch
     start: float = field(default_factory=time.perf_counter)
+    paused_s: float = 0.0  # evaluation and checkpoint saves inside the window: not training time
     corpus_examples: list[int] = field(default_factory=list)  # per corpus of a mixture, this rank
 
     def __post_init__(self) -> None:
@@ -57,6 +59,16 @@ class MetricsWindow:
                 self.corpus_examples = [0] * len(batch.corpus_counts)
             self.corpus_examples = [a + b for a, b in zip(self.corpus_examples, batch.corpus_counts)]
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside the block (an evaluation, a checkpoint save) does not count as the window's:
+        tokens/s and MFU measure training steps only, whether or not a log step came just before."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - began
+
     def reduce(self) -> dict[str, float]:
         """Sums over every rank (one all-reduce on the device, one copy back to the host)."""
         import torch.distributed as dist
@@ -66,7 +78,7 @@ class MetricsWindow:
         totals = torch.cat([self.loss_sum.reshape(1), host.to(self.device)])
         dist.all_reduce(totals)
         loss_sum, micro_batches, real_tokens, flops, padded_tokens, *corpus_examples = totals.tolist()
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.paused_s
         return {"loss": loss_sum / max(1.0, micro_batches), "real_tokens": real_tokens, "flops": flops,
                 "padded_tokens": padded_tokens, "elapsed": elapsed,
                 "data_wait_fraction": self.data_wait_s / elapsed if elapsed > 0 else 0.0,

@@ -50,7 +50,7 @@ from pipeline.distributed import (
 )
 from pipeline.ds_config import load_ds_config, lr_schedule, mixed_precision, resolve_batch_sizes
 from pipeline.flops import peak_flops_per_device, training_flops
-from pipeline.loss import IGNORE_INDEX, seq2seq_loss
+from pipeline.loss import IGNORE_INDEX, seq2seq_loss, with_label_positions
 from pipeline.metrics import MetricsLog, MetricsWindow, truncate_records
 from pipeline.plot import PLOT_FILE, plot_run
 from pipeline.train_config import TRAIN_CONFIG_FILE, TrainConfig, check_resumable, data_label, data_paths
@@ -153,7 +153,7 @@ def train(config: TrainConfig) -> TrainerState:
         held_out = list(range(train_examples + ranks.rank, len(dataset), ranks.world_size))
         for start in range(0, len(held_out), config.micro_batch_size):
             examples = [dataset.example(i, 0) for i in held_out[start : start + config.micro_batch_size]]
-            yield {k: v.to(engine.device) for k, v in collate(examples).items()}
+            yield {k: v.to(engine.device) for k, v in with_label_positions(collate(examples)).items()}
 
     batches = micro_batches(dataset, sampler.planned(), collate,
                             lambda source, target: training_flops(model_config, source, target),
@@ -218,7 +218,13 @@ def build_training_model(config: TrainConfig, model_config: Any, device_type: st
         model = build_model(model_config)
     norm_kernel = use_fused_layer_norm(model, device_type)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant on every transformers version (4.x and 5.x default to different modes): it is
+        # the mode torch recommends, and it works with inputs that need no grad and with ZeRO's hooks.
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         model.config.use_cache = False
     return model, norm_kernel
 
@@ -336,11 +342,12 @@ def fit(engine: Any, scheduler: Any, batches: Iterator[LoadedBatch], config: Tra
                 "or use ds_configs/zero2_bf16.json")
         if maybe_log(engine, scheduler, config, state, window, ranks, bar, metrics, peak_flops):
             window = MetricsWindow(engine.device)
-        if eval_batches is not None:
-            maybe_evaluate(engine, eval_batches, config, state, ranks, metrics)
-        if is_due(state.step, config.save_checkpoint_steps, config.total_steps):
-            save_checkpoint(engine, config.output_dir / CHECKPOINTS, state, ranks.rank, ranks.world_size,
-                            config.keep_last_checkpoints, get_accelerator())
+        with window.paused():  # the next log's tokens/s and MFU are of training steps only
+            if eval_batches is not None:
+                maybe_evaluate(engine, eval_batches, config, state, ranks, metrics)
+            if is_due(state.step, config.save_checkpoint_steps, config.total_steps):
+                save_checkpoint(engine, config.output_dir / CHECKPOINTS, state, ranks.rank, ranks.world_size,
+                                config.keep_last_checkpoints, get_accelerator())
     bar.close()
     dist.barrier()
 

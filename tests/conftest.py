@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import launched_env
+
 # DeepSpeed picks its accelerator at import; without a GPU the tests use its CPU one.
 if not Path("/dev/nvidia0").exists() and not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -19,6 +21,10 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # ZH_SHARED_DATA points elsewhere where ../shared does not exist (a GPU machine with a copy of the data).
 SHARED_DATA = Path(os.environ.get("ZH_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
 VENV_BIN = Path(sys.executable).parent
+# Launchers as modules of this interpreter, never as console scripts found on PATH: they then work
+# where deepspeed was installed with pip --target (the GPU check's kit) or the venv's bin is not on PATH.
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def shared_file(name: str) -> Path:
@@ -86,7 +92,8 @@ def deepspeed_env() -> dict[str, str]:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".torch_extensions"))
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    # Ranks run pipeline/trainer.py as a script: the project must import without being pip-installed.
+    return launched_env(env, PROJECT_ROOT)
 
 
 def gpu_env() -> dict[str, str]:

@@ -28,7 +28,7 @@ from data_tools.clean import CleanConfig
 from data_tools.mask import MaskConfig
 from data_tools.tokenize_shards import TokenizeConfig
 from pipeline import convert_to_hf, generate, to_universal, trainer, uer_interop
-from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
+from tests.conftest import DEEPSPEED, PROJECT_ROOT, deepspeed_env, run_command
 
 # -- what every case must show -----------------------------------------------------------------------
 
@@ -840,7 +840,7 @@ def test_a_config_built_in_python_gets_the_same_errors_as_the_cli(tmp_path):
 
 
 def train_command(examples: Path, run_dir: Path, port: int, steps: int, script: str = "pipeline/trainer.py"):
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(PROJECT_ROOT / script),
+    return [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), str(PROJECT_ROOT / script),
             "--data_dir", str(examples), "--output_dir", str(run_dir), "--model_config", "bart-tiny",
             "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"), "--total_steps", str(steps),
             "--micro_batch_size", "4", "--save_checkpoint_steps", "2", "--log_every_steps", "1",

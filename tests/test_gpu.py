@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PROJECT_ROOT, gpu_env, run_command
+from tests.conftest import DEEPSPEED, PROJECT_ROOT, gpu_env, run_command
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +39,7 @@ def ds_config(tmp_path: Path, name: str, **changes) -> Path:
 
 
 def train_command(script: Path, data_dir: Path, run_dir: Path, config: Path, port: int, *extra: str) -> list[str]:
-    return ["deepspeed", "--num_gpus", "1", "--master_port", str(port), str(script), "--data_dir", str(data_dir),
+    return [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(port), str(script), "--data_dir", str(data_dir),
             "--output_dir", str(run_dir), "--model_config", "bart-tiny", "--deepspeed_config", str(config),
             "--total_steps", str(STEPS), "--micro_batch_size", "8", "--save_checkpoint_steps", "4",
             "--log_every_steps", "1", "--learning_rate", "1e-3", "--warmup_steps", "2", "--no-progress", *extra]

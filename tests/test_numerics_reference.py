@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FIXTURES, PROJECT_ROOT, run_command
+from tests.conftest import DEEPSPEED, FIXTURES, PROJECT_ROOT, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def trained(tmp_path_factory, bart_examples_dir) -> tuple[Path, Path]:
     ds_config["gradient_clipping"] = CLIP
     (root / "ds.json").write_text(json.dumps(ds_config))
     run_dir = root / "run"
-    run_command(["deepspeed", "--num_gpus", "2", "--master_port", "29841", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+    run_command([*DEEPSPEED, "--num_gpus", "2", "--master_port", "29841", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
                  "--data_dir", str(bart_examples_dir), "--output_dir", str(run_dir), "--model_config",
                  str(root / "model.json"), "--deepspeed_config", str(root / "ds.json"), "--total_steps", str(STEPS),
                  "--micro_batch_size", str(MICRO), "--learning_rate", str(LR), "--warmup_steps", str(WARMUP),

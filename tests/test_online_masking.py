@@ -8,7 +8,7 @@ import pytest
 from data_tools.mask import MaskConfig
 from data_tools.noising import pack_sentences, plan_chunks
 from pipeline.data import OnlineMaskedExamples
-from tests.conftest import PROJECT_ROOT, run_command
+from tests.conftest import DEEPSPEED, PROJECT_ROOT, run_command
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
     mask_flags.write_text(json.dumps({"preset": "pegasus_paper", "seq_length": 64, "tgt_seq_length": 32}))
     run = tmp_path / "run"
     result = run_command([
-        "deepspeed", "--num_gpus", "2", "--master_port", "29690", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+        *DEEPSPEED, "--num_gpus", "2", "--master_port", "29690", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
         "--data_dir", str(tokenized_dir), "--online_mask_config", str(mask_flags), "--output_dir", str(run),
         "--model_config", "pegasus-tiny", "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"),
         "--total_steps", "4", "--micro_batch_size", "4", "--log_every_steps", "2", "--no-progress",

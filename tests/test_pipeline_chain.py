@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PROJECT_ROOT, run_command
+from tests.conftest import DEEPSPEED, PROJECT_ROOT, run_command
 
 # Multi-process DeepSpeed runs: deselect with -m "not slow" for a fast inner loop (CI runs them).
 pytestmark = pytest.mark.slow
@@ -124,7 +124,7 @@ def test_relaunching_the_same_command_resumes_from_latest(chain, tmp_path):
     run = tmp_path / "run-bart"
     shutil.copytree(chain["bart"] / "run-bart", run)
     result = run_command([
-        "deepspeed", "--num_gpus", "2", "--master_port", "29640", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+        *DEEPSPEED, "--num_gpus", "2", "--master_port", "29640", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
         "--data_dir", str(chain["bart"] / "examples-bart"), "--output_dir", str(run),
         "--model_config", "bart-tiny", "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"),
         "--total_steps", "8", "--save_checkpoint_steps", "2", "--keep_last_checkpoints", "2",
@@ -166,7 +166,7 @@ def test_init_from_an_export_or_a_uer_import_starts_from_its_weights(chain, tmp_
         export = tmp_path / "imported"
     run = tmp_path / "continued"
     result = run_command([
-        "deepspeed", "--num_gpus", "2", "--master_port", "29645" if source == "export" else "29646", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+        *DEEPSPEED, "--num_gpus", "2", "--master_port", "29645" if source == "export" else "29646", str(PROJECT_ROOT / "pipeline" / "trainer.py"),
         "--data_dir", str(chain["bart"] / "examples-bart"), "--output_dir", str(run), "--init_from", str(export),
         "--deepspeed_config", str(PROJECT_ROOT / "ds_configs" / "cpu_zero2.json"), "--total_steps", "1",
         "--learning_rate", "1e-12", "--micro_batch_size", "4", "--no-progress",

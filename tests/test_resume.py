@@ -3,17 +3,17 @@ and the losses and the examples consumed equal those of an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
+from tests.conftest import DEEPSPEED, PROJECT_ROOT, TORCHRUN, deepspeed_env, run_command
 
 # Multi-process DeepSpeed runs: deselect with -m "not slow" for a fast inner loop (CI runs them).
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def examples_dir(tmp_path_factory, bart_examples_dir) -> Path:
 
 
 def train_command(root: Path, run_dir: Path, port: int, *extra: str) -> list[str]:
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(PROJECT_ROOT / "pipeline" / "trainer.py"),
+    return [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), str(PROJECT_ROOT / "pipeline" / "trainer.py"),
             "--data_dir", str(root / "bart"), "--output_dir", str(run_dir), "--model_config", "bart-tiny",
             "--deepspeed_config", str(root / "ds_torch_adam.json"), "--total_steps", str(STEPS),
             "--micro_batch_size", "4", "--save_checkpoint_steps", "4", "--log_every_steps", "1",
@@ -53,17 +53,20 @@ def reference(examples_dir, tmp_path_factory) -> Path:
 
 
 def kill_after_step(command: list[str], run_dir: Path, step: int, env: dict[str, str] | None = None) -> None:
-    """Start the run and SIGKILL every rank, worker and the launcher once ``step`` is logged."""
-    process = subprocess.Popen(command, env=env or deepspeed_env(),
+    """Run ``command`` (a launcher running pipeline/trainer.py) through tests/crash_after_step.py, which
+    SIGKILLs every rank, worker and the launcher right after ``step`` is logged: the same point on any device."""
+    trainer = str(PROJECT_ROOT / "pipeline" / "trainer.py")
+    assert trainer in command, f"kill_after_step runs {trainer}; got {command}"
+    crashing = [str(PROJECT_ROOT / "tests" / "crash_after_step.py") if part == trainer else part for part in command]
+    process = subprocess.Popen(crashing, env={**(env or deepspeed_env()), "ZH_CRASH_AFTER_STEP": str(step)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        process.wait(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left if the run never reached the step
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, f"the run ended with {process.returncode} before step {step}"
 
 
 def test_kill_9_then_relaunch_gives_the_uninterrupted_losses_and_examples(examples_dir, reference, tmp_path):
@@ -114,7 +117,7 @@ def test_two_nodes_on_loopback_match_one_node_with_two_ranks(examples_dir, refer
     run_dir = tmp_path / "two-nodes"
     trainer_args = train_command(examples_dir, run_dir, 0)[5:]  # drop the deepspeed launcher's own flags
     nodes = [
-        subprocess.Popen(["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+        subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
                           "--master_addr", "127.0.0.1", "--master_port", "29670", *trainer_args],
                          env=deepspeed_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in (0, 1)
