@@ -76,6 +76,8 @@ class TrainConfig:
                                     "this pipeline or a published model such as uer/pegasus-base-chinese-"
                                     "cluecorpussmall); its config.json replaces --model_config.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
+    compile: bool = option(False, "torch.compile each encoder and decoder layer (in place: checkpoints and exports "
+                                  "are unchanged). Off by default until measured on a GPU; the first steps compile.")
     progress: bool = option(True, "Show a progress bar on rank 0.")
     peak_tflops: float = option(0.0, "Peak dense bf16 TFLOP/s of one device for MFU; 0 = the data-sheet figure of "
                                 "the exact product (pipeline/flops.py: H100 SXM 989, PCIe 756, NVL 835, A100 312, "

@@ -226,7 +226,21 @@ def build_training_model(config: TrainConfig, model_config: Any, device_type: st
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         model.config.use_cache = False
+    if config.compile:
+        compile_layers(model)
     return model, norm_kernel
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile every encoder and decoder layer in place (``nn.Module.compile``: parameter names, and
+    so checkpoints and exports, stay as they are). Per layer rather than the whole model: the loss hooks
+    the LM head for each batch (pipeline/loss.py), which would make a whole-model graph recompile, and
+    identical layers share one compiled graph. Returns the number of layers compiled."""
+    inner = model.get_encoder(), model.get_decoder()
+    layers = [layer for stack in inner for layer in stack.layers]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def check_run_dir(config: TrainConfig) -> None:

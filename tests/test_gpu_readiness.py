@@ -174,3 +174,26 @@ def test_the_peers_length_grouping_is_spelled_for_the_installed_transformers():
             assert arguments.group_by_length is grouped
         else:
             assert arguments.train_sampling_strategy == ("group_by_length" if grouped else "random")
+
+
+@pytest.mark.slow  # inductor compiles the layers: ~25-50 s on 2 cores
+def test_compiled_layers_give_the_eager_loss_and_gradients_and_keep_the_parameter_names():
+    from pipeline.loss import seq2seq_loss, with_label_positions
+    from pipeline.trainer import compile_layers
+
+    eager, compiled = tiny_model().eval(), tiny_model().eval()
+    assert compile_layers(compiled) == len(compiled.get_encoder().layers) + len(compiled.get_decoder().layers)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints and exports unchanged
+    torch.manual_seed(1)
+    labels = torch.randint(104, 500, (4, 16))
+    labels[1, 9:] = IGNORE_INDEX
+    batch = with_label_positions({"input_ids": torch.randint(104, 500, (4, 24)),
+                                  "attention_mask": torch.ones(4, 24, dtype=torch.long),
+                                  "decoder_input_ids": torch.randint(104, 500, (4, 16)), "labels": labels})
+    expected, actual = seq2seq_loss(eager, batch), seq2seq_loss(compiled, batch)
+    expected.backward()
+    actual.backward()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
