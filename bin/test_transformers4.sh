@@ -15,7 +15,7 @@ source "$BIN/env.sh"
 export PATH="$ROOT/.venv-transformers4/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="$TORCH_EXTENSIONS_DIR-transformers4"
 python -m pytest -p no:cacheprovider \
-  tests/test_hf_versions.py tests/test_export_tokenizer.py tests/test_wordpiece.py tests/test_vocab.py \
+  tests/test_hf_versions.py tests/test_wordpiece.py tests/test_vocab.py \
   tests/test_pipeline_chain.py tests/test_uer_interop.py tests/test_evaluate.py tests/test_numerics_reference.py \
   tests/test_gpu_readiness.py tests/test_bench_scripts.py tests/test_cli.py \
   "tests/test_bad_inputs.py::test_model_commands_refuse_bad_input" "$@"
