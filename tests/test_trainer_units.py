@@ -238,7 +238,8 @@ def test_no_weight_decay_on_biases_and_norms():
     model = build_model(load_model_config("bart-tiny", 500, SPECIAL))
     decay, no_decay = weight_decay_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all("norm" in names[id(p)] or names[id(p)].endswith("bias") for p in no_decay["params"])
+    assert all("norm" in names[id(p)] or names[id(p)].endswith("bias") or "embed_positions" in names[id(p)]
+               for p in no_decay["params"])
     assert all(p.ndim == 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert isinstance(decay["params"][0], torch.nn.Parameter)

@@ -6,7 +6,23 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import transformers
 from transformers import BertTokenizer
+
+# The oracle on each transformers version, independent of our encoder:
+# - 4.x: the slow, pure-Python BertTokenizer.
+# - 5.x: BertTokenizer is the Rust tokenizer, which skips NFC (U+F900 -> [UNK], not 6488), so without
+#   lower-casing the oracle is the slow BertTokenizerLegacy. With lower-casing NFC cannot change an id
+#   (accent stripping decomposes anyway) and the Rust one is the oracle: BertTokenizerLegacy lower-cases
+#   a whole whitespace word at once, so Python's final-sigma rule turns "ΑΣ,Β" into "ας,β", where 4.x's
+#   slow tokenizer, the Rust one and our tokenize stage give "ασ,β".
+LEGACY = getattr(transformers, "BertTokenizerLegacy", None)
+
+
+def oracle_tokenizer(vocab_path, do_lower_case: bool = True):
+    if LEGACY is not None and not do_lower_case:
+        return LEGACY(str(vocab_path), do_lower_case=False)
+    return BertTokenizer(str(vocab_path), do_lower_case=do_lower_case)
 
 from data_tools.wordpiece import BertWordPieceEncoder
 
@@ -37,7 +53,7 @@ def google_vocab_encoder(google_vocab) -> BertWordPieceEncoder:
 
 @pytest.fixture(scope="module")
 def google_oracle(google_vocab) -> BertTokenizer:
-    return BertTokenizer(str(google_vocab), do_lower_case=True)
+    return oracle_tokenizer(google_vocab, do_lower_case=True)
 
 
 def oracle_ids(tokenizer: BertTokenizer, text: str) -> list[int]:
@@ -46,7 +62,7 @@ def oracle_ids(tokenizer: BertTokenizer, text: str) -> list[int]:
 
 def assert_same_ids(vocab_path, texts, do_lower_case=True):
     ours = BertWordPieceEncoder(vocab_path, do_lower_case=do_lower_case)
-    oracle = BertTokenizer(str(vocab_path), do_lower_case=do_lower_case)
+    oracle = oracle_tokenizer(vocab_path, do_lower_case)
     mismatches = [(t[:60], ours.encode(t)[:12], oracle_ids(oracle, t)[:12]) for t in texts
                   if ours.encode(t) != oracle_ids(oracle, t)]
     assert not mismatches, f"{len(mismatches)} of {len(texts)} texts differ, first: {mismatches[:3]}"
