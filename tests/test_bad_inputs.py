@@ -984,7 +984,8 @@ def test_a_run_directory_without_a_checkpoint_takes_new_flags(chain, tmp_path):
         (run_dir / name).write_text("{}", encoding="utf-8")
     (run_dir / "train_config.json").write_text(json.dumps({"data_dir": "elsewhere", "micro_batch_size": 64}),
                                                encoding="utf-8")
-    command = ["python", str(PROJECT_ROOT / "pipeline" / "trainer.py"), *train_command(chain / "mask", run_dir, 0, 2)[6:]]
+    trainer_flags = train_command(chain / "mask", run_dir, 0, 2)[len(DEEPSPEED) + 5:]  # no launcher, no script
+    command = ["python", str(PROJECT_ROOT / "pipeline" / "trainer.py"), *trainer_flags]
     retry = run_command(command)
     assert "fresh start" in retry.stderr
     saved = json.loads((run_dir / "train_config.json").read_text())

@@ -115,7 +115,7 @@ def test_token_budget_batches_resume_exactly_after_kill_9(examples_dir, tmp_path
 def test_two_nodes_on_loopback_match_one_node_with_two_ranks(examples_dir, reference, tmp_path):
     """torchrun --nnodes 2, one rank per node, rendezvous on 127.0.0.1: the same run as the reference."""
     run_dir = tmp_path / "two-nodes"
-    trainer_args = train_command(examples_dir, run_dir, 0)[5:]  # drop the deepspeed launcher's own flags
+    trainer_args = train_command(examples_dir, run_dir, 0)[len(DEEPSPEED) + 4:]  # drop the launcher and its flags
     nodes = [
         subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
                           "--master_addr", "127.0.0.1", "--master_port", "29670", *trainer_args],
