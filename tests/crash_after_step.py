@@ -21,7 +21,9 @@ _original_append = metrics.MetricsLog.append
 
 def _append_then_crash(self, record: dict) -> None:
     _original_append(self, record)
-    if "loss" in record and record["step"] == int(os.environ["ZH_CRASH_AFTER_STEP"]):
+    # Every rank calls append and only rank 0's log is enabled: a crash from another rank could come
+    # before rank 0 has written the step's record.
+    if self.enabled and "loss" in record and record["step"] == int(os.environ["ZH_CRASH_AFTER_STEP"]):
         print(f"crash after step {record['step']}: killing process group {os.getpgid(0)}", file=sys.stderr,
               flush=True)
         os.killpg(os.getpgid(0), signal.SIGKILL)
