@@ -112,6 +112,9 @@ def write_tokenizer_files(vocab_path: Path, output_dir: Path, model_max_length: 
         "tokenize_chinese_chars": True,
         "strip_accents": None,
         "model_max_length": model_max_length,
+        # transformers 4.x cleaned up spaces around punctuation in decode by default, 5.x does not
+        # unless the config says so: stated here, an export decodes the same text on both.
+        "clean_up_tokenization_spaces": True,
         **special,
     })
 

@@ -83,3 +83,32 @@ def test_generation_decodes_english_with_cleaned_up_spaces_on_both_versions(expo
 
     config = GenerateConfig(model_dir=export)
     assert generate_texts(tokenizer, Replays(), ["unused"], config) == ["i don't know,今天很好。"]
+
+
+# Compatibility ideographs (NFC/NFD maps U+F900 to U+8C48), accents, full-width forms, emoji, Latin words
+# and the special tokens written inside text: where transformers 5's Rust BertTokenizer and 4.x's slow one
+# could part ways from each other or from our tokenize stage.
+PARITY_TEXTS = [
+    "兼容汉字\uf900\uf901\ufa0e和扩展B区𠀀𠀁以及康熙部首⼀⼆",
+    "café naïve ÉCOLE Ångström e\u0301 \u0301开头",
+    "全角ＡＢＣ１２３，半角abc123，混合Ｍｉｘｅｄ",
+    "😀😂emoji和한국어 and にほんご カタカナ",
+    "supercalifragilisticexpialidocious Hello World! i don't know",
+    "[MASK]在文本里[CLS]x[SEP]y 小写的[mask]",
+    "ΑΣ.Β ΟΔΥΣΣΕΥΣ İstanbul ß ﬁ",
+]
+
+
+def test_the_cards_tokenizer_on_an_export_gives_the_tokenize_stages_ids(export, google_vocab):
+    """BertTokenizer.from_pretrained(export), as the card loads it, against our encoder (the tokenize
+    stage's), on this transformers version: 5.x's Rust tokenizer or 4.x's slow one."""
+    from transformers import BertTokenizer
+
+    from data_tools.wordpiece import BertWordPieceEncoder
+
+    tokenizer = BertTokenizer.from_pretrained(str(export))
+    ours = BertWordPieceEncoder(google_vocab)
+    for text in PARITY_TEXTS:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    ids = tokenizer("i don't know, ok.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == "i don't know, ok."  # the export's clean_up_tokenization_spaces
