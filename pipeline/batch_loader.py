@@ -7,7 +7,7 @@ host-side counts the metrics need (real and padded tokens, model FLOPs) are comp
 too, from the lengths, so the loop never reads a tensor back from the device for them.
 
 Exact resume is kept: each batch carries the sampler position reached after it
-(:class:`~pipeline.data.PlannedBatch`), so the position a checkpoint records is that of the
+(:class:`~pipeline.sampler.PlannedBatch`), so the position a checkpoint records is that of the
 last batch trained, however many batches the workers have prepared beyond it.
 """
 
@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.data import PlannedBatch, Seq2SeqCollator
+from pipeline.collate import Seq2SeqCollator
+from pipeline.sampler import PlannedBatch
 from pipeline.loss import IGNORE_INDEX, with_label_positions
 
 

@@ -128,7 +128,7 @@ def context_positions(source: np.ndarray, target: np.ndarray, min_run: int = CON
 
 def load_examples(config: EvaluateConfig) -> Any:
     """The dataset (stored or online-masked), with the checks the trainer makes."""
-    from pipeline.data import load_training_data
+    from pipeline.examples import load_training_data
 
     return load_training_data(config.data_dir, config.mask_config, config.data_dir / "unused-output")
 
@@ -188,7 +188,7 @@ def exact_matches(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.nd
 def evaluate(config: EvaluateConfig) -> dict:
     from tqdm import tqdm
 
-    from pipeline.data import Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
     from pipeline.model import check_model_vocab, check_positions, load_hf_model
 
     dataset = load_examples(config)

@@ -37,7 +37,7 @@ from pipeline.checkpointing import (
     read_trainer_state,
     save_checkpoint,
 )
-from pipeline.data import DecoderInputDropout
+from pipeline.collate import DecoderInputDropout
 from pipeline.distributed import (
     Ranks,
     check_accelerator,
@@ -69,7 +69,8 @@ def train(config: TrainConfig) -> TrainerState:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.sampler import ResumableDistributedSampler
     from pipeline.model import check_init_from, check_positions, weight_decay_groups
 
     # Everything that can be checked before a process group exists is, so bad input fails fast on every rank
@@ -177,7 +178,7 @@ def train(config: TrainConfig) -> TrainerState:
 
 def load_run_data(config: TrainConfig) -> Any:
     """The training data: one corpus, or the weighted mixture of --data_dirs (vocabs checked equal)."""
-    from pipeline.data import load_training_data
+    from pipeline.examples import load_training_data
     from pipeline.mixture import MixtureExamples, parse_mixture
 
     if config.data_dir is not None:

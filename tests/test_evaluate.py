@@ -14,7 +14,7 @@ from data_tools.mask import MaskConfig, mask
 from data_tools.clean import CleanConfig, clean
 from data_tools.tokenize_shards import TokenizeConfig, tokenize
 from pipeline.convert_to_hf import write_hf_directory
-from pipeline.data import ExampleShards
+from pipeline.examples import ExampleShards
 from pipeline.evaluate import EvaluateConfig, context_positions, evaluate, main, unigram_entropy
 from pipeline.model import build_model, load_model_config
 from tests.conftest import FIXTURES

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_tools.common import UserError
-from pipeline.data import ResumableDistributedSampler
+from pipeline.sampler import ResumableDistributedSampler
 from pipeline.mixture import MixtureExamples, MixtureSpec, largest_remainder, parse_mixture
 
 

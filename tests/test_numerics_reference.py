@@ -97,7 +97,8 @@ def reference_run(run_dir: Path, model_config: Path, examples_dir: Path, schedul
                   decay_everything: bool = False, grad_scale: float = 1.0, label_shift: bool = False):
     """The same training as a short torch loop on one process; the keyword arguments inject the
     mistakes the controls check for."""
-    from pipeline.data import ExampleShards, Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.examples import ExampleShards
     from pipeline.distributed import seed_everything
     from pipeline.ds_config import lr_multiplier
     from pipeline.loss import token_cross_entropy

@@ -7,7 +7,7 @@ import pytest
 
 from data_tools.mask import MaskConfig
 from data_tools.noising import pack_sentences, plan_chunks
-from pipeline.data import OnlineMaskedExamples
+from pipeline.examples import OnlineMaskedExamples
 from tests.conftest import DEEPSPEED, PROJECT_ROOT, run_command
 
 
@@ -74,7 +74,7 @@ def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
 
 def test_a_tokenized_corpus_without_mask_flags_is_a_user_error(tmp_path, tokenized_dir):
     from data_tools.common import UserError
-    from pipeline.data import load_training_data
+    from pipeline.examples import load_training_data
 
     with pytest.raises(UserError, match="pass --online_mask_config"):
         load_training_data(tokenized_dir, None, tmp_path)

@@ -71,7 +71,7 @@ def outputs(tmp_path_factory, clue_lines_file, clue_uer_file, google_vocab) -> d
     from data_tools.clean import CleanConfig, clean
     from data_tools.mask import MaskConfig, mask
     from data_tools.tokenize_shards import TokenizeConfig, tokenize
-    from pipeline.data import OnlineMaskedExamples
+    from pipeline.examples import OnlineMaskedExamples
 
     root = tmp_path_factory.mktemp("digests")
     digests: dict = {}

@@ -127,7 +127,7 @@ def test_loss_projects_only_labelled_positions_and_equals_the_full_projection(na
 
 
 def test_each_planned_batch_carries_the_position_reached_after_it():
-    from pipeline.data import ResumableDistributedSampler
+    from pipeline.sampler import ResumableDistributedSampler
 
     sampler = ResumableDistributedSampler(100, 4, 1, 2, seed=3)
     planned = sampler.planned()
@@ -143,7 +143,8 @@ def test_each_planned_batch_carries_the_position_reached_after_it():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_prefetching_loader_keeps_order_and_positions(workers):
     from pipeline.batch_loader import micro_batches
-    from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.sampler import ResumableDistributedSampler
 
     class Examples:
         def __len__(self):
@@ -168,7 +169,8 @@ def test_prefetching_loader_keeps_order_and_positions(workers):
 def test_a_prefetching_loader_leaves_the_global_torch_rng_alone():
     """The dropout stream must not depend on when the loader was started (exact resume)."""
     from pipeline.batch_loader import micro_batches
-    from pipeline.data import ResumableDistributedSampler, Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.sampler import ResumableDistributedSampler
 
     class Examples:
         def example(self, index, epoch):

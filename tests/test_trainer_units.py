@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data_tools.common import UserError
-from pipeline.data import DecoderInputDropout, ResumableDistributedSampler, Seq2SeqCollator, padded_batch_cost, plan_micro_batches
+from pipeline.collate import DecoderInputDropout, Seq2SeqCollator
+from pipeline.sampler import ResumableDistributedSampler, padded_batch_cost, plan_micro_batches
 from pipeline.ds_config import lr_multiplier, resolve_batch_sizes
 from pipeline.model import build_model, load_model_config, packaged_model_configs, weight_decay_groups
 from pipeline.train_config import TrainConfig
