@@ -1,4 +1,4 @@
-# GPU image for reproducible runs on single nodes and multi-node clusters (README: "Docker").
+# GPU image for reproducible runs on single nodes and multi-node clusters (docs/gpu-and-clusters.md: "Docker").
 #
 #   docker build -t zh-seq2seq-pretrain .
 #   docker run --gpus all --ipc host --rm -v "$PWD/work:/workspace/project/work" zh-seq2seq-pretrain \
