@@ -25,7 +25,7 @@ What differs from HF's classes, and how this module handles it:
   divides by sqrt(biased variance + 1e-5): the import copies gamma and beta unchanged, as
   UER-py's own converters did for the published models, so the imported model matches
   UER's outputs closely but not exactly; ``--rescale_layer_norm`` folds sqrt((H-1)/H) into
-  gamma, which removes most of the difference (README gives the measured figures).
+  gamma, which removes most of the difference (docs/uer-interop.md gives the measured figures).
 """
 
 from __future__ import annotations
