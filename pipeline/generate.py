@@ -6,6 +6,8 @@ spaces next to a CJK character are removed while spaces between Latin words stay
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -43,6 +45,9 @@ class GenerateConfig:
         self.model_dir = Path(self.model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise UserError(f"{self.model_dir} has no config.json; pass an exported model directory")
+        for name in ("top_p", "temperature"):  # every comparison with NaN is False: check first
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} {getattr(self, name)} must be a finite number")
         for name in ("batch_size", "max_length", "max_source_length", "num_beams", "temperature"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} {getattr(self, name)} must be positive")
@@ -119,11 +124,16 @@ def generate(config: GenerateConfig) -> None:
         check_replaceable_file(output, "--output_file", "zh-generate", False, config.overwrite)
     torch.manual_seed(config.seed)
     tokenizer, model = load_model(config.model_dir)
+    positions = model.config.max_position_embeddings
+    cut_beyond_flag = config.max_source_length > positions  # then the positions, not the flag, may cut an input
+    config = fit_to_positions(config, positions)
     try:
         source = sys.stdin.buffer if config.input_file == "-" else open(config.input_file, "rb")  # noqa: SIM115
     except OSError as error:
         raise UserError(f"cannot read --input_file {config.input_file}: {error.strerror}") from error
     lines = _decoded_lines(source, "stdin" if config.input_file == "-" else config.input_file)
+    if cut_beyond_flag:
+        lines = _noting_cut_inputs(lines, tokenizer, positions)
     try:
         if to_file:  # the file appears whole, once every input is generated
             with staged_file(output) as staging, open(staging, "w", encoding="utf-8") as sink:
@@ -133,6 +143,26 @@ def generate(config: GenerateConfig) -> None:
     finally:
         if source is not sys.stdin.buffer:
             source.close()
+
+
+def fit_to_positions(config: GenerateConfig, positions: int) -> GenerateConfig:
+    """The model has ``positions`` positions on each side: a longer output cannot be generated (refused),
+    and inputs are never longer than them, whatever ``--max_source_length`` says."""
+    if config.max_length > positions:
+        raise UserError(f"--max_length {config.max_length} is above the model's {positions} positions "
+                        f"(max_position_embeddings in {config.model_dir / 'config.json'}); pass at most {positions}")
+    return dataclasses.replace(config, max_source_length=min(config.max_source_length, positions))
+
+
+def _noting_cut_inputs(lines: Iterable[str], tokenizer, positions: int) -> Iterator[str]:  # noqa: ANN001
+    """The lines as they are; the first one longer than the model's positions is said once on stderr."""
+    said = False
+    for line in lines:
+        if not said and len(tokenizer(line)["input_ids"]) > positions:
+            print(f"generate: inputs longer than the model's {positions} positions are cut to them "
+                  "(first seen in this input)", file=sys.stderr)
+            said = True
+        yield line
 
 
 def _generate_into(sink: TextIO, tokenizer, model, lines: Iterable[str], config: GenerateConfig) -> None:  # noqa: ANN001

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import UserError
-from data_tools.outputs import check_replaceable_file, overwrite_option, staged_file
+from data_tools.outputs import check_apart, check_replaceable_file, overwrite_option, staged_file
 
 PLOT_FILE = "loss.png"
 
@@ -33,18 +33,29 @@ class PlotConfig:
 
 
 def read_series(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of the train loss, eval loss and tokens/s."""
+    """(step, value) series of the train loss, eval loss and tokens/s; a line that is not a record
+    with a whole-number step stops with its number (a plot of misread steps would mislead)."""
     series: dict[str, list[tuple[int, float]]] = {"loss": [], "eval_loss": [], "tokens_per_s": []}
-    for number, line in enumerate(metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{metrics_file}: not UTF-8 text ({error.reason} at byte {error.start}); it is not a "
+                        "metrics.jsonl the trainer wrote") from error
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError as error:
             raise UserError(f"{metrics_file}:{number}: not a JSON record ({error})") from error
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(step, int) or isinstance(step, bool):
+            raise UserError(f"{metrics_file}:{number}: not a metrics record (a JSON object with a whole-number "
+                            "\"step\"); remove the line or pass the run's own metrics.jsonl")
         for key in series:
-            if isinstance(record.get(key), (int, float)):
-                series[key].append((record["step"], float(record[key])))
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                series[key].append((step, float(value)))
     return series
 
 
@@ -86,6 +97,8 @@ def plot_run(run_dir: Path, output: Path) -> Path:
 
 
 def plot(config: PlotConfig) -> Path:
+    check_apart(config.output, "--output", {"RUN_DIR/metrics.jsonl": config.run_dir / "metrics.jsonl",
+                                            "RUN_DIR/metrics.csv": config.run_dir / "metrics.csv"})
     is_default = config.output == config.run_dir / PLOT_FILE
     check_replaceable_file(config.output, "--output", "zh-plot", is_default, config.overwrite)
     output = plot_run(config.run_dir, config.output)

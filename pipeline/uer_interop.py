@@ -356,6 +356,9 @@ def import_uer(config: ImportUerConfig) -> Path:
         raise UserError(f"{config.vocab_path} has {len(encoder.vocab)} tokens but {source}'s word embedding has "
                         f"{weights.vocab_size} rows; pass the vocab the model was trained with")
     heads = config.heads_num or weights.hidden // 64
+    if not config.heads_num and (heads == 0 or weights.hidden % heads):
+        raise UserError(f"{source}: hidden size {weights.hidden} is not a multiple of 64, so the head count cannot be "
+                        "inferred (a state dict does not store it); pass --heads_num from the model's UER-py config")
     if weights.hidden % heads:
         raise UserError(f"--heads_num {heads} does not divide the hidden size {weights.hidden}")
     model_config = load_model_config(PACKAGED_TEMPLATE[weights.architecture], weights.vocab_size, encoder.special_ids)

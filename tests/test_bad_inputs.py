@@ -1013,3 +1013,88 @@ def test_resuming_on_other_data_is_refused_before_the_run_directory_changes(faul
                        says=("is not the data", "examples (shard checksums) differ"))
     train.argv += ["--total_steps", "8", "--micro_batch_size", "4", "--save_checkpoint_steps", "2"]
     assert_refused(train, capsys)
+
+
+# -- generate, import-uer and plot: non-finite numbers, positions, malformed metrics ------------------
+
+
+@model_case
+def generate_temperature_nan_with_sampling(tiny_export, tmp):
+    return generate_case(tiny_export, "--do_sample", "--temperature", "nan", says=("--temperature nan",))
+
+
+@model_case
+def generate_temperature_infinite(tiny_export, tmp):
+    return generate_case(tiny_export, "--do_sample", "--temperature", "inf", says=("--temperature inf", "finite"))
+
+
+@model_case
+def generate_top_p_nan(tiny_export, tmp):
+    return generate_case(tiny_export, "--do_sample", "--top_p", "nan", says=("--top_p nan",))
+
+
+@model_case
+def generate_max_length_above_the_positions(tiny_export, tmp):
+    positions = json.loads((tiny_export / "config.json").read_text())["max_position_embeddings"]
+    (tmp / "in.txt").write_text("内容丰富。\n", encoding="utf-8")
+    return generate_case(tiny_export, "--input_file", tmp / "in.txt", "--output_file", tmp / "out.txt",
+                         "--max_length", str(positions + 1), says=(f"--max_length {positions + 1}",
+                                                                   f"{positions} positions"),
+                         not_created=[tmp / "out.txt"])
+
+
+@model_case
+def import_uer_hidden_size_below_one_head(tiny_export, tmp):
+    def narrow(state: dict) -> None:  # every tensor of width d_model cut to 32 columns/rows
+        d_model = state["embedding.word.embedding.weight"].shape[1]
+        for key, tensor in state.items():
+            state[key] = tensor[tuple(slice(0, 32) if size == d_model else slice(None) for size in tensor.shape)]
+
+    checkpoint = uer_file(tiny_export, tmp, narrow)
+    return Case(uer_interop.import_main, ["--checkpoint", checkpoint, "--vocab_path", tiny_export / "vocab.txt",
+                                          "--output_dir", tmp / "out"], ("hidden size 32", "--heads_num"),
+                not_created=[tmp / "out"])
+
+
+def plot_run_dir(tmp: Path, *lines: str | bytes) -> Path:
+    run = tmp / "run"
+    run.mkdir(exist_ok=True)
+    good = [json.dumps({"step": 1, "loss": 9.5, "tokens_per_s": 100.0})]
+    (run / "metrics.jsonl").write_bytes(b"".join((line.encode() if isinstance(line, str) else line) + b"\n"
+                                                 for line in [*good, *lines]))
+    return run
+
+
+@model_case
+def plot_over_its_own_metrics(tiny_export, tmp):
+    from pipeline import plot
+
+    run = plot_run_dir(tmp)
+    return Case(plot.main, ["--run_dir", run, "--output", run / "metrics.jsonl", "--overwrite"],
+                ("--output", "is the input RUN_DIR/metrics.jsonl"), unchanged=[run])
+
+
+@pytest.mark.parametrize("line, says", [
+    ('[1, 2]', "metrics.jsonl:2: not a metrics record"),
+    ('{"loss": 9.1}', "metrics.jsonl:2: not a metrics record"),
+    ('{"step": "3", "loss": 9.1}', "metrics.jsonl:2: not a metrics record"),
+    ('{"step": 2.5, "loss": 9.1}', "metrics.jsonl:2: not a metrics record"),
+    (b'{"step": 2, "loss": 9.1}\xff', "not UTF-8"),
+])
+def test_plot_refuses_malformed_metrics_with_the_line(tmp_path, capsys, line, says):
+    pytest.importorskip("matplotlib", reason="zh-plot needs matplotlib (the plot extra)")
+    from pipeline import plot
+
+    run = plot_run_dir(tmp_path, line)
+    assert_refused(Case(plot.main, ["--run_dir", run], (says,), unchanged=[run], not_created=[run / "loss.png"]), capsys)
+
+
+def test_generate_cuts_inputs_longer_than_the_positions_with_one_line(tiny_export, tmp_path, capsys):
+    positions = json.loads((tiny_export / "config.json").read_text())["max_position_embeddings"]
+    (tmp_path / "in.txt").write_text("内容丰富" * positions + "\n", encoding="utf-8")
+    assert generate.main(["--model_dir", str(tiny_export), "--input_file", str(tmp_path / "in.txt"), "--output_file",
+                          str(tmp_path / "out.txt"), "--max_length", "8"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"inputs longer than the model's {positions} positions are cut") == 1
+    assert "Traceback" not in err
+    assert len((tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()) == 1
