@@ -1,35 +1,31 @@
 """The whole data path, raw text to masked BART examples, per core: zh-clean, zh-tokenize and
-zh-mask run as the commands a user runs (one process each, stage start-up included), timed
-end to end, in MB of raw text per second.
+zh-mask run as the commands a user runs (one process each, start-up included), timed end to
+end, in MB of raw text per second, on the CLUECorpusSmall samples from ../shared/data (3.9 MB,
+3 copies, 1 with ``--quick``, each marked so dedup keeps it), Google's Chinese vocab, BART
+masking at seq_length 512.
 
-Corpus: CLUECorpusSmall_sampled.txt and CLUECorpusSmall_bert_sampled.txt from ../shared/data
-(3.9 MB of real text), repeated ``--copies`` times with a marker per copy so that dedup keeps
-every copy; Google's Chinese vocab; BART masking at seq_length 512 (UER-py's defaults).
+Peer: UER-py (preprocess + its train-time BART noising), which cannot be installed here; its
+figure is issue #13's for this machine class, printed as a reference, not measured.
 
-UER-py cannot be installed here (it is not a package): its figure, preprocess plus its
-train-time BART noising, is the reference issue #13 gives for this machine class (about 0.45 MB
-of raw text per second per core), printed as a reference, not measured in this run.
+    python -m bench.data_path [--quick]
 
-    .venv/bin/python bench/data_path.py [--quick]
+Prints a table, then one JSON object per figure: data_path_raw_mb_per_s_per_core,
+data_path_mask_share, uer_data_path_raw_mb_per_s_per_core_reference,
+data_path_speedup_vs_uer_reference.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-PROJECT_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(PROJECT_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 UER_REFERENCE_MB_PER_S = 0.45  # preprocess + train-time BART noising, one core (issue #13), not measured here
 VENV_BIN = Path(sys.executable).parent
@@ -59,7 +55,8 @@ def run_stage(name: str, args: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.data_path", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one copy of the corpus (3.9 MB) instead of three")
     parser.add_argument("--copies", type=int, default=0, help="copies of the 3.9 MB corpus (default 3, 1 with --quick)")
     args = parser.parse_args()

@@ -1,30 +1,23 @@
-"""Exact-dedup memory and time at 1x, 10x and 100x documents: the in-memory digest set (zh-clean's
-default) against the partitioned spill (--dedup_partitions), on the same synthetic digest stream.
+"""Exact-dedup memory and time at 1x, 10x and 100x documents (50k base, 20k with ``--quick``):
+the partitioned spill (``zh-clean --dedup_partitions``) against the in-memory digest set
+(zh-clean's default), on the same synthetic documents, 10% of them copies, one core each.
 
-Each case runs in a fresh process that reports its own peak RSS above what it held before the
-documents arrived, so the figure is the dedup's own memory per document. Documents are short
-synthetic Chinese strings, 10% of them copies of an earlier one; only their digests matter, so
-the text itself is generated on the fly and never held. Timed: digesting, the dedup decision
-and, for the partitioned way, the spill, the partition jobs (one process, so both ways use one
-core) and the bitmap; not the second pass over the documents that both ways' writers share.
+    python -m bench.dedup_memory [--quick]
 
-    .venv/bin/python bench/dedup_memory.py [--quick]
+Prints a table, then one JSON object per figure: dedup_set_bytes_per_document_100x,
+dedup_partitioned_bytes_per_document_100x, dedup_partitioned_memory_ratio_vs_set_100x,
+dedup_partitioned_speed_ratio_vs_set_100x.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-PROJECT_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(PROJECT_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 64
 COPY_EVERY = 10  # every 10th document repeats an earlier one
 
@@ -36,7 +29,14 @@ def synthetic_texts(documents: int):
 
 
 def run_case(way: str, documents: int) -> dict:
-    """Runs in the child process: dedup ``documents`` synthetic texts one way, report figures."""
+    """Runs in the child process: dedup ``documents`` synthetic texts one way, report figures.
+
+    A fresh process per case, so its peak RSS above what it held before the documents arrived is
+    the dedup's own memory. The texts are generated on the fly and never held (only their digests
+    matter). Timed: digesting, the dedup decision and, for the partitioned way, the spill, the
+    partition jobs (in this process, so both ways use one core) and the bitmap; not the second
+    pass over the documents that both ways' writers share.
+    """
     import resource
     import tempfile
     import time
@@ -70,13 +70,14 @@ def run_case(way: str, documents: int) -> dict:
 
 
 def measure(way: str, documents: int) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--case", way, str(documents)], capture_output=True, text=True,
-                            check=True).stdout
+    output = subprocess.run([sys.executable, "-m", "bench.dedup_memory", "--case", way, str(documents)],
+                            capture_output=True, text=True, check=True, cwd=PROJECT_ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.dedup_memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20k base documents instead of 50k (under a minute)")
     parser.add_argument("--case", nargs=2, metavar=("WAY", "DOCUMENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()

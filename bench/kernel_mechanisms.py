@@ -1,37 +1,32 @@
 """How to compile the data stages' hot loops: numba against a C++ extension, measured.
 
-The kernel is PEGASUS's principal sentence selection (ROUGE-1 of each sentence against the
-rest of its chunk, on token ids: ``pegasus_paper``'s independent mode), run on real
-CLUECorpusSmall chunks (512 tokens, Google's vocab) by
+The kernel is PEGASUS's principal sentence selection (``pegasus_paper``'s independent mode:
+ROUGE-1 of each sentence against the rest of its 512-token CLUECorpusSmall chunk, Google's
+vocab), run by numba (the mask stage's ``@njit(cache=True)`` kernel), against the same loop in
+C++ built with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja, as DeepSpeed builds its
+ops) and the same kernel run by the Python interpreter (the fallback without numba). Every
+mechanism must select the same sentences.
 
-- numba: ``data_tools.noising``'s kernel, the one the mask stage uses (``@njit(cache=True)``);
-- C++: the same loop written in C++ and built with ``torch.utils.cpp_extension.load_inline``
-  (g++ and ninja, as DeepSpeed builds its ops), called through pybind11 on numpy arrays;
-- Python: the same kernel's code run by the interpreter (the fallback without numba).
+    python -m bench.kernel_mechanisms [--quick]
 
-It prints the first-use cost (compiling from a cold cache, then loading from a warm one, each
-in a fresh process) and the time per chunk; every mechanism must select the same sentences.
-
-    .venv/bin/python bench/kernel_mechanisms.py [--quick]
+Prints a table (time per chunk; first use from a cold and a warm cache, each in a fresh
+process), then one JSON object per figure: principal_numba_us_per_chunk,
+principal_numba_wrapped_us_per_chunk, principal_cpp_us_per_chunk, principal_python_us_per_chunk,
+numba_speed_vs_cpp, numba_first_use_cold_s, cpp_first_use_cold_s.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-PROJECT_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(PROJECT_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 
 CPP_SOURCE = r"""
@@ -124,7 +119,8 @@ def time_calls(function, chunks, repeats: int) -> tuple[float, list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.kernel_mechanisms", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="400 documents, one repeat")
     args = parser.parse_args()
     from data_tools.compiled import COMPILED
@@ -141,8 +137,9 @@ def main() -> None:
         numba_code = ("import numpy as np; from data_tools.noising import principal_sentences; "
                       "principal_sentences(np.arange(4), np.array([0, 2, 4]), 1, False, False)")
         numba_cold, numba_warm = first_use_seconds(numba_code, env), first_use_seconds(numba_code, env)
-        cpp_code = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); from kernel_mechanisms import build_cpp; "
-                    f"from pathlib import Path; build_cpp(Path({scratch!r}))")
+        # Run from the project root (first_use_seconds' cwd), so `bench` is importable.
+        cpp_code = (f"from bench.kernel_mechanisms import build_cpp; from pathlib import Path; "
+                    f"build_cpp(Path({scratch!r}))")
         cpp_cold, cpp_warm = first_use_seconds(cpp_code, env), first_use_seconds(cpp_code, env)
         cpp = build_cpp(Path(scratch))
 

@@ -1,34 +1,26 @@
 """Masking throughput per core for each target and preset, on real Chinese text.
 
-Documents: the CLUECorpusSmall samples from ../shared/data (skipped with a message when
-absent), tokenized once with Google's Chinese vocab. Each configuration then builds
-examples from every document in one process, as the mask stage's workers do (``mask_block``
-on blocks of 1,000 documents in Arrow's flat layout: one kernel call per block for BART,
-document by document for PEGASUS), and is timed alone.
+Each configuration (BART, the UER presets, GSG random and principal) builds examples from the
+CLUECorpusSmall sample in ../shared/data (tokenized once with Google's Chinese vocab) in one
+process, as the mask stage's workers do (``mask_block`` on blocks of 1,000 documents), timed
+alone. Peer: UER-py, which cannot be installed here; its figures are issue #4's for this machine
+class (instance building plus tokenization, one core), printed as references, not measured.
 
-UER-py cannot be installed here (it is not a package), so its figures are the ones
-issue #4 reports for UER-py on this machine class (instance building plus tokenization,
-one core) and are printed as references, not measured in this run.
+    python -m bench.mask [--quick]
 
-    .venv/bin/python bench/mask.py [--quick]
+Prints a table, then one JSON object per figure: bart_examples_per_s_per_core,
+uer_bart_preset_examples_per_s_per_core, uer_bart_examples_per_s_per_core, bart_speedup_vs_uer,
+gsg_principal_docs_per_s_per_core, gsg_random_docs_per_s_per_core, uer_gsg_docs_per_s_per_core.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import time
 from pathlib import Path
 
-# bench/tokenize.py would shadow the stdlib `tokenize` for every script in bench/: take
-# bench/ off the import path before anything else is imported.
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-PROJECT_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(PROJECT_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 UER_REFERENCE = {"bart": 12_700.0, "gsg_random": 9_700.0}  # instances/s, one core, from issue #4
 
@@ -75,7 +67,8 @@ def time_config(blocks, config, vocab_info, repeats: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.mask", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="300 documents, one repeat")
     args = parser.parse_args()
 

@@ -1,99 +1,49 @@
-"""Training throughput: the data path on a CPU, tokens/s and MFU on a GPU (issue #5).
+"""Training throughput: the trainer's data path on a CPU; tokens/s, MFU and peak memory on a GPU,
+against transformers' ``Seq2SeqTrainer``.
 
-CPU part (``--parts cpu``):
+CPU part (``--parts cpu``): the trainer's data path (mapped example shards, the resumable
+sampler, the collator) on BART examples at 1x and 10x the data: samples/s of one rank and how
+much its memory grows; the padded share of an epoch with fixed-size, length-grouped and
+token-budget batches; and, masking online (``bart_paper``, bart-tiny under the ``deepspeed``
+launcher), the share of wall time the training loop waits for data with ``--data_workers 0``
+and ``2``.
 
-* the trainer's own data path — memory-mapped example shards, the resumable distributed
-  sampler and the collator, composed as ``pipeline/trainer.py`` does — on BART examples from
-  the CLUECorpusSmall sample (seq_length 512) at 1x and 10x the data: samples/s for one rank,
-  and how much resident memory grows with 10x the data (it should not: shards are mapped);
-* the share of padded tokens over an epoch of real examples with fixed-size, length-grouped
-  and token-budget batches;
-* online masking: how much of the training loop's wall time goes to waiting for its next
-  batch when batches are masked on the fly (``--online_mask_config``, preset ``bart_paper``,
-  seq_length 256 since bart-tiny has 256 positions), with ``--data_workers 0`` (batches
-  prepared in the training process) and ``--data_workers 2`` (prepared in the background):
-  ``pipeline/trainer.py`` under the ``deepspeed`` launcher, 1 rank, bart-tiny, micro batch 16,
-  over the log windows after the first: the time waited (``data_wait_fraction`` of each
-  ``metrics.jsonl`` window) as a share of the wall time, and the wall-clock step time. On a CPU the model's step (the 21,128-token LM head and loss) dwarfs the masking, so
-  the waits are small there; on a GPU (this part runs on whatever accelerator DeepSpeed finds,
-  and says which) they are not.
+GPU part (``--parts gpu``, needs CUDA): PEGASUS base (512/128) and BART 4+4 (512/512) in bf16
+with ZeRO-2, without and with activation checkpointing: ``pipeline/trainer.py`` against
+``Seq2SeqTrainer`` with the same model config, examples, collator, micro batch and DeepSpeed
+config, launched the same way, on the same fixed batches, then each with its own length
+grouping; wall-clock timed after a warm-up window. ``--cpu_smoke`` runs this part on the CPU
+with tiny models to check the script (its figures go to stderr: not a measurement).
 
-GPU part (``--parts gpu``, when CUDA is available): PEGASUS base (source 512, target 128) and
-BART 4+4 (512/512) in bf16 with ZeRO-2 (``ds_configs/zero2_bf16.json``), without and with
-activation checkpointing. Ours is ``pipeline/trainer.py`` under the ``deepspeed`` launcher;
-the peer is transformers' ``Seq2SeqTrainer`` with the same model config, examples, collator,
-micro batch and DeepSpeed config, launched the same way, with 2 DataLoader workers (ours
-prepares batches in 2 background workers by default; the peer's default is none). Each runs
-twice:
+    python -m bench.train_throughput [--quick]        # CPU part (on a GPU machine also --gpu_quick's)
+    python -m bench.train_throughput --gpu_quick [--cases pegasus-base]   # GPU part, no act. ckpt
+    python -m bench.train_throughput --parts gpu --cases bart-4+4 [--checkpointing off|on|both]
 
-* same batches (the headline, ``*_speedup_vs_hf_trainer``): ours with fixed-size random
-  batches, and the peer fed exactly those batches in the same order (its train sampler yields
-  our sampler's order; a uniform random order like its default ``RandomSampler``'s);
-* grouped (``*_grouped_speedup_vs_hf_trainer_grouped``): ours with ``--group_by_length``
-  against the peer's own ``group_by_length=True`` (its ``LengthGroupedSampler``, lengths of
-  ``input_ids`` read from the dataset's dict items).
-
-All four are timed by the wall clock over the same steps, after a first window that holds
-the warm-up (ours from the times its ``step N: loss`` lines come out, each printed after the
-window's all-reduce; the peer with a callback that synchronizes the device); ours writes its
-end-of-run checkpoint after its last log line (``--save_checkpoint_steps`` is
-far above the step count, so that is its only save), the peer saves nothing. tokens/s counts
-the real (unpadded) source + target tokens of the timed batches, MFU their FLOPs (formula of
-``pipeline/flops.py``) over the device's peak. Micro batch 64 (per-case defaults in
-``GPU_CASES``, about a third of an 80 GB H100 by estimate; ``--micro_batch`` overrides); on an
-out-of-memory error the case is run again, all four systems, at half the micro batch.
-
-``--cpu_smoke`` runs the GPU part on the CPU with the tiny models (fp32, ``cpu_zero2.json``)
-to check the script, not to measure: its figures go to stderr, not to the JSON lines, and it
-checks that ours and the peer trained on the same batches.
-
-Modes and time. Each launch costs start-up besides its timed steps: measured 16-23 s on the
-2-core CPU VM (launcher, imports, model build, DeepSpeed init); on a GPU machine estimated at
-30-45 s, plus 1-2 min once for the FusedAdam JIT build on a bare machine, and for ours the
-end-of-run checkpoint write (a few seconds). Timed steps: about 5-15 s per launch on an H100
-at these step counts (estimate). GPU times below are estimates, not measured yet:
-
-* ``--quick``: CPU part with fewer batches and 30-step online-masking runs: about 2-2.5 min
-  on the 2-core CPU VM (6 min measured while another job's tests shared its cores); on a GPU
-  machine also the ``--gpu_quick`` scope.
-* ``--gpu_quick``: GPU part only; PEGASUS base and BART 4+4, no activation checkpointing,
-  50 steps timed after 10: 8 launches, about 5-8 min on one H100. Prints every headline
-  metric; ``--gpu_quick --cases pegasus-base`` (4 launches, ~3-4 min) if a first call on a
-  bare machine must stay shorter.
-* default: CPU part in full (60-step online-masking runs, about 5 min on the CPU VM), and on a
-  GPU both cases with and without checkpointing at 100 steps timed after 10: 16 launches,
-  about 12-15 min: more than one 10-minute command, so on a GPU machine split it::
-
-      .venv/bin/python bench/train_throughput.py --parts gpu --cases pegasus-base   # ~6-8 min
-      .venv/bin/python bench/train_throughput.py --parts gpu --cases bart-4+4       # ~6-8 min
-      .venv/bin/python bench/train_throughput.py --parts cpu --quick                # ~1-2 min
-
-  (``--checkpointing off|on|both`` splits further: each half of a case is 4 launches, ~3-4 min.)
-  The whole set fits a 30-minute GPU budget with room for one retry.
-
-Run with ``.venv/bin/python bench/train_throughput.py [--quick | --gpu_quick]``.
+Prints tables, then one JSON object per figure. CPU part: dataloader_samples_per_s,
+dataloader_rss_growth_mb, dataloader_private_memory_growth_mb, {gsg,bart}_padding_share_fixed,
+{gsg,bart}_padding_share_token_budget, online_mask_data_wait_fraction_sync,
+online_mask_data_wait_fraction_workers, online_mask_step_time_speedup. GPU part, per case
+(prefix ``pegasus-base``, ``bart-4+4``, ``..._ckpt`` with checkpointing): _tokens_per_s, _mfu,
+_peak_memory_gb, _hf_trainer_tokens_per_s, _hf_trainer_peak_memory_gb, _speedup_vs_hf_trainer,
+_grouped_tokens_per_s, _grouped_mfu, _hf_trainer_grouped_tokens_per_s,
+_grouped_speedup_vs_hf_trainer_grouped.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# bench/tokenize.py would shadow the stdlib `tokenize` for every script in bench/.
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-PROJECT_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(PROJECT_ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # ZH_SHARED_DATA: a copy of the data where ../shared does not travel (a lent GPU machine; bin/gpu_kit.sh).
 SHARED = Path(os.environ.get("ZH_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
@@ -190,7 +140,7 @@ def batch_totals(batches: list[dict], seconds: float) -> dict:
 
 def fixed_batches(num_examples: int, micro_batch: int, steps: int, seed: int = SEED) -> list[list[int]]:
     """The first ``steps`` fixed-size micro batches our trainer draws on 1 rank (no grouping)."""
-    from pipeline.data import ResumableDistributedSampler
+    from pipeline.sampler import ResumableDistributedSampler
 
     sampler = iter(ResumableDistributedSampler(num_examples, micro_batch, rank=0, world_size=1, seed=seed))
     return [next(sampler) for _ in range(steps)]
@@ -221,7 +171,9 @@ def measure(data_dir: str, batches: int) -> dict:
     """In this process: open the shards, then time ``batches`` micro batches of rank 0 of 8."""
     import psutil
 
-    from pipeline.data import ExampleShards, ResumableDistributedSampler, Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.examples import ExampleShards
+    from pipeline.sampler import ResumableDistributedSampler
 
     process = psutil.Process()
 
@@ -248,7 +200,8 @@ def padding_shares(data_dir: Path, micro_batch: int, max_tokens: int) -> dict[st
     """Share of padded tokens over one epoch for fixed-size, length-grouped and token-budget batches."""
     import numpy as np
 
-    from pipeline.data import ExampleShards, padded_batch_cost, plan_micro_batches
+    from pipeline.examples import ExampleShards
+    from pipeline.sampler import padded_batch_cost, plan_micro_batches
 
     lengths = ExampleShards(data_dir).lengths()
     order = np.random.default_rng(0).permutation(len(lengths))
@@ -375,7 +328,9 @@ def run_hf_baseline(data_dir: Path, out: Path, model: str, micro: int, steps: in
     args = {"data_dir": str(data_dir), "out": str(out), "model": model, "micro": micro, "steps": steps,
             "window": window, "checkpointing": checkpointing, "ds_config": str(ds_config), "grouped": grouped,
             "record_batches": record_batches}
-    command = [*_deepspeed_command(), str(Path(__file__).resolve()), "--hf_baseline", json.dumps(args)]
+    # --module: each rank runs `python -m bench.train_throughput`, importing the project from
+    # PYTHONPATH (launched_env) and the launcher's cwd, the project root.
+    command = [*_deepspeed_command(), "--module", "bench.train_throughput", "--hf_baseline", json.dumps(args)]
     started = time.perf_counter()
     status, output, _ = launch(command)
     if status:
@@ -398,7 +353,9 @@ def hf_baseline_main(args: dict) -> None:
     import torch
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 
-    from pipeline.data import ExampleShards, Seq2SeqCollator, padded_batch_cost
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.examples import ExampleShards
+    from pipeline.sampler import padded_batch_cost
     from pipeline.flops import training_flops
     from pipeline.model import build_model, load_model_config
 
@@ -496,7 +453,8 @@ def hf_baseline_main(args: dict) -> None:
 def online_mask_prepare_seconds(tokenized: Path, root: Path, batches: int = 20) -> float:
     """Seconds to mask and collate one micro batch on the fly, in this process (one core)."""
     from data_tools.mask import MaskConfig
-    from pipeline.data import OnlineMaskedExamples, Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.examples import OnlineMaskedExamples
 
     data = OnlineMaskedExamples(tokenized, MaskConfig(input_dir=tokenized, output_dir=root / "unused",
                                                       **ONLINE_MASK_FLAGS))
@@ -648,7 +606,8 @@ def gpu_benchmark(root: Path, tokenized: Path, args: argparse.Namespace) -> list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="fewer batches and steps; the GPU part (if CUDA) in the --gpu_quick scope")
     parser.add_argument("--gpu_quick", action="store_true",
@@ -707,7 +666,8 @@ def main() -> None:
                 mask(MaskConfig(input_dir=root / "tok", output_dir=out, target="bart", seq_length=512,
                                 dup_factor=scale, processes_num=2, progress=False))
                 # A fresh process per scale, so the memory figures do not mix.
-                output = subprocess.run([sys.executable, __file__, "--measure", str(out), "--batches", str(batches)],
+                output = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--measure", str(out),
+                                         "--batches", str(batches)],
                                         capture_output=True, text=True, check=True, cwd=PROJECT_ROOT).stdout
                 results[scale] = json.loads(output.strip().splitlines()[-1])
             for target, seq, tgt in (("gsg", 512, 128), ("bart", 512, 512)):

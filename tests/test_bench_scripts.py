@@ -1,20 +1,50 @@
-"""The benchmark scripts' pure helpers (no timing asserts: the benchmarks measure, tests check arithmetic)."""
+"""The benchmark scripts' pure helpers (no timing asserts: the benchmarks measure, tests check arithmetic),
+and that each runs as ``python -m bench.NAME`` from the project root."""
 
-import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT
 
+BENCHES = sorted(path.stem for path in (PROJECT_ROOT / "bench").glob("*.py") if path.stem != "__init__")
+
 
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("bench_train_throughput",
-                                                  PROJECT_ROOT / "bench" / "train_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import train_throughput
+
+    return train_throughput
+
+
+def test_the_benches_are_there_and_none_is_named_like_a_stdlib_module():
+    expected = {"clean_tokenize", "data_path", "dedup_memory", "kernel_mechanisms", "mask", "train_throughput"}
+    assert expected <= set(BENCHES)
+    # bench/tokenize.py used to shadow the stdlib `tokenize` (which linecache, inspect and torch import)
+    # whenever bench/ was the script's folder; with no such name, no bench needs to edit sys.path.
+    assert not set(BENCHES) & set(sys.stdlib_module_names)
+    for name in BENCHES:
+        assert "sys.path" not in (PROJECT_ROOT / "bench" / f"{name}.py").read_text(), name
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_each_bench_runs_as_a_module_from_the_project_root(name):
+    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--help"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ") and f"python -m bench.{name}" in result.stdout
+
+
+@pytest.mark.parametrize("cwd", ["", "bench"])
+def test_the_stdlib_tokenize_is_not_shadowed(cwd):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    code = "import tokenize, bench.clean_tokenize; print(tokenize.__file__)"
+    shown = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT / cwd, env=env, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert shown.endswith("tokenize.py") and not shown.startswith(str(PROJECT_ROOT))
 
 
 def record(step, consumed, samples_per_s, tokens_per_s, **extra):
@@ -59,7 +89,7 @@ def test_batch_totals_and_helpers(throughput):
 
 
 def test_fixed_batches_are_the_trainers_and_run_into_the_next_epoch(throughput):
-    from pipeline.data import ResumableDistributedSampler
+    from pipeline.sampler import ResumableDistributedSampler
 
     batches = throughput.fixed_batches(20, 8, 5, seed=7)  # 2 full batches per epoch
     sampler = iter(ResumableDistributedSampler(20, 8, rank=0, world_size=1, seed=7))

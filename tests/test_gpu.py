@@ -150,11 +150,11 @@ def test_export_of_a_gpu_trained_checkpoint_equals_its_fp32_master_weights(bart_
 
 
 def test_throughput_benchmark_gpu_path_runs(tmp_path):
-    """bench/train_throughput.py's GPU part for a few steps: its figures come out as JSON lines."""
+    """``python -m bench.train_throughput``'s GPU part for a few steps: its figures come out as JSON lines."""
     # PEGASUS base only: both cases take 5-8 minutes, more than a lent GPU window's command (bin/gpu_check.sh
     # runs each case as a step of its own).
-    result = run_command([sys.executable, str(PROJECT_ROOT / "bench" / "train_throughput.py"), "--quick",
-                          "--gpu_quick", "--cases", "pegasus-base"], env=gpu_env(), timeout=1200, cwd=PROJECT_ROOT)
+    result = run_command([sys.executable, "-m", "bench.train_throughput", "--quick", "--gpu_quick", "--cases",
+                          "pegasus-base"], env=gpu_env(), timeout=1200, cwd=PROJECT_ROOT)
     figures = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     names = {figure["metric"] for figure in figures}
     assert "pegasus-base_speedup_vs_hf_trainer" in names and "pegasus-base_mfu" in names

@@ -4,7 +4,6 @@ and apex (issue #22), checked on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -116,7 +115,9 @@ def test_label_positions_come_from_the_host_and_give_the_boolean_mask_loss():
 
 def test_loaded_micro_batches_carry_their_label_positions(bart_examples_dir):
     from pipeline.batch_loader import PlannedBatchDataset
-    from pipeline.data import ExampleShards, PlannedBatch, Seq2SeqCollator
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.examples import ExampleShards
+    from pipeline.sampler import PlannedBatch
 
     examples = ExampleShards(bart_examples_dir)
     dataset = PlannedBatchDataset(examples, Seq2SeqCollator(pad_id=0, decoder_start_id=101), lambda s, t: 0.0)
@@ -152,24 +153,21 @@ def test_ranks_started_by_a_launcher_get_the_project_on_pythonpath_and_the_launc
 
 def test_the_throughput_bench_reads_the_data_from_zh_shared_data(tmp_path):
     env = {**os.environ, "ZH_SHARED_DATA": str(tmp_path)}
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.SHARED)")
     import subprocess
 
-    shown = subprocess.run([sys.executable, "-c", code, str(PROJECT_ROOT / "bench" / "train_throughput.py")],
-                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    shown = subprocess.run([sys.executable, "-c", "import bench.train_throughput as m; print(m.SHARED)"],
+                           env=env, capture_output=True, text=True, check=True, cwd=PROJECT_ROOT).stdout.strip()
     assert shown == str(tmp_path)
 
 
 def test_the_peers_length_grouping_is_spelled_for_the_installed_transformers():
     from transformers import Seq2SeqTrainingArguments
 
-    spec = importlib.util.spec_from_file_location("bench_tt", PROJECT_ROOT / "bench" / "train_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from bench import train_throughput
+
     for grouped in (True, False):
         arguments = Seq2SeqTrainingArguments(output_dir="unused", use_cpu=True, report_to=[],
-                                             **bench.length_grouping_argument(grouped))
+                                             **train_throughput.length_grouping_argument(grouped))
         if TRANSFORMERS_4:
             assert arguments.group_by_length is grouped
         else:

