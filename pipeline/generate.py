@@ -158,7 +158,8 @@ def _noting_cut_inputs(lines: Iterable[str], tokenizer, positions: int) -> Itera
     """The lines as they are; the first one longer than the model's positions is said once on stderr."""
     said = False
     for line in lines:
-        if not said and len(tokenizer(line)["input_ids"]) > positions:
+        # verbose=False: transformers would warn about the length too, in a second line of its own
+        if not said and len(tokenizer(line, verbose=False)["input_ids"]) > positions:
             print(f"generate: inputs longer than the model's {positions} positions are cut to them "
                   "(first seen in this input)", file=sys.stderr)
             said = True
