@@ -2,25 +2,24 @@
 
 Output: ``documents-NNNNN.jsonl`` shards, one ``{"text": ...}`` per line, and a
 ``manifest.json`` whose counts account for every input document:
-``kept + sum(dropped.values()) == read``.
+``kept + sum(dropped.values()) == read``. The filters, each named by the drop reason it
+counts, are in :mod:`data_tools.filters`; the run is :mod:`data_tools.stage`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from collections import Counter, deque
+from contextlib import ExitStack
 from dataclasses import dataclass
-from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from tqdm import tqdm
 
 from data_tools.cli import config_to_dict, option, required, run_stage
-from data_tools.common import UserError, write_json_atomic
+from data_tools.common import UserError
 from data_tools.dedup import (
     PartitionedDigests,
     document_digest,
@@ -28,17 +27,28 @@ from data_tools.dedup import (
     iter_unmarked,
     spill_directory,
 )
-from data_tools.normalize import (
-    TraditionalToSimplified,
-    chunk_measures,
-    normalize_texts,
-    repeated_char_ratio,
-    repeated_line_ratio,
+from data_tools.filters import (
+    DocumentFilter,
+    EmptyAfterNormalization,
+    ExactDuplicates,
+    LowCjkRatio,
+    NearDuplicates,
+    NormalizedChunk,
+    OrderedFilter,
+    RepeatedChars,
+    RepeatedLines,
+    TooLong,
+    TooShort,
+    drop_reasons,
+    minhash_signature,
 )
-from data_tools.outputs import overwrite_option, staged_dir
-from data_tools.parallel import chunked, ordered_map
+from data_tools.manifests import CleanCounts, CleanManifest, DocumentShard
+from data_tools.normalize import TraditionalToSimplified, normalize_texts
+from data_tools.outputs import overwrite_option
+from data_tools.parallel import chunked
 from data_tools.raw_input import RawDocument, expand_input_paths, iter_documents
-from data_tools.shards import check_stage_output
+from data_tools.shards import ShardedJsonlWriter, iter_document_texts
+from data_tools.stage import DataStage, Worker, check_accounted, run_data_stage
 
 STAGE = "clean"
 
@@ -119,56 +129,29 @@ class CleanConfig:
             raise UserError(f"--slice_index {self.slice_index} must lie in [0, --num_slices {self.num_slices})")
 
 
-class ShardedJsonlWriter:
-    """Writes ``{"text": ...}`` lines into numbered shards and records each shard's counts."""
-
-    def __init__(self, output_dir: Path, documents_per_shard: int) -> None:
-        self.output_dir = output_dir
-        self.documents_per_shard = documents_per_shard
-        self.shards: list[dict] = []
-        self._handle = None
-        self._hash = None
-        self._count = 0
-        self._chars = 0
-        self._bytes = 0
-
-    def write(self, text: str) -> None:
-        if self._handle is None or self._count >= self.documents_per_shard:
-            self._close_shard()
-            name = f"documents-{len(self.shards):05d}.jsonl"
-            self._handle = open(self.output_dir / name, "wb")  # noqa: SIM115
-            self._hash = hashlib.sha256()
-            self.shards.append({"file": name})
-        # what json.dumps({"text": text}, ensure_ascii=False) writes, without its ~4 µs of set-up per call
-        line = ('{"text": ' + encode_basestring(text) + "}\n").encode("utf-8")
-        self._handle.write(line)
-        self._hash.update(line)
-        self._bytes += len(line)
-        self._count += 1
-        self._chars += len(text)
-
-    def _close_shard(self) -> None:
-        if self._handle is None:
-            return
-        self._handle.close()
-        self.shards[-1].update(documents=self._count, characters=self._chars, bytes=self._bytes,
-                               sha256=self._hash.hexdigest())
-        self._handle, self._count, self._chars, self._bytes = None, 0, 0, 0
-
-    def close(self) -> list[dict]:
-        self._close_shard()
-        return self.shards
+def quality_filters(config: CleanConfig) -> list[DocumentFilter]:
+    """The filters every document meets after normalization, in the order they are asked (the first
+    that rejects a document names its drop reason)."""
+    return [EmptyAfterNormalization(), TooShort(config.min_chars), TooLong(config.max_chars),
+            LowCjkRatio(config.min_cjk_ratio), RepeatedLines(config.max_repeated_line_ratio),
+            RepeatedChars(config.max_repeated_char_ratio)]
 
 
-def iter_document_texts(paths: list[Path]) -> Iterator[str]:
-    """The texts of documents-NNNNN.jsonl shards (checked by the caller), in order."""
-    for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                yield json.loads(line)["text"]
+def ordered_filters(config: CleanConfig) -> list[OrderedFilter]:
+    """The filters that compare a document with those kept before it, in the main process. With
+    ``--dedup_partitions`` exact duplicates are found after the pass instead (:class:`SpilledDocuments`)."""
+    filters: list[OrderedFilter] = []
+    if config.deduplicate and not config.dedup_partitions:
+        filters.append(ExactDuplicates())
+    if config.near_dedup_threshold:
+        filters.append(NearDuplicates(config.near_dedup_threshold, config.minhash_num_perm))
+    return filters
 
 
 # -- per-document work (runs in the worker processes) ------------------------------------------
+
+# A chunk's readable texts go to a worker and come back as (text, drop reason, exact-dedup digest, MinHash)
+CleanResult = list[tuple[str, str | None, bytes | None, Any]]
 
 _worker: dict = {}
 
@@ -176,11 +159,13 @@ _worker: dict = {}
 def _init_worker(config: CleanConfig) -> None:
     _worker["config"] = config
     _worker["t2s"] = TraditionalToSimplified() if config.traditional_to_simplified else None
+    _worker["filters"] = quality_filters(config)
 
 
-def clean_documents(texts: list[str], config: CleanConfig,
-                    t2s: TraditionalToSimplified | None = None) -> list[tuple[str, str | None]]:
-    """Each text normalized, and the reason to drop it (None to keep); normalized and measured a chunk at a time."""
+def clean_documents(texts: list[str], config: CleanConfig, t2s: TraditionalToSimplified | None = None,
+                    filters: list[DocumentFilter] | None = None) -> list[tuple[str, str | None]]:
+    """Each text normalized, and the reason to drop it (None to keep); normalized and measured a chunk at a
+    time. ``filters``: the config's :func:`quality_filters` unless given."""
     texts = normalize_texts(
         texts,
         unicode_form=config.unicode_normalization,
@@ -191,42 +176,15 @@ def clean_documents(texts: list[str], config: CleanConfig,
     )
     if t2s is not None:
         texts = [t2s(text) for text in texts]
-    cjk_ratios, may_repeat_chars = chunk_measures(texts)
-    return [(text, _drop_reason(text, config, cjk, may_repeat))
-            for text, cjk, may_repeat in zip(texts, cjk_ratios.tolist(), may_repeat_chars.tolist())]
+    reasons = drop_reasons(NormalizedChunk.measure(texts), quality_filters(config) if filters is None else filters)
+    return list(zip(texts, reasons))
 
 
-def _drop_reason(text: str, config: CleanConfig, cjk_ratio: float, may_repeat_chars: bool) -> str | None:
-    if not text:
-        return "empty_after_normalization"
-    if len(text) < config.min_chars:
-        return "too_short"
-    if len(text) > config.max_chars:
-        return "too_long"
-    if config.min_cjk_ratio > 0 and cjk_ratio < config.min_cjk_ratio:
-        return "low_cjk_ratio"
-    if "\n" in text and repeated_line_ratio(text) > config.max_repeated_line_ratio:
-        return "repeated_lines"
-    if may_repeat_chars and repeated_char_ratio(text) > config.max_repeated_char_ratio:
-        return "repeated_chars"
-    return None
-
-
-def minhash_signature(text: str, num_perm: int) -> Any:
-    """MinHash of the document's character 5-grams (the unit that suits unsegmented Chinese)."""
-    from datasketch import MinHash
-
-    minhash = MinHash(num_perm=num_perm, seed=1)
-    shingles = {text[i : i + 5] for i in range(max(1, len(text) - 4))}
-    minhash.update_batch([shingle.encode("utf-8") for shingle in shingles])
-    return minhash
-
-
-def _clean_texts(texts: list[str]) -> list[tuple]:
+def _clean_texts(texts: list[str]) -> CleanResult:
     """(text, drop_reason, exact-dedup digest, MinHash or None) per readable document, in order."""
-    config, t2s = _worker["config"], _worker["t2s"]
+    config = _worker["config"]
     results = []
-    for text, reason in clean_documents(texts, config, t2s):
+    for text, reason in clean_documents(texts, config, _worker["t2s"], _worker["filters"]):
         digest = signature = None
         if reason is None:
             if config.deduplicate:
@@ -240,23 +198,30 @@ def _clean_texts(texts: list[str]) -> list[tuple]:
 # -- the stage (reading, ordering, dedup and writing stay in the main process) --------------------
 
 
-def _drop_later_copies(spill: Path, digests: PartitionedDigests, spilled_shards: list[dict], staging: Path,
-                       config: CleanConfig, files: list[Path], dropped: Counter[str],
-                       kept_per_file: Counter[str]) -> tuple[int, int, list[dict]]:
-    """Partitioned exact dedup's last passes: find the later copies partition by partition, then
-    copy the spilled documents into ``staging`` without them. Returns (kept, characters kept,
-    shards) and updates the drop and per-file counts."""
-    bitmap, copies_per_file = find_later_copies(digests, config.processes_num)
-    if bitmap.count:  # as with the set: no "duplicate" entry when there was none
-        dropped["duplicate"] += bitmap.count
-    for index, count in copies_per_file.items():
-        kept_per_file[str(files[index])] -= count
-    writer = ShardedJsonlWriter(staging, config.documents_per_shard)
-    spilled = [spill / "documents" / shard["file"] for shard in spilled_shards]
-    for text in iter_unmarked(iter_document_texts(spilled), bitmap):
-        writer.write(text)
-    shards = writer.close()
-    return sum(s["documents"] for s in shards), sum(s["characters"] for s in shards), shards
+class SpilledDocuments:
+    """Partitioned exact dedup (``--dedup_partitions``): the kept documents are first written under
+    ``spill`` with their digests spilled to partition files, then copied into the output without
+    the later copies once every digest is known."""
+
+    def __init__(self, spill: Path, config: CleanConfig) -> None:
+        self.config = config
+        self.digests = PartitionedDigests(spill / "digests", config.dedup_partitions)
+        (spill / "documents").mkdir()
+        self.writer = ShardedJsonlWriter(spill / "documents", config.documents_per_shard)
+
+    def copy_without_later_copies(self, staging: Path, files: list[Path], dropped: Counter[str],
+                                  kept_per_file: Counter[str]) -> list[DocumentShard]:
+        """The output shards; updates the drop and per-file counts."""
+        spilled = [self.writer.output_dir / shard.file for shard in self.writer.close()]
+        bitmap, copies_per_file = find_later_copies(self.digests, self.config.processes_num)
+        if bitmap.count:  # as with the set: no "duplicate" entry when there was none
+            dropped[ExactDuplicates.name] += bitmap.count
+        for index, count in copies_per_file.items():
+            kept_per_file[str(files[index])] -= count
+        writer = ShardedJsonlWriter(staging, self.config.documents_per_shard)
+        for text in iter_unmarked(iter_document_texts(spilled), bitmap):
+            writer.write(text)
+        return writer.close()
 
 
 class _ReadProgress:
@@ -286,147 +251,116 @@ class _ReadProgress:
         self.bar.close()
 
 
-class NearDuplicateIndex:
-    """MinHash LSH over the documents kept so far (datasketch)."""
+class CleanStage(DataStage[list[str], CleanResult]):
+    """The clean stage's parts for :func:`run_data_stage`."""
 
-    def __init__(self, threshold: float, num_perm: int) -> None:
-        try:
-            from datasketch import MinHashLSH
-        except ImportError as error:
-            raise UserError("--near_dedup_threshold needs datasketch: pip install datasketch") from error
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._count = 0
+    name, shard_prefix = STAGE, "documents"
 
-    def seen_before(self, minhash: Any) -> bool:
-        if self._lsh.query(minhash):
-            return True
-        self._lsh.insert(str(self._count), minhash)
-        self._count += 1
-        return False
+    def __init__(self, config: CleanConfig) -> None:
+        self.config = config
+        self.skipped: list[Path] = []
+        self.files = expand_input_paths(config.input_paths, self.skipped)[config.slice_index :: config.num_slices]
+        if not self.files:
+            raise UserError(f"slice {config.slice_index} of {config.num_slices} has no input files; use fewer slices")
+        if self.skipped:
+            print(f"clean: {len(self.skipped)} file(s) beside .parquet files not read "
+                  f"({', '.join(map(str, self.skipped[:3]))}{', ...' if len(self.skipped) > 3 else ''}); listed in "
+                  "the manifest's skipped_inputs", file=sys.stderr)
+        self.output_dir, self.overwrite, self.processes = config.output_dir, config.overwrite, config.processes_num
+        self.inputs = {"--input_paths": config.input_paths}
+        self.file_index = {str(path): index for index, path in enumerate(self.files)}
 
+    def start(self, staging: Path, resources: ExitStack) -> None:
+        config = self.config
+        self.dropped: Counter[str] = Counter()
+        self.kept_per_file: Counter[str] = Counter()
+        self.ordered_filters = ordered_filters(config)
+        self.spilled = None
+        if config.deduplicate and config.dedup_partitions:  # the spill goes before the output is published
+            self.spilled = SpilledDocuments(Path(resources.enter_context(spill_directory(staging))), config)
+        self.writer = self.spilled.writer if self.spilled else ShardedJsonlWriter(staging, config.documents_per_shard)
+        self.progress = _ReadProgress(config.progress)
+        self.in_flight: deque[list[RawDocument]] = deque()
 
-def clean(config: CleanConfig) -> dict:
-    """Run the clean stage; returns the manifest it wrote."""
-    skipped: list[Path] = []
-    files = expand_input_paths(config.input_paths, skipped)[config.slice_index :: config.num_slices]
-    if not files:
-        raise UserError(f"slice {config.slice_index} of {config.num_slices} has no input files; use fewer slices")
-    if skipped:
-        print(f"clean: {len(skipped)} file(s) beside .parquet files not read ({', '.join(map(str, skipped[:3]))}"
-              f"{', ...' if len(skipped) > 3 else ''}); listed in the manifest's skipped_inputs", file=sys.stderr)
-    check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_paths": config.input_paths})
-    with staged_dir(config.output_dir) as staging:
-        if config.deduplicate and config.dedup_partitions:
-            with spill_directory(staging) as spill:
-                manifest = _clean_into(staging, files, config, skipped, Path(spill))
-        else:
-            manifest = _clean_into(staging, files, config, skipped)
-    return manifest
-
-
-def _clean_into(staging: Path, files: list[Path], config: CleanConfig, skipped: list[Path],
-                spill: Path | None = None) -> dict:
-    """Clean ``files`` into ``staging``. With ``spill`` (partitioned exact dedup) the documents
-    are first written there with their digests spilled, then copied without the later copies."""
-    dropped: Counter[str] = Counter()
-    kept = chars_kept = 0
-    kept_per_file: Counter[str] = Counter()
-    seen_hashes: set[bytes] = set()
-    near_duplicates = (
-        NearDuplicateIndex(config.near_dedup_threshold, config.minhash_num_perm) if config.near_dedup_threshold else None
-    )
-    file_index = {str(path): index for index, path in enumerate(files)}
-    if spill is not None:
-        digests = PartitionedDigests(spill / "digests", config.dedup_partitions)
-        (spill / "documents").mkdir()
-        writer = ShardedJsonlWriter(spill / "documents", config.documents_per_shard)
-    else:
-        writer = ShardedJsonlWriter(staging, config.documents_per_shard)
-    progress = _ReadProgress(config.progress)
-    raw_documents = progress.track(
-        document
-        for path in files
-        for document in iter_documents(path, config.input_format, config.max_line_bytes, config.text_field)
-    )
-    chunks = chunked(raw_documents, config.chunk_documents)
-    in_flight: deque[list[RawDocument]] = deque()
-
-    def readable_texts(chunk_iter: Iterator[list[RawDocument]]) -> Iterator[list[str]]:
-        """What the workers get: the texts only (a list of str pickles and unpickles ~8x faster than the
-        RawDocuments)."""
-        for chunk in chunk_iter:
-            in_flight.append(chunk)
+    def work_items(self) -> Iterator[list[str]]:
+        """The readable texts of each chunk (a list of str pickles and unpickles ~8x faster than the
+        RawDocuments, which wait here for their results)."""
+        config = self.config
+        documents = self.progress.track(
+            document
+            for path in self.files
+            for document in iter_documents(path, config.input_format, config.max_line_bytes, config.text_field)
+        )
+        for chunk in chunked(documents, config.chunk_documents):
+            self.in_flight.append(chunk)
             yield [document.text for document in chunk if document.drop_reason is None]
 
-    results = ordered_map(_clean_texts, readable_texts(chunks), config.processes_num,
-                          initializer=_init_worker, initargs=(config,))
-    for chunk_results in results:
-        cleaned = iter(chunk_results)
-        for document in in_flight.popleft():
+    def worker(self) -> Worker[list[str], CleanResult]:
+        return Worker(_clean_texts, _init_worker, (self.config,))
+
+    def consume(self, result: CleanResult) -> None:
+        dropped, kept_per_file, writer, spilled = self.dropped, self.kept_per_file, self.writer, self.spilled
+        cleaned = iter(result)
+        for document in self.in_flight.popleft():
             if document.drop_reason is not None:
                 dropped[document.drop_reason] += 1
                 continue
             text, reason, digest, signature = next(cleaned)
-            if reason is None and digest is not None and spill is None:
-                if digest in seen_hashes:
-                    reason = "duplicate"
-                else:
-                    seen_hashes.add(digest)
-            if reason is None and near_duplicates is not None and near_duplicates.seen_before(signature):
-                reason = "near_duplicate"
+            if reason is None:
+                for ordered_filter in self.ordered_filters:
+                    if ordered_filter.rejects(digest, signature):
+                        reason = ordered_filter.name
+                        break
             if reason is not None:
                 dropped[reason] += 1
                 continue
-            source = document.source
-            if spill is not None and digest is not None:
-                digests.add(digest, kept, file_index[source])  # its ordinal among the documents written
+            if spilled is not None and digest is not None:  # its ordinal among the documents written
+                spilled.digests.add(digest, writer.documents, self.file_index[document.source])
             writer.write(text)
-            kept += 1
-            kept_per_file[source] += 1
-            chars_kept += len(text)
-    progress.close()
-    shards = writer.close()
-    if spill is not None:
-        kept, chars_kept, shards = _drop_later_copies(spill, digests, shards, staging, config, files, dropped,
-                                                      kept_per_file)
+            kept_per_file[document.source] += 1
 
-    read = progress.documents
-    if read == 0:
-        raise UserError(
-            f"no documents read from {', '.join(map(str, files))}: the input is empty; check --input_paths"
+    def finish(self, staging: Path) -> CleanManifest:
+        self.progress.close()
+        if self.spilled is not None:
+            shards = self.spilled.copy_without_later_copies(staging, self.files, self.dropped, self.kept_per_file)
+        else:
+            shards = self.writer.close()
+        read, kept, dropped = self.progress.documents, sum(shard.documents for shard in shards), self.dropped
+        if read == 0:
+            raise UserError(
+                f"no documents read from {', '.join(map(str, self.files))}: the input is empty; check --input_paths"
+            )
+        check_accounted(STAGE, read, kept, dropped)
+        if kept == 0:
+            raise UserError(
+                f"every document was dropped ({_dropped_summary(dropped)}); nothing was written: loosen "
+                "--min_chars/--min_cjk_ratio or check --input_format"
+            )
+        counts = CleanCounts(
+            documents_read=read, documents_kept=kept, documents_dropped=dict(sorted(dropped.items())),
+            characters_read=self.progress.characters, characters_kept=sum(shard.characters for shard in shards),
+            bytes_read=self.progress.bytes, documents_with_invalid_utf8_replaced=self.progress.invalid_utf8,
         )
-    assert kept + sum(dropped.values()) == read, "clean lost documents without counting them"
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
-    if kept == 0:
-        raise UserError(
-            f"every document was dropped ({summary}); nothing was written: loosen --min_chars/--min_cjk_ratio or "
-            "check --input_format"
-        )
-    manifest = {
-        "stage": STAGE,
-        "config": config_to_dict(config),
-        "counts": {
-            "documents_read": read,
-            "documents_kept": kept,
-            "documents_dropped": dict(sorted(dropped.items())),
-            "characters_read": progress.characters,
-            "characters_kept": chars_kept,
-            "bytes_read": progress.bytes,
-            "documents_with_invalid_utf8_replaced": progress.invalid_utf8,
-        },
-        "inputs": [
-            {"path": str(path), "documents_read": progress.per_file[str(path)],
-             "documents_kept": kept_per_file[str(path)]}
-            for path in files
-        ],
-        "skipped_inputs": [str(path) for path in skipped],
-        "shards": shards,
-    }
-    write_json_atomic(staging / "manifest.json", manifest)
-    seconds = time.perf_counter() - progress.started
-    print(f"clean: read {read} documents ({progress.bytes / 1e6:.1f} MB, {progress.bytes / 1e6 / seconds:.1f} MB/s), "
-          f"kept {kept}, dropped: {summary} -> {config.output_dir}", file=sys.stderr)
-    return manifest
+        inputs = [{"path": str(path), "documents_read": self.progress.per_file[str(path)],
+                   "documents_kept": self.kept_per_file[str(path)]} for path in self.files]
+        return CleanManifest(config=config_to_dict(self.config), counts=counts, inputs=inputs,
+                             skipped_inputs=[str(path) for path in self.skipped], shards=shards)
+
+    def summary(self, manifest: CleanManifest) -> str:
+        seconds = time.perf_counter() - self.progress.started
+        megabytes = self.progress.bytes / 1e6
+        return (f"clean: read {manifest.counts.documents_read} documents ({megabytes:.1f} MB, "
+                f"{megabytes / seconds:.1f} MB/s), kept {manifest.counts.documents_kept}, dropped: "
+                f"{_dropped_summary(manifest.counts.documents_dropped)} -> {self.config.output_dir}")
+
+
+def _dropped_summary(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
+
+
+def clean(config: CleanConfig) -> dict:
+    """Run the clean stage; returns the manifest it wrote."""
+    return run_data_stage(CleanStage(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.clean import STAGE, ShardedJsonlWriter, iter_document_texts
 from data_tools.cli import config_to_dict, option, required, run_stage
-from data_tools.common import UserError, write_json_atomic
+from data_tools.common import UserError
 from data_tools.dedup import (
     PartitionedDigests,
     document_digest,
@@ -24,8 +23,12 @@ from data_tools.dedup import (
     iter_unmarked,
     spill_directory,
 )
+from data_tools.filters import ExactDuplicates
+from data_tools.manifests import CleanCounts, CleanManifest, read_manifest
 from data_tools.outputs import overwrite_option, staged_dir
-from data_tools.shards import check_stage_output, load_manifest, shard_paths
+from data_tools.shards import ShardedJsonlWriter, check_stage_output, iter_document_texts, shard_paths
+
+STAGE = CleanManifest.STAGE  # its output is a clean output, which tokenize and further combines read
 
 
 @dataclass(kw_only=True)
@@ -53,27 +56,33 @@ class CombineConfig:
             raise UserError(f"--dedup_partitions {self.dedup_partitions} must be >= 0")
 
 
+# (slice index, directory, its manifest), in slice order
+Slice = tuple[int, Path, CleanManifest]
+
+
 def combine(config: CombineConfig) -> dict:
-    manifests = [load_manifest(directory, STAGE) for directory in config.input_dirs]
-    slices = sorted((m["config"].get("slice_index", 0), d, m) for d, m in zip(config.input_dirs, manifests))
+    manifests = [read_manifest(directory, STAGE) for directory in config.input_dirs]
+    slices = sorted(((m.config.get("slice_index", 0), d, m) for d, m in zip(config.input_dirs, manifests)),
+                    key=lambda item: item[:2])
     indices = [index for index, _, _ in slices]
     if len(set(indices)) != len(indices):
         raise UserError(f"two inputs are the same slice ({indices}); pass each slice's directory once")
     check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_dirs": config.input_dirs})
     with staged_dir(config.output_dir) as staging:
         manifest = _combine_into(staging, slices, config)
-    print(f"clean-combine: {len(slices)} slices, {manifest['counts']['documents_read']} read, "
-          f"{manifest['counts']['documents_kept']} kept -> {config.output_dir}", file=sys.stderr)
-    return manifest
+        manifest.write(staging)
+    print(f"clean-combine: {len(slices)} slices, {manifest.counts.documents_read} read, "
+          f"{manifest.counts.documents_kept} kept -> {config.output_dir}", file=sys.stderr)
+    return manifest.to_json()
 
 
-def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: CombineConfig) -> dict:
+def _combine_into(staging: Path, slices: list[Slice], config: CombineConfig) -> CleanManifest:
     counts: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
     for _, _, manifest in slices:
         for key in ("documents_read", "characters_read", "bytes_read", "documents_with_invalid_utf8_replaced"):
-            counts[key] += manifest["counts"].get(key, 0)
-        dropped.update(manifest["counts"]["documents_dropped"])
+            counts[key] += getattr(manifest.counts, key) or 0  # absent from manifests of earlier versions
+        dropped.update(manifest.counts.documents_dropped)
     writer = ShardedJsonlWriter(staging, config.documents_per_shard)
     if config.deduplicate and config.dedup_partitions:
         with spill_directory(staging) as spill:
@@ -82,38 +91,32 @@ def _combine_into(staging: Path, slices: list[tuple[int, Path, dict]], config: C
                 digests.add(document_digest(text), ordinal, index)
             bitmap, _ = find_later_copies(digests, config.processes_num)
         if bitmap.count:  # as with the set: no "duplicate" entry when there was none
-            dropped["duplicate"] += bitmap.count
+            dropped[ExactDuplicates.name] += bitmap.count
         texts = iter_unmarked((text for _, text in slice_texts(slices)), bitmap)
     else:
         texts = unique_texts(slice_texts(slices), dropped) if config.deduplicate else (t for _, t in slice_texts(slices))
     for text in texts:
         writer.write(text)
     shards = writer.close()
-    kept, chars_kept = sum(s["documents"] for s in shards), sum(s["characters"] for s in shards)
+    kept = sum(shard.documents for shard in shards)
     if kept + sum(dropped.values()) != counts["documents_read"]:
         raise UserError("the slices' manifests do not add up (kept + dropped != read); re-run the slices")
-    manifest = {
-        "stage": STAGE,
-        "config": {**config_to_dict(config), "combined_slices": [str(d) for _, d, _ in slices]},
-        "counts": {
-            "documents_read": counts["documents_read"],
-            "documents_kept": kept,
-            "documents_dropped": dict(sorted(dropped.items())),
-            "characters_read": counts["characters_read"],
-            "characters_kept": chars_kept,
-            "bytes_read": counts["bytes_read"],
-            "documents_with_invalid_utf8_replaced": counts["documents_with_invalid_utf8_replaced"],
-        },
-        "inputs": [entry for _, _, m in slices for entry in m["inputs"]],
+    return CleanManifest(
+        config={**config_to_dict(config), "combined_slices": [str(d) for _, d, _ in slices]},
+        counts=CleanCounts(
+            documents_read=counts["documents_read"], documents_kept=kept,
+            documents_dropped=dict(sorted(dropped.items())), characters_read=counts["characters_read"],
+            characters_kept=sum(shard.characters for shard in shards), bytes_read=counts["bytes_read"],
+            documents_with_invalid_utf8_replaced=counts["documents_with_invalid_utf8_replaced"],
+        ),
+        inputs=[entry for _, _, m in slices for entry in m.inputs or []],
         # Every slice lists the same skipped files (they are found before the files are sliced).
-        "skipped_inputs": sorted({path for _, _, m in slices for path in m.get("skipped_inputs", [])}),
-        "shards": shards,
-    }
-    write_json_atomic(staging / "manifest.json", manifest)
-    return manifest
+        skipped_inputs=sorted({path for _, _, m in slices for path in m.skipped_inputs or []}),
+        shards=shards,
+    )
 
 
-def slice_texts(slices: list[tuple[int, Path, dict]]) -> Iterator[tuple[int, str]]:
+def slice_texts(slices: list[Slice]) -> Iterator[tuple[int, str]]:
     """(position of the slice, document text) of every slice's documents, in slice order."""
     for position, (_, directory, manifest) in enumerate(slices):
         # each shard's sha256 is checked against its manifest
@@ -127,7 +130,7 @@ def unique_texts(texts: Iterator[tuple[int, str]], dropped: Counter[str]) -> Ite
     for _, text in texts:
         digest = document_digest(text)
         if digest in seen:
-            dropped["duplicate"] += 1
+            dropped[ExactDuplicates.name] += 1
             continue
         seen.add(digest)
         yield text

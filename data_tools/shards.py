@@ -1,8 +1,9 @@
-"""Arrow shard I/O and stage manifests: the files that are the contract between stages.
+"""Shard I/O: the files that are the contract between stages, and their checks against the manifest.
 
-Shards are Arrow IPC *stream* files, the format HuggingFace ``datasets`` writes, so
-``datasets.Dataset.from_file(shard)`` opens them. They are read through a memory map:
-opening a shard costs nothing and rows are paged in on demand.
+Clean writes JSONL document shards. Tokenize and mask write Arrow IPC *stream* files, the format
+HuggingFace ``datasets`` writes, so ``datasets.Dataset.from_file(shard)`` opens them. They are read
+through a memory map: opening a shard costs nothing and rows are paged in on demand. The manifests
+themselves are typed in :mod:`data_tools.manifests`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,26 @@ import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from data_tools.common import SPECIAL_TOKENS, VOCAB_FILE, UserError, file_sha256
+from data_tools.common import VOCAB_FILE, UserError, file_sha256
+from data_tools.manifests import (
+    MANIFEST,
+    DocumentShard,
+    ShardEntry,
+    StageManifest,
+    parse_manifest,
+    read_manifest_json,
+)
 from data_tools.outputs import check_apart, check_replaceable_dir
 
-MANIFEST = "manifest.json"
+# A manifest as load_manifest returns it (the JSON object, for the trainer and online masking) or typed.
+AnyManifest = dict | StageManifest
 
 
 def id_type_for_vocab(vocab_size: int) -> pa.DataType:
@@ -88,83 +99,26 @@ def open_shard(path: Path) -> pa.Table:
         raise UserError(f"cannot read Arrow shard {path}: {error}; re-run the stage that wrote it") from error
 
 
-# Per-shard row count field of each stage's manifest.
-ROW_FIELD = {"clean": "documents", "tokenize": "rows", "mask": "rows"}
-
-
 def load_manifest(directory: Path, expected_stage: str | Iterable[str]) -> dict:
-    """Read a stage's manifest, checking it comes from the stage we expect and has the fields
-    the next stages read (a hand-edited or foreign manifest is refused in one line)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{path} not found: {directory} is not the output of a finished stage; run that stage first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); re-run the stage that wrote it") from error
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path} holds a JSON {type(manifest).__name__}, not an object; re-run the stage that wrote it")
-    stages = {expected_stage} if isinstance(expected_stage, str) else set(expected_stage)
-    if manifest.get("stage") not in stages:
-        raise UserError(
-            f"{path} was written by stage {manifest.get('stage')!r}, expected {' or '.join(sorted(stages))}; "
-            "check the directory you passed"
-        )
-    problem = manifest_problem(manifest)
-    if problem:
-        raise UserError(f"{path}: {problem}; re-run the {manifest['stage']} stage that wrote it")
-    return manifest
+    """A stage's manifest as a JSON object, checked as :func:`data_tools.manifests.read_manifest` checks it
+    (for the code that reads manifests as dicts; the stages use the typed one)."""
+    return read_manifest_json(directory, expected_stage)[0]
 
 
-def manifest_problem(manifest: dict) -> str | None:
-    """The first field a stage's manifest lacks or holds with the wrong type, or None."""
-    stage = manifest["stage"]
-    if not isinstance(manifest.get("counts"), dict):
-        return "field 'counts' is missing or not an object"
-    if not isinstance(manifest.get("config"), dict):
-        return "field 'config' is missing or not an object"
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        return "field 'shards' is missing or not a list"
-    for index, shard in enumerate(shards):
-        if not isinstance(shard, dict):
-            return f"shards[{index}] is not an object"
-        name = shard.get("file")
-        if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
-            return f"shards[{index}].file {name!r} is not a file name inside the directory"
-        if not isinstance(shard.get("sha256"), str):
-            return f"shards[{index}].sha256 is missing"
-        for field in (ROW_FIELD[stage], *(["bytes"] if "bytes" in shard else [])):
-            if not isinstance(shard.get(field), int) or isinstance(shard.get(field), bool) or shard[field] < 0:
-                return f"shards[{index}].{field} is missing or not a count"
-    if stage == "clean":
-        for field in ("documents_read", "documents_kept"):
-            if not isinstance(manifest["counts"].get(field), int):
-                return f"counts.{field} is missing or not a count"
-        if not isinstance(manifest["counts"].get("documents_dropped"), dict):
-            return "counts.documents_dropped is missing or not an object"
-        return None
-    vocab = manifest.get("vocab")
-    if not isinstance(vocab, dict):
-        return "field 'vocab' is missing or not an object"
-    if not isinstance(vocab.get("size"), int) or vocab["size"] <= 0 or not isinstance(vocab.get("sha256"), str):
-        return "vocab.size or vocab.sha256 is missing"
-    special = vocab.get("special_token_ids")
-    if not isinstance(special, dict) or any(not isinstance(special.get(t), int) for t in SPECIAL_TOKENS):
-        return f"vocab.special_token_ids must give the id of each of {', '.join(SPECIAL_TOKENS)}"
-    if stage == "tokenize" and not isinstance(manifest["counts"].get("documents_kept"), int):
-        return "counts.documents_kept is missing or not a count"
-    return None
+def typed_manifest(manifest: AnyManifest) -> StageManifest:
+    """The typed form of a manifest handed over as :func:`load_manifest`'s JSON object (already checked)."""
+    return manifest if isinstance(manifest, StageManifest) else parse_manifest(manifest, MANIFEST)
 
 
-def checked_vocab_file(directory: Path, manifest: dict) -> Path:
+def checked_vocab_file(directory: Path, manifest: AnyManifest) -> Path:
     """The vocab.txt beside a tokenize or mask output, which must be the file its ids were made with
     (the manifest's vocab.sha256)."""
+    manifest = typed_manifest(manifest)
+    expected = manifest.vocab.sha256  # type: ignore[attr-defined]
     path = Path(directory) / VOCAB_FILE
-    if not path.is_file() or file_sha256(path) != manifest["vocab"]["sha256"]:
+    if not path.is_file() or file_sha256(path) != expected:
         raise UserError(f"{path} is missing or differs from the vocab the manifest records (sha256 "
-                        f"{manifest['vocab']['sha256'][:16]}…); re-run the {manifest['stage']} stage")
+                        f"{expected[:16]}…); re-run the {manifest.STAGE} stage")
     return path
 
 
@@ -182,6 +136,63 @@ def check_stage_output(output_dir: Path, stage: str, shard_prefix: str, overwrit
                           lambda manifest: manifest.get("stage") == stage, owns, overwrite)
 
 
+# -- JSONL document shards (clean's output) --------------------------------------------------------------
+
+
+class ShardedJsonlWriter:
+    """Writes ``{"text": ...}`` lines into numbered ``documents-NNNNN.jsonl`` shards and records each
+    shard's counts."""
+
+    def __init__(self, output_dir: Path, documents_per_shard: int) -> None:
+        self.output_dir = Path(output_dir)
+        self.documents_per_shard = documents_per_shard
+        self.shards: list[DocumentShard] = []
+        self.documents = 0  # written so far, over all shards
+        self._handle = None
+        self._hash = None
+        self._count = 0
+        self._chars = 0
+        self._bytes = 0
+
+    def write(self, text: str) -> None:
+        if self._handle is None or self._count >= self.documents_per_shard:
+            self._close_shard()
+            self._handle = open(self.output_dir / self._name(len(self.shards)), "wb")  # noqa: SIM115
+            self._hash = hashlib.sha256()
+        # what json.dumps({"text": text}, ensure_ascii=False) writes, without its ~4 µs of set-up per call
+        line = ('{"text": ' + encode_basestring(text) + "}\n").encode("utf-8")
+        self._handle.write(line)
+        self._hash.update(line)
+        self._bytes += len(line)
+        self._count += 1
+        self._chars += len(text)
+        self.documents += 1
+
+    @staticmethod
+    def _name(index: int) -> str:
+        return f"documents-{index:05d}.jsonl"
+
+    def _close_shard(self) -> None:
+        if self._handle is None:
+            return
+        self._handle.close()
+        self.shards.append(DocumentShard(file=self._name(len(self.shards)), documents=self._count,
+                                         characters=self._chars, bytes=self._bytes, sha256=self._hash.hexdigest()))
+        self._handle, self._count, self._chars, self._bytes = None, 0, 0, 0
+
+    def close(self) -> list[DocumentShard]:
+        self._close_shard()
+        return self.shards
+
+
+def iter_document_texts(paths: Iterable[Path]) -> Iterator[str]:
+    """The texts of documents-NNNNN.jsonl shards (checked by the caller), in order."""
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)["text"]
+
+
 def scan_jsonl(path: Path) -> tuple[str, int]:
     """sha256 and line count of a file, in one pass."""
     digest, lines = hashlib.sha256(), 0
@@ -192,52 +203,54 @@ def scan_jsonl(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), lines
 
 
+# -- checking shards against their manifest entries ------------------------------------------------------
+
+
 def arrow_rows(path: Path) -> int:
     """Rows of an Arrow stream shard, from its record batch headers (memory-mapped, cheap)."""
     return open_shard(path).num_rows
 
 
-def shard_problem(path: Path, shard: dict, stage: str, checksum: bool = True) -> str | None:
+def shard_problem(path: Path, shard: ShardEntry, checksum: bool = True) -> str | None:
     """What makes one shard disagree with its manifest entry (missing, size, sha256, rows), or None."""
     if not path.is_file():
         return "is missing"
     size = path.stat().st_size
-    if "bytes" in shard and size != shard["bytes"]:
-        return f"has {size} bytes, the manifest says {shard['bytes']} (truncated or modified)"
-    rows_field = ROW_FIELD[stage]
-    if stage == "clean":  # counting lines reads the file anyway, so hash it too
+    if shard.bytes is not None and size != shard.bytes:
+        return f"has {size} bytes, the manifest says {shard.bytes} (truncated or modified)"
+    if isinstance(shard, DocumentShard):  # counting lines reads the file anyway, so hash it too
         digest, rows = scan_jsonl(path)
     else:
         digest, rows = file_sha256(path) if checksum else None, None
-    if digest is not None and digest != shard["sha256"]:
-        return (f"sha256 {digest[:16]}… differs from the manifest's {shard['sha256'][:16]}… "
+    if digest is not None and digest != shard.sha256:
+        return (f"sha256 {digest[:16]}… differs from the manifest's {shard.sha256[:16]}… "
                 f"({size} bytes: truncated or modified)")
     if rows is None:
         try:
             rows = arrow_rows(path)
         except UserError:
             return "cannot be read as an Arrow stream (truncated or not a shard)"
-    if rows != shard[rows_field]:
-        return f"has {rows} {rows_field}, the manifest says {shard[rows_field]}"
+    if rows != shard.row_count:
+        return f"has {rows} {shard.ROW_FIELD}, the manifest says {shard.row_count}"
     return None
 
 
-def shard_paths(directory: Path, manifest: dict, checksum: bool = True) -> list[Path]:
+def shard_paths(directory: Path, manifest: AnyManifest, checksum: bool = True) -> list[Path]:
     """The shards of a stage's output, each checked against its manifest entry before anyone
     reads it (existence, size, row count, and sha256 unless ``checksum`` is False)."""
-    directory = Path(directory)
+    directory, manifest = Path(directory), typed_manifest(manifest)
     paths = []
-    for shard in manifest["shards"]:
-        path = directory / shard["file"]
-        problem = shard_problem(path, shard, manifest["stage"], checksum)
+    for shard in manifest.shards:
+        path = directory / shard.file
+        problem = shard_problem(path, shard, checksum)
         if problem:
-            raise UserError(f"shard {path} {problem}; re-run the {manifest['stage']} stage that wrote {directory} "
+            raise UserError(f"shard {path} {problem}; re-run the {manifest.STAGE} stage that wrote {directory} "
                             f"(zh-verify {directory} checks every shard)")
         paths.append(path)
     return paths
 
 
-def iter_rows(directory: Path, manifest: dict, column: str, checksum: bool = True) -> Iterator[list]:
+def iter_rows(directory: Path, manifest: AnyManifest, column: str, checksum: bool = True) -> Iterator[list]:
     """Every row of ``column`` across a stage's shards, in order, one Python list per row."""
     for path in shard_paths(directory, manifest, checksum):
         table = open_shard(path)
@@ -277,7 +290,7 @@ class DocumentBlock:
             yield [ids[bounds[s]:bounds[s + 1]] for s in range(first, last)]
 
 
-def iter_document_blocks(directory: Path, manifest: dict, column: str, size: int,
+def iter_document_blocks(directory: Path, manifest: AnyManifest, column: str, size: int,
                          checksum: bool = True) -> Iterator[DocumentBlock]:
     """Every row of a ``list<list<id>>`` column across a stage's shards, in blocks of at most ``size``
     documents (never across a record batch), with no Python object per row or token."""

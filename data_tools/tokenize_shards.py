@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,18 +22,20 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.cli import config_to_dict, option, required, run_stage
-from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
+from data_tools.common import VOCAB_FILE, UserError, file_sha256
 from data_tools.compiled import notice_if_pure_python
-from data_tools.outputs import overwrite_option, staged_dir
-from data_tools.parallel import chunked, ordered_map
-from data_tools.shards import (
-    RollingShardWriter,
-    check_stage_output,
-    id_type_for_vocab,
-    load_manifest,
-    arrow_array,
-    shard_paths,
+from data_tools.manifests import (
+    MANIFEST,
+    TokenizeCounts,
+    TokenizedShard,
+    TokenizeManifest,
+    VocabRecord,
+    read_manifest,
 )
+from data_tools.outputs import overwrite_option
+from data_tools.parallel import chunked
+from data_tools.shards import RollingShardWriter, arrow_array, id_type_for_vocab, shard_paths
+from data_tools.stage import DataStage, Worker, check_accounted, run_data_stage
 from data_tools.wordpiece import BertWordPieceEncoder, EncodedDocuments, load_encoder
 
 STAGE = "tokenize"
@@ -75,6 +78,10 @@ def sentences_array(encoded: EncodedDocuments, id_type: pa.DataType) -> pa.ListA
                                     pa.ListArray.from_arrays(arrow_array(inner_offsets, pa.int32()), ids))
 
 
+# (shard, number of its first line, JSONL lines) in; (encoded documents, the lines' bytes, [UNK] count) out
+Chunk = tuple[Path, int, list[bytes]]
+ChunkResult = tuple[EncodedDocuments, int, int]
+
 _worker: dict = {}
 
 
@@ -84,7 +91,7 @@ def _init_worker(encoder: BertWordPieceEncoder) -> None:
     _worker["encoder"] = encoder
 
 
-def _tokenize_chunk(chunk: tuple[Path, int, list[bytes]]) -> tuple[EncodedDocuments, int, int]:
+def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
     """The documents of one chunk of JSONL lines, the chunk's size in bytes and its [UNK] count."""
     path, first_line, lines = chunk
     encoder = _worker["encoder"]
@@ -106,104 +113,104 @@ def _document_text(path: Path, line_number: int, line: bytes) -> str:
         raise UserError(f"{path}:{line_number}: not a {{'text': ...}} line ({error}); re-run clean") from error
 
 
-def _read_chunks(paths: list[Path], chunk_documents: int) -> Iterator[tuple[Path, int, list[bytes]]]:
+def _read_chunks(paths: list[Path], chunk_documents: int) -> Iterator[Chunk]:
     for path in paths:
         with open(path, "rb") as handle:
             for index, lines in enumerate(chunked(handle, chunk_documents)):
                 yield path, index * chunk_documents + 1, lines
 
 
-def tokenize(config: TokenizeConfig) -> dict:
-    clean_manifest = load_manifest(config.input_dir, "clean")
-    encoder = load_encoder(config.vocab_path, config.do_lower_case)
-    check_stage_output(config.output_dir, STAGE, "tokenized", config.overwrite,
-                       {"--input_dir": config.input_dir, "--vocab_path": config.vocab_path})
-    inputs = shard_paths(config.input_dir, clean_manifest)  # each checked against the clean manifest
-    notice_if_pure_python(STAGE)
-    with staged_dir(config.output_dir) as staging:
-        manifest = _tokenize_into(staging, inputs, clean_manifest, encoder, config)
-    return manifest
+class TokenizeStage(DataStage[Chunk, ChunkResult]):
+    """The tokenize stage's parts for :func:`run_data_stage`."""
 
+    name, shard_prefix = STAGE, "tokenized"
 
-def _tokenize_into(staging: Path, inputs: list[Path], clean_manifest: dict, encoder: BertWordPieceEncoder,
-                   config: TokenizeConfig) -> dict:
-    id_type = id_type_for_vocab(encoder.vocab_size)
-    schema = pa.schema([pa.field("sentences", pa.list_(pa.list_(id_type)))])
-    writer = RollingShardWriter(staging, "tokenized", schema, config.documents_per_shard, config.batch_rows)
-    read = unknown = no_tokens = 0
-    started = time.perf_counter()
-    total_bytes = sum(path.stat().st_size for path in inputs)
-    bar = tqdm(total=total_bytes / 1e6, desc="tokenize", unit=" MB", disable=not config.progress, file=sys.stderr,
-               mininterval=1.0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}, {rate_fmt}]")
-    chunks = _read_chunks(inputs, config.chunk_documents)
-    encoder.encode_documents(["。"])  # tables and compiled kernel ready before the workers fork
-    results = ordered_map(_tokenize_chunk, chunks, config.processes_num, initializer=_init_worker,
-                          initargs=(encoder,))
-    for encoded, chunk_bytes, chunk_unknown in results:
-        unknown += chunk_unknown
+    def __init__(self, config: TokenizeConfig) -> None:
+        self.config = config
+        self.clean_manifest = read_manifest(config.input_dir, "clean")
+        self.encoder = load_encoder(config.vocab_path, config.do_lower_case)
+        self.output_dir, self.overwrite, self.processes = config.output_dir, config.overwrite, config.processes_num
+        self.inputs = {"--input_dir": config.input_dir, "--vocab_path": config.vocab_path}
+        self.id_type = id_type_for_vocab(self.encoder.vocab_size)
+
+    def check_inputs(self) -> None:
+        self.input_paths = shard_paths(self.config.input_dir, self.clean_manifest)  # each checked against it
+        notice_if_pure_python(STAGE)
+
+    def start(self, staging: Path, resources: ExitStack) -> None:
+        config = self.config
+        schema = pa.schema([pa.field("sentences", pa.list_(pa.list_(self.id_type)))])
+        self.writer = RollingShardWriter(staging, self.shard_prefix, schema, config.documents_per_shard,
+                                         config.batch_rows)
+        self.read = self.unknown = self.no_tokens = 0
+        self.started = time.perf_counter()
+        self.total_bytes = sum(path.stat().st_size for path in self.input_paths)
+        self.bar = tqdm(total=self.total_bytes / 1e6, desc="tokenize", unit=" MB", disable=not config.progress,
+                        file=sys.stderr, mininterval=1.0,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}, {rate_fmt}]")
+
+    def work_items(self) -> Iterator[Chunk]:
+        return _read_chunks(self.input_paths, self.config.chunk_documents)
+
+    def worker(self) -> Worker[Chunk, ChunkResult]:
+        self.encoder.encode_documents(["。"])  # tables and compiled kernel ready before the workers fork
+        return Worker(_tokenize_chunk, _init_worker, (self.encoder,))
+
+    def consume(self, result: ChunkResult) -> None:
+        encoded, chunk_bytes, chunk_unknown = result
+        self.unknown += chunk_unknown
         counts = encoded.sentences_per_document
-        read += len(counts)
+        self.read += len(counts)
         kept_counts = counts[counts > 0]
-        no_tokens += len(counts) - len(kept_counts)
+        self.no_tokens += len(counts) - len(kept_counts)
         if len(kept_counts):
             document_ends = np.cumsum(kept_counts)  # in sentences
             sentence_ends = np.cumsum(encoded.sentence_lengths, dtype=np.int64)
             tokens = np.diff(sentence_ends[document_ends - 1], prepend=0)
-            writer.add_columns({"sentences": sentences_array(encoded, id_type)},
-                               {"sentences": kept_counts, "tokens": tokens})
-        bar.update(chunk_bytes / 1e6)
-    dropped = {"no_tokens": no_tokens} if no_tokens else {}
-    shards = writer.close()
-    bar.close()
+            self.writer.add_columns({"sentences": sentences_array(encoded, self.id_type)},
+                                    {"sentences": kept_counts, "tokens": tokens})
+        self.bar.update(chunk_bytes / 1e6)
 
-    kept = sum(shard["rows"] for shard in shards)
-    if kept + sum(dropped.values()) != read:
-        raise AssertionError("tokenize lost documents without counting them")
-    if read != clean_manifest["counts"]["documents_kept"]:
-        raise UserError(f"{config.input_dir} holds {read} documents but its manifest counts "
-                        f"{clean_manifest['counts']['documents_kept']} kept; re-run the clean stage")
-    if kept == 0:
-        raise UserError(f"no document of {config.input_dir} produced any token; check the vocab and the input")
-    tokens = sum(s["tokens"] for s in shards)
-    unk_ratio = unknown / max(1, tokens)
-    if unk_ratio > config.max_unk_ratio:
-        raise UserError(f"{unk_ratio:.1%} of the tokens are [UNK] under {config.vocab_path} (limit --max_unk_ratio "
-                        f"{config.max_unk_ratio}); nothing was written: use a vocab that covers the corpus (zh-build-vocab "
-                        "builds one) or raise --max_unk_ratio")
-    shutil.copyfile(config.vocab_path, staging / VOCAB_FILE)
-    manifest = {
-        "stage": STAGE,
-        "config": config_to_dict(config),
-        "input_manifest_sha256": file_sha256(config.input_dir / "manifest.json"),
-        "vocab": {
-            "file": VOCAB_FILE,
-            "source": str(config.vocab_path),
-            "sha256": file_sha256(staging / VOCAB_FILE),
-            "size": encoder.vocab_size,
-            "special_token_ids": encoder.special_ids,
-        },
-        "tokenizer": {"class": "BertTokenizer", "do_lower_case": config.do_lower_case, "add_special_tokens": False},
-        "id_type": str(id_type),
-        "counts": {
-            "documents_read": read,
-            "documents_kept": kept,
-            "documents_dropped": dropped,
-            "sentences": sum(s["sentences"] for s in shards),
-            "tokens": tokens,
-            "unk_tokens": unknown,
-            "unk_ratio": round(unk_ratio, 6),
-        },
-        "shards": shards,
-    }
-    write_json_atomic(staging / "manifest.json", manifest)
-    seconds = time.perf_counter() - started
-    print(
-        f"tokenize: {kept} documents, {manifest['counts']['sentences']} sentences, {tokens} tokens "
-        f"({unk_ratio:.2%} [UNK]) in {len(shards)} shards ({total_bytes / 1e6 / seconds:.1f} MB/s) -> "
-        f"{config.output_dir}",
-        file=sys.stderr,
-    )
-    return manifest
+    def finish(self, staging: Path) -> TokenizeManifest:
+        config = self.config
+        dropped = {"no_tokens": self.no_tokens} if self.no_tokens else {}
+        shards = [TokenizedShard(**shard) for shard in self.writer.close()]
+        self.bar.close()
+        kept = sum(shard.rows for shard in shards)
+        check_accounted(STAGE, self.read, kept, dropped)
+        if self.read != self.clean_manifest.counts.documents_kept:
+            raise UserError(f"{config.input_dir} holds {self.read} documents but its manifest counts "
+                            f"{self.clean_manifest.counts.documents_kept} kept; re-run the clean stage")
+        if kept == 0:
+            raise UserError(f"no document of {config.input_dir} produced any token; check the vocab and the input")
+        tokens = sum(shard.tokens for shard in shards)
+        self.unk_ratio = self.unknown / max(1, tokens)
+        if self.unk_ratio > config.max_unk_ratio:
+            raise UserError(f"{self.unk_ratio:.1%} of the tokens are [UNK] under {config.vocab_path} (limit "
+                            f"--max_unk_ratio {config.max_unk_ratio}); nothing was written: use a vocab that covers "
+                            "the corpus (zh-build-vocab builds one) or raise --max_unk_ratio")
+        shutil.copyfile(config.vocab_path, staging / VOCAB_FILE)
+        vocab = VocabRecord(file=VOCAB_FILE, source=str(config.vocab_path), sha256=file_sha256(staging / VOCAB_FILE),
+                            size=self.encoder.vocab_size, special_token_ids=self.encoder.special_ids)
+        counts = TokenizeCounts(documents_read=self.read, documents_kept=kept, documents_dropped=dropped,
+                                sentences=sum(shard.sentences for shard in shards), tokens=tokens,
+                                unk_tokens=self.unknown, unk_ratio=round(self.unk_ratio, 6))
+        return TokenizeManifest(
+            config=config_to_dict(config), input_manifest_sha256=file_sha256(config.input_dir / MANIFEST), vocab=vocab,
+            tokenizer={"class": "BertTokenizer", "do_lower_case": config.do_lower_case, "add_special_tokens": False},
+            id_type=str(self.id_type), counts=counts, shards=shards)
+
+    def summary(self, manifest: TokenizeManifest) -> str:
+        seconds = time.perf_counter() - self.started
+        counts = manifest.counts
+        return (f"tokenize: {counts.documents_kept} documents, {counts.sentences} sentences, {counts.tokens} tokens "
+                f"({self.unk_ratio:.2%} [UNK]) in {len(manifest.shards)} shards "
+                f"({self.total_bytes / 1e6 / seconds:.1f} MB/s) -> {self.config.output_dir}")
+
+
+def tokenize(config: TokenizeConfig) -> dict:
+    """Run the tokenize stage; returns the manifest it wrote."""
+    return run_data_stage(TokenizeStage(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,12 @@ import pyarrow as pa
 
 from data_tools.cli import required, run_stage
 from data_tools.common import UserError
-from data_tools.shards import ROW_FIELD, checked_vocab_file, load_manifest, shard_problem
+from data_tools.manifests import DocumentShard, ExampleShard, ShardEntry, TokenizedShard, read_manifest_json
+from data_tools.shards import checked_vocab_file, shard_problem
 
-ARROW_STAGES = {"tokenize": ("sentences",), "mask": ("source_ids", "target_ids")}
+# The id columns of each kind of Arrow shard.
+ARROW_COLUMNS: dict[type[ShardEntry], tuple[str, ...]] = {TokenizedShard: ("sentences",),
+                                                         ExampleShard: ("source_ids", "target_ids")}
 
 
 @dataclass(kw_only=True)
@@ -50,22 +53,24 @@ def _column_facts(column: pa.ChunkedArray) -> tuple[int, int, int]:
     return ids, lists, largest
 
 
-def verify_shard(path: Path, shard: dict, stage: str, vocab_size: int | None) -> str | None:
+def verify_shard(path: Path, shard: ShardEntry, vocab_size: int | None) -> str | None:
     """What is wrong with one shard, or None: the checks every stage makes on its input
     (existence, size, sha256, rows), then each count of the manifest and every id's range."""
-    problem = shard_problem(path, shard, stage, checksum=True)
-    if problem or stage == "clean":
+    problem = shard_problem(path, shard, checksum=True)
+    if problem or isinstance(shard, DocumentShard):
         return problem
     table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-    facts = {name: _column_facts(table.column(name)) for name in ARROW_STAGES[stage]}
-    if stage == "tokenize":
+    columns = ARROW_COLUMNS[type(shard)]
+    facts = {name: _column_facts(table.column(name)) for name in columns}
+    if "sentences" in facts:
         tokens, sentences, _ = facts["sentences"]
         counts = {"sentences": sentences, "tokens": tokens}
     else:
-        counts = {f"{name.split('_')[0]}_tokens": facts[name][0] for name in ARROW_STAGES[stage]}
+        counts = {f"{name.split('_')[0]}_tokens": facts[name][0] for name in columns}
     for key, value in counts.items():
-        if key in shard and shard[key] != value:
-            return f"has {value} {key}, the manifest says {shard[key]}"
+        recorded = getattr(shard, key)
+        if recorded is not None and recorded != value:  # None: not recorded by the manifest
+            return f"has {value} {key}, the manifest says {recorded}"
     for name, (_, _, largest) in facts.items():
         if vocab_size is not None and largest >= vocab_size:
             return f"column {name} holds id {largest}, not below the vocab size {vocab_size}"
@@ -73,20 +78,18 @@ def verify_shard(path: Path, shard: dict, stage: str, vocab_size: int | None) ->
 
 
 def verify(config: VerifyConfig) -> dict:
-    manifest = load_manifest(config.directory, ("clean", "tokenize", "mask"))
-    stage = manifest["stage"]
-    vocab = manifest.get("vocab")
+    as_read, manifest = read_manifest_json(config.directory, ("clean", "tokenize", "mask"))
+    vocab = getattr(manifest, "vocab", None)
     if vocab is not None:  # the ids mean nothing without the exact vocab they were made with
         checked_vocab_file(config.directory, manifest)
-    for shard in manifest["shards"]:
-        path = config.directory / shard["file"]
-        problem = verify_shard(path, shard, stage, None if vocab is None else vocab["size"])
+    for shard in manifest.shards:
+        path = config.directory / shard.file
+        problem = verify_shard(path, shard, None if vocab is None else vocab.size)
         if problem:
-            raise UserError(f"{path} {problem}; re-run the {stage} stage")
-    rows = sum(shard[ROW_FIELD[stage]] for shard in manifest["shards"])
-    print(f"verify: {config.directory}: {len(manifest['shards'])} {stage} shards, {rows} rows"
+            raise UserError(f"{path} {problem}; re-run the {manifest.STAGE} stage")
+    print(f"verify: {config.directory}: {len(manifest.shards)} {manifest.STAGE} shards, {manifest.row_count} rows"
           + (", vocab.txt" if vocab is not None else "") + ", all match the manifest", file=sys.stderr)
-    return manifest
+    return as_read
 
 
 def main(argv: list[str] | None = None) -> int:
