@@ -83,7 +83,7 @@ def build_cpp(build_dir: Path):
 
 
 def load_chunks(quick: bool):
-    from data_tools.noising import flatten_sentences, pack_sentences
+    from tests.masking_reference import flatten_sentences, pack_sentences
     from data_tools.wordpiece import BertWordPieceEncoder
 
     vocab = SHARED / "google_zh_vocab.txt"
@@ -126,7 +126,7 @@ def main() -> None:
     from data_tools.compiled import COMPILED
     import numpy as np
 
-    from data_tools.noising import _principal_sentences, principal_sentences
+    from data_tools.masking.pegasus import principal_sentences, rank_principal as _principal_sentences
 
     if not COMPILED:
         raise SystemExit("bench/kernel_mechanisms.py needs numba (the data extra)")
@@ -134,7 +134,7 @@ def main() -> None:
     repeats = 1 if args.quick else 3
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "NUMBA_CACHE_DIR": str(Path(scratch) / "numba")}
-        numba_code = ("import numpy as np; from data_tools.noising import principal_sentences; "
+        numba_code = ("import numpy as np; from data_tools.masking.pegasus import principal_sentences; "
                       "principal_sentences(np.arange(4), np.array([0, 2, 4]), 1, False, False)")
         numba_cold, numba_warm = first_use_seconds(numba_code, env), first_use_seconds(numba_code, env)
         # Run from the project root (first_use_seconds' cwd), so `bench` is importable.

@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from data_tools.mask import MaskConfig
-    from data_tools.noising import SpecialIds, VocabInfo
+    from data_tools.masking.vocab import SpecialIds, VocabInfo
 
     blocks, documents, vocab_path, tokenize_seconds = load_documents(args.quick)
     vocab_info = VocabInfo.from_tokens(vocab_path.read_text(encoding="utf-8").split("\n")[:21128], SpecialIds())

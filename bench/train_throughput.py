@@ -171,6 +171,7 @@ def measure(data_dir: str, batches: int) -> dict:
     """In this process: open the shards, then time ``batches`` micro batches of rank 0 of 8."""
     import psutil
 
+    from pipeline.batch_loader import collate_examples
     from pipeline.collate import Seq2SeqCollator
     from pipeline.examples import ExampleShards
     from pipeline.sampler import ResumableDistributedSampler
@@ -187,8 +188,8 @@ def measure(data_dir: str, batches: int) -> dict:
     collate = Seq2SeqCollator(pad_id=0, decoder_start_id=101)
     start = time.perf_counter()
     samples = 0
-    for _ in range(batches):
-        batch = collate([dataset.example(i) for i in next(sampler)])
+    for _ in range(batches):  # made as the trainer's loader makes them (label positions included)
+        _, batch = collate_examples(dataset, next(sampler), 0, collate)
         samples += batch["input_ids"].shape[0]
     seconds = time.perf_counter() - start
     return {"examples": len(dataset), "samples_per_s": samples / seconds,
@@ -453,6 +454,7 @@ def hf_baseline_main(args: dict) -> None:
 def online_mask_prepare_seconds(tokenized: Path, root: Path, batches: int = 20) -> float:
     """Seconds to mask and collate one micro batch on the fly, in this process (one core)."""
     from data_tools.mask import MaskConfig
+    from pipeline.batch_loader import collate_examples
     from pipeline.collate import Seq2SeqCollator
     from pipeline.examples import OnlineMaskedExamples
 
@@ -462,7 +464,7 @@ def online_mask_prepare_seconds(tokenized: Path, root: Path, batches: int = 20) 
     order = fixed_batches(len(data), ONLINE_MASK_MICRO, batches)
     start = time.perf_counter()
     for indices in order:
-        collate([data.example(i, 0) for i in indices])
+        collate_examples(data, indices, 0, collate)
     return (time.perf_counter() - start) / batches
 
 

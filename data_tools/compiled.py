@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+
+import numpy as np
 
 F = TypeVar("F", bound=Callable)
 
@@ -54,6 +56,15 @@ def kernel(function: F) -> F:
         return _numba.njit(cache=True, nogil=True)(function)
     except RuntimeError:  # "no locator available": neither the package nor a user cache dir is writable
         return _numba.njit(cache=False, nogil=True)(function)
+
+
+def run_kernel(function: Callable, compiled: bool, *args: Any) -> Any:
+    """``function(*args)``: the compiled kernel, or with ``compiled=False`` its Python twin. The twin runs
+    without numpy's scalar overflow warnings, since the random streams' uint64 arithmetic wraps on purpose."""
+    if compiled and COMPILED:
+        return function(*args)
+    with np.errstate(over="ignore"):
+        return function.py_func(*args)
 
 
 def notice_if_pure_python(stage: str) -> None:

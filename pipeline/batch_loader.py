@@ -1,27 +1,51 @@
-"""Micro batches prepared ahead of the step, so the accelerator does not wait for the host.
+"""Batches: how training, evaluation and the benchmarks turn examples into model inputs, and the
+training loader that prepares micro batches ahead of the step.
 
-Reading examples from the memory-mapped shards, online masking (~200 µs per BART example)
-and collation run in ``--data_workers`` background processes (a ``DataLoader`` over the
+:func:`collate_examples` is the one way a batch is made (read the examples of an epoch, pad them,
+find the labelled positions the loss projects); :func:`evaluation_batches` walks a fixed list of
+examples with it (the trainer's eval loss and ``zh-evaluate``).
+
+For training, reading examples from the memory-mapped shards, online masking (~200 µs per BART
+example) and collation run in ``--data_workers`` background processes (a ``DataLoader`` over the
 sampler's planned batches), into pinned memory, copied to the device without blocking. The
-host-side counts the metrics need (real and padded tokens, model FLOPs) are computed there
-too, from the lengths, so the loop never reads a tensor back from the device for them.
+host-side counts the metrics need (real and padded tokens, model FLOPs) are computed there too,
+from the lengths, so the loop never reads a tensor back from the device for them.
 
-Exact resume is kept: each batch carries the sampler position reached after it
-(:class:`~pipeline.sampler.PlannedBatch`), so the position a checkpoint records is that of the
-last batch trained, however many batches the workers have prepared beyond it.
+Exact resume is kept: each batch carries the sampler state reached after it
+(:class:`~pipeline.sampler.PlannedBatch`), and :class:`MicroBatchLoader`'s ``state_dict()`` is that
+of the last batch handed to the loop, however many batches the workers have prepared beyond it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.collate import Seq2SeqCollator
-from pipeline.sampler import PlannedBatch
+from pipeline.examples import CorpusMixture, Seq2SeqExamples
 from pipeline.loss import IGNORE_INDEX, with_label_positions
+from pipeline.sampler import PlannedBatch, ResumableDistributedSampler
+
+Example = tuple[np.ndarray, np.ndarray]  # (source_ids, target_ids), unpadded
+
+
+def collate_examples(examples: Seq2SeqExamples, indices: Sequence[int], epoch: int,
+                     collate: Seq2SeqCollator) -> tuple[list[Example], dict[str, torch.Tensor]]:
+    """Examples ``indices`` with the masks of ``epoch`` (online masks change with it) and their padded tensors,
+    with the labelled positions the loss projects (computed here, on the host, to spare the device a sync)."""
+    chosen = [examples.example(index, epoch) for index in indices]
+    return chosen, with_label_positions(collate(chosen))
+
+
+def evaluation_batches(examples: Seq2SeqExamples, indices: Sequence[int], batch_size: int,
+                       collate: Seq2SeqCollator) -> Iterator[tuple[list[Example], dict[str, torch.Tensor]]]:
+    """``indices`` in consecutive batches of at most ``batch_size``, with epoch 0's masks (a held-out example
+    keeps the same masks all run long): the batches of the trainer's eval loss and of zh-evaluate."""
+    for start in range(0, len(indices), batch_size):
+        yield collate_examples(examples, indices[start : start + batch_size], 0, collate)
 
 
 @dataclass
@@ -49,15 +73,16 @@ class PlannedBatchDataset(torch.utils.data.Dataset):
     """Map-style dataset whose fetch receives a whole :class:`PlannedBatch` (``__getitems__``):
     reads (and, online, masks) its examples for the batch's epoch and collates them."""
 
-    def __init__(self, examples: Any, collate: Seq2SeqCollator, flops: Callable[[np.ndarray, np.ndarray], float]):
+    def __init__(self, examples: Seq2SeqExamples, collate: Seq2SeqCollator,
+                 flops: Callable[[np.ndarray, np.ndarray], float]):
         self.examples, self.collate, self.flops = examples, collate, flops
+        self.mixture = examples if isinstance(examples, CorpusMixture) else None
 
     def __getitems__(self, plan: PlannedBatch) -> LoadedBatch:
-        tensors = with_label_positions(self.collate([self.examples.example(index, plan.epoch)
-                                                     for index in plan.indices]))
+        _, tensors = collate_examples(self.examples, plan.indices, plan.epoch, self.collate)
         source_lengths = tensors["attention_mask"].sum(dim=1).numpy()
         target_lengths = (tensors["labels"] != IGNORE_INDEX).sum(dim=1).numpy()
-        corpus_counts = self.examples.corpus_counts(plan.indices) if hasattr(self.examples, "corpus_counts") else ()
+        corpus_counts = self.mixture.corpus_counts(plan.indices) if self.mixture is not None else ()
         return LoadedBatch(plan, tensors, int(source_lengths.sum() + target_lengths.sum()),
                            tensors["input_ids"].numel() + tensors["labels"].numel(),
                            self.flops(source_lengths, target_lengths), corpus_counts)
@@ -77,7 +102,7 @@ def _one_thread_per_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers collate small tensors; the cores belong to the training process
 
 
-def micro_batches(examples: Any, plans: Iterator[PlannedBatch], collate: Seq2SeqCollator,
+def micro_batches(examples: Seq2SeqExamples, plans: Iterator[PlannedBatch], collate: Seq2SeqCollator,
                   flops: Callable[[np.ndarray, np.ndarray], float], workers: int, pin_memory: bool,
                   seed: int) -> Iterator[LoadedBatch]:
     """Loaded micro batches in the order of ``plans``, prepared ``workers`` processes ahead (0 = in this process)."""
@@ -95,3 +120,41 @@ def micro_batches(examples: Any, plans: Iterator[PlannedBatch], collate: Seq2Seq
         generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)
+
+
+class MicroBatchLoader:
+    """This rank's training micro batches, forever, prepared ahead by :func:`micro_batches`. A ``Stateful``
+    in torch's sense: ``state_dict()`` is the sampler's state after the last batch handed out (not after
+    those prepared beyond it), and ``load_state_dict()`` before the first batch continues from a saved one."""
+
+    def __init__(self, examples: Seq2SeqExamples, sampler: ResumableDistributedSampler, collate: Seq2SeqCollator,
+                 flops: Callable[[np.ndarray, np.ndarray], float], workers: int, pin_memory: bool, seed: int) -> None:
+        self.examples, self.sampler, self.collate, self.flops = examples, sampler, collate, flops
+        self.workers, self.pin_memory, self.seed = workers, pin_memory, seed
+        self.state = sampler.state()  # after the last batch handed out
+        self._batches: Iterator[LoadedBatch] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._batches is not None:
+            raise RuntimeError("a loader's state is loaded before its first batch (its workers are ahead)")
+        self.sampler.load_state_dict(state)
+        self.state = self.sampler.state()
+
+    def start(self) -> None:
+        """Start preparing batches (the workers, from the state loaded by then); the first batch does it too."""
+        if self._batches is None:
+            self._batches = micro_batches(self.examples, self.sampler.planned(), self.collate, self.flops,
+                                          self.workers, self.pin_memory, self.seed)
+
+    def __iter__(self) -> "MicroBatchLoader":
+        return self
+
+    def __next__(self) -> LoadedBatch:
+        self.start()
+        batch = next(self._batches)
+        self.state = batch.plan.state_after
+        return batch
+

@@ -25,14 +25,16 @@ import pickle
 import random
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data_tools.common import UserError, write_json_atomic, write_text_atomic
+from pipeline.sampler import SamplerState
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -44,7 +46,8 @@ TRUST_ENV = "ZH_TRUST_CHECKPOINTS"
 
 
 def deepspeed_checkpoint_types() -> list[type]:
-    """The non-tensor types DeepSpeed 0.19's ZeRO-2 checkpoints pickle, besides containers and numbers."""
+    """The non-tensor types DeepSpeed 0.19's ZeRO-2 checkpoints pickle, besides containers and numbers.
+    Imported here, not at the top: deepspeed's import is slow (~0.8 s) and the export's --help does not need it."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -54,18 +57,27 @@ def deepspeed_checkpoint_types() -> list[type]:
 
 @dataclass
 class TrainerState:
-    """What the loop carries from step to step and a checkpoint restores."""
+    """What the loop carries from step to step and a checkpoint restores: the optimizer steps taken and
+    the sampler's state after the last micro batch trained (not the last one prefetched)."""
 
     step: int = 0
-    consumed_samples: int = 0
-    # The sampler's position after the last micro batch trained (not the last one prefetched);
-    # None in checkpoints older than length grouping, where consumed_samples defines it.
-    data_position: dict | None = None
+    data: SamplerState = field(default_factory=SamplerState)
+
+    def to_json(self) -> dict:
+        """``trainer_state.json``'s form, unchanged since length grouping came in: the export, zh-to-universal
+        and older checkpoints all use it."""
+        return {"step": self.step, "consumed_samples": self.data.consumed_samples,
+                "data_position": {"epoch": self.data.epoch, "micro_batches": self.data.micro_batches}}
 
     @classmethod
     def from_json(cls, saved: dict) -> "TrainerState":
-        return cls(step=saved["step"], consumed_samples=saved["consumed_samples"],
-                   data_position=saved.get("data_position"))
+        position = saved.get("data_position")
+        if not isinstance(position, dict):
+            # Checkpoints from before length grouping recorded no position; nothing written since lacks it.
+            raise UserError(f"{TRAINER_STATE} of step {saved.get('step')} has no data_position (written before "
+                            "length grouping): continue from an export of it with --init_from and a new --output_dir")
+        return cls(step=saved["step"], data=SamplerState(int(position["epoch"]), int(position["micro_batches"]),
+                                                         saved["consumed_samples"]))
 
 
 def rng_file_name(rank: int) -> str:
@@ -240,10 +252,8 @@ def save_checkpoint(engine: Any, checkpoint_root: Path, state: TrainerState, ran
                     keep_last: int, accelerator: Any) -> str:
     """Write the checkpoint under its tag, wait for every rank, then mark it complete and move
     ``latest`` to it; older tags beyond ``keep_last`` are deleted only after that."""
-    import torch.distributed as dist
-
     tag = tag_for_step(state.step)
-    saved = {**asdict(state), "world_size": world_size}
+    saved = {**state.to_json(), "world_size": world_size}
     engine.save_checkpoint(str(checkpoint_root), tag=tag, client_state={"trainer_state": saved}, save_latest=False)
     torch.save(rng_state(accelerator), checkpoint_root / tag / rng_file_name(rank))
     dist.barrier()
@@ -257,10 +267,9 @@ def save_checkpoint(engine: Any, checkpoint_root: Path, state: TrainerState, ran
     return tag
 
 
-def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, saved: dict, rank: int,
-                    accelerator: Any) -> TrainerState:
-    """Model, optimizer and scheduler through DeepSpeed; step and data position from ``saved`` (the tag's
-    trainer_state.json), this rank's RNG from its file."""
+def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, rank: int, accelerator: Any) -> None:
+    """Model, optimizer and scheduler through DeepSpeed, this rank's RNG from its file. The step and data
+    position come from the tag's trainer_state.json (:meth:`TrainerState.from_json`), read at start-up."""
     load_path, _ = engine.load_checkpoint(str(checkpoint_root), tag=tag)
     if load_path is None:
         raise UserError(f"DeepSpeed could not load {checkpoint_root / tag}; point {checkpoint_root / LATEST} "
@@ -271,4 +280,3 @@ def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, saved: dict, r
     else:  # a universal checkpoint resumed on more ranks than wrote it
         print(f"train: {rng_file} does not exist (more ranks than wrote {tag}): rank {rank} starts fresh RNG streams",
               file=sys.stderr)
-    return TrainerState.from_json(saved)

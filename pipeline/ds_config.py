@@ -10,8 +10,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 from data_tools.common import UserError
-from pipeline.train_config import TrainConfig
+from pipeline.train_config import OptimizationOptions
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,9 +32,8 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str, mi
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def lr_schedule(config: TrainConfig) -> Callable[[Any], Any]:
+def lr_schedule(config: OptimizationOptions) -> Callable[[Any], Any]:
     """The scheduler factory DeepSpeed calls with its optimizer (saved in and restored from checkpoints)."""
-    import torch
 
     def schedule(optimizer: Any) -> Any:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
@@ -49,7 +50,7 @@ def mixed_precision(ds_config: dict) -> str:
     return "fp32"
 
 
-def resolve_batch_sizes(config: TrainConfig, ds_config: dict, world_size: int, source: str) -> dict:
+def resolve_batch_sizes(config: OptimizationOptions, ds_config: dict, world_size: int, source: str) -> dict:
     """Fill DeepSpeed's batch fields from the trainer's flags; a contradiction is an error.
 
     micro_batch_size x gradient_accumulation_steps x world_size must equal the global batch.

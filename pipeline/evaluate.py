@@ -28,14 +28,19 @@ import sys
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data_tools.cli import option, required, run_stage
 from data_tools.common import UserError
-from pipeline.loss import IGNORE_INDEX, token_cross_entropy
+from pipeline.batch_loader import evaluation_batches
+from pipeline.collate import Seq2SeqCollator
+from pipeline.examples import Seq2SeqExamples, load_training_data
+from pipeline.loss import labelled_logits, token_cross_entropy
+from pipeline.model import check_model_vocab, check_positions, load_hf_model
 
 # Shared runs shorter than this are not context: single characters such as 的 or ， match by
 # chance between a PEGASUS target sentence and the rest of its document.
@@ -85,6 +90,20 @@ class Totals:
     generated: int = 0
     exact: int = 0
 
+    def add(self, examples: Sequence[tuple[np.ndarray, np.ndarray]], loss_sum: float, tokens: int,
+            correct: torch.Tensor, token_counts: np.ndarray) -> None:
+        """One scored batch (:func:`score_batch`): its loss and accuracy, the accuracy on each example's context
+        tokens, and its targets' tokens counted into ``token_counts``."""
+        self.loss_sum += loss_sum
+        self.tokens += tokens
+        self.correct += int(correct.sum())
+        for row, (source, target) in enumerate(examples):
+            shown = torch.from_numpy(context_positions(source, target))
+            self.context_tokens += int(shown.sum())
+            self.context_correct += int(correct[row, : len(target)][shown].sum())
+            np.add.at(token_counts, np.asarray(target, dtype=np.int64), 1)
+        self.examples += len(examples)
+
     def report(self, token_counts: np.ndarray) -> dict[str, float | int | None]:
         loss = self.loss_sum / max(1, self.tokens)
         return {
@@ -126,10 +145,8 @@ def context_positions(source: np.ndarray, target: np.ndarray, min_run: int = CON
     return shown
 
 
-def load_examples(config: EvaluateConfig) -> Any:
+def load_examples(config: EvaluateConfig) -> Seq2SeqExamples:
     """The dataset (stored or online-masked), with the checks the trainer makes."""
-    from pipeline.examples import load_training_data
-
     return load_training_data(config.data_dir, config.mask_config, config.data_dir / "unused-output")
 
 
@@ -153,21 +170,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def batches(dataset: Any, indices: range, batch_size: int) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-    for start in range(0, len(indices), batch_size):
-        yield [dataset.example(i, 0) for i in indices[start : start + batch_size]]
-
-
 def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, torch.Tensor]:
-    """(summed fp32 cross entropy, target tokens, per-position "argmax is right" of the scored
-    positions) of one collated batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
-    labels = batch["labels"]
-    scored = labels != IGNORE_INDEX
+    """(summed fp32 cross entropy, target tokens, "argmax is right" per target position, False on padding)
+    of one collated batch: the trainer's loss, on the labelled positions' logits (pipeline/loss.py)."""
+    logits, labels = labelled_logits(model, batch)
     loss = token_cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.argmax(-1) == labels) & scored
-    return float(loss), int(scored.sum()), correct.cpu()
+    correct = torch.zeros(batch["labels"].numel(), dtype=torch.bool)
+    correct[batch["label_positions"].cpu()] = (logits.argmax(-1) == labels).cpu()
+    return float(loss), len(labels), correct.view(batch["labels"].shape)
 
 
 def exact_matches(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], batch: dict,
@@ -186,11 +196,8 @@ def exact_matches(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.nd
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    from tqdm import tqdm
-
-    from pipeline.collate import Seq2SeqCollator
-    from pipeline.model import check_model_vocab, check_positions, load_hf_model
-
+    """Score the model on the chosen examples, batched as the trainer's eval loss is; print the table and the
+    JSON line, and return the figures."""
     dataset = load_examples(config)
     check_model_vocab(config.model_dir, dataset.manifest["vocab"], config.data_dir, "--model_dir", required=True)
     model = load_hf_model(config.model_dir, "--model_dir")
@@ -203,21 +210,12 @@ def evaluate(config: EvaluateConfig) -> dict:
     token_counts = np.zeros(model.config.vocab_size, dtype=np.int64)
     bar = tqdm(total=len(indices), desc="evaluate", unit=" examples", disable=not config.progress, file=sys.stderr)
     with torch.no_grad():
-        for examples in batches(dataset, indices, config.batch_size):
-            batch = {key: value.to(device) for key, value in collate(examples).items()}
-            loss_sum, tokens, correct = score_batch(model, batch)
-            totals.loss_sum += loss_sum
-            totals.tokens += tokens
-            totals.correct += int(correct.sum())
-            for row, (source, target) in enumerate(examples):
-                shown = torch.from_numpy(context_positions(source, target))
-                totals.context_tokens += int(shown.sum())
-                totals.context_correct += int(correct[row, : len(target)][shown].sum())
-                np.add.at(token_counts, np.asarray(target, dtype=np.int64), 1)
-            totals.examples += len(examples)
+        for examples, tensors in evaluation_batches(dataset, indices, config.batch_size, collate):
+            batch = {key: value.to(device) for key, value in tensors.items()}
+            totals.add(examples, *score_batch(model, batch), token_counts)
             wanted = min(len(examples), config.generate_examples - totals.generated)
             if wanted > 0:
-                subset = {key: value[:wanted] for key, value in batch.items()}
+                subset = {key: batch[key][:wanted] for key in ("input_ids", "attention_mask")}
                 totals.exact += exact_matches(model, examples[:wanted], subset, model.config.eos_token_id)
                 totals.generated += wanted
             bar.update(len(examples))

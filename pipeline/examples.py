@@ -4,16 +4,19 @@ evaluation and the benchmarks use."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from data_tools.common import UserError
 from data_tools.compiled import notice_if_pure_python
+from data_tools.masking.online import CorpusChunks, mask_chunk
+from data_tools.masking.recipe import MASK_STAGE_RUN_FLAGS, RECIPE_FLAGS, MaskRecipe
+from data_tools.masking.streams import masking_randomness
+from data_tools.masking.vocab import load_vocab_info
 from data_tools.shards import checked_vocab_file, load_manifest, numpy_view, open_shard, shard_paths
 
 if TYPE_CHECKING:
@@ -21,8 +24,12 @@ if TYPE_CHECKING:
 
 
 class Seq2SeqExamples(Protocol):
-    """What training reads: ``len(examples)`` examples, example ``i`` of an epoch as (source_ids,
-    target_ids) without special padding, and the lengths the batch planner groups by."""
+    """What training and evaluation read, whatever the kind (stored, masked online, a mixture):
+    ``len(examples)`` examples; example ``i`` of an epoch as (source_ids, target_ids), unpadded;
+    the lengths the batch planner groups by; and the data's ``manifest``, whose ``"vocab"`` record
+    (size, sha256, special token ids) the model config, the vocab checks and a resume rely on."""
+
+    manifest: dict
 
     def __len__(self) -> int: ...
 
@@ -33,6 +40,20 @@ class Seq2SeqExamples(Protocol):
         ...
 
     def max_lengths(self) -> tuple[int, int]: ...
+
+
+@runtime_checkable
+class CorpusMixture(Seq2SeqExamples, Protocol):
+    """Examples drawn from several corpora (``--data_dirs``): the optional part of the surface, with
+    which the metrics log what each corpus supplied. A single corpus has none of it."""
+
+    def corpus_names(self) -> list[str]: ...
+
+    def corpus_counts(self, indices: Sequence[int]) -> tuple[int, ...]: ...
+
+    def describe(self) -> str:
+        """One line for the start-up log: each corpus's weight and share."""
+        ...
 
 
 class ExampleShards:
@@ -85,40 +106,26 @@ class ExampleShards:
 
 
 class OnlineMaskedExamples:
-    """Examples masked on the fly from a tokenized corpus, with the mask stage's functions.
+    """Examples masked on the fly from a tokenized corpus, with the mask stage's kernels (data_tools.masking).
 
-    Long runs see fresh masks every epoch without storing them. Example ``i`` is one packed
-    chunk of one document (the packing depends only on sentence lengths, so the index is
-    built once from the memory-mapped offsets); its noise comes from a generator seeded by
-    (seed, epoch, document, chunk), so any rank, worker or resumed run rebuilds it exactly.
+    Long runs see fresh masks every epoch without storing them. Example ``i`` is one packed chunk of one
+    document, found by an offset index built once from the memory-mapped offsets (the packing depends
+    only on sentence lengths) and read back by slicing the mapped shard; its noise comes from
+    ``masking_randomness(seed, epoch, document, chunk)``, so any rank, worker or resumed run rebuilds it
+    exactly.
     """
 
-    def __init__(self, tokenized_dir: Path, mask_config: "MaskConfig", checksum: bool = True) -> None:
-        from data_tools.mask import load_vocab_info
-        from data_tools.shards import TokenizedCorpus
-
-        self.corpus = TokenizedCorpus(tokenized_dir, checksum)
-        self.manifest = self.corpus.manifest
-        self.config = mask_config
+    def __init__(self, tokenized_dir: Path, recipe: "MaskRecipe | MaskConfig", checksum: bool = True) -> None:
+        if not isinstance(recipe, MaskRecipe):
+            recipe = recipe.recipe()  # zh-mask's MaskConfig: the recipe its flags describe
+        self.recipe = recipe
+        self.manifest = load_manifest(tokenized_dir, "tokenize")
+        self.chunks = CorpusChunks(tokenized_dir, self.manifest, recipe, checksum)
         self.vocab = load_vocab_info(tokenized_dir, self.manifest)
-        self.index = self._build_index()
-        if len(self.index) == 0:
-            raise UserError(f"{tokenized_dir} yields no {mask_config.target} examples with these mask settings")
+        if len(self.chunks) == 0:
+            raise UserError(f"{tokenized_dir} yields no {recipe.target} examples with these mask settings")
         if os.environ.get("RANK", "0") == "0":
             notice_if_pure_python("train (online masking)")
-
-    def _build_index(self) -> np.ndarray:
-        from data_tools.noising import plan_chunks
-
-        entries = []
-        max_tokens = self.config.seq_length - 2
-        for document in range(len(self.corpus)):
-            lengths = [len(sentence) for sentence in self.corpus[document]]
-            for chunk_index, chunk in enumerate(plan_chunks(lengths, max_tokens)):
-                if self.config.target == "gsg" and len(chunk) < 2:
-                    continue  # the mask stage skips these too
-                entries.append((document, chunk_index, sum(end - start for _, start, end in chunk)))
-        return np.asarray(entries, dtype=np.int64).reshape(-1, 3)
 
     def lengths(self) -> np.ndarray:
         """(N, 2) estimated source and target lengths: the chunk's tokens + [CLS]/[SEP] for both.
@@ -126,35 +133,28 @@ class OnlineMaskedExamples:
         Exact lengths depend on the epoch's noise; this bound is what length grouping and
         the token budget plan with (BART's insertion noise can add a few source tokens).
         """
-        estimate = (self.index[:, 2] + 2).astype(np.int32)
+        estimate = (self.chunks.tokens + 2).astype(np.int32)
         return np.stack([estimate, estimate], axis=1)
 
     def max_lengths(self) -> tuple[int, int]:
         """Bounds on the source and target lengths masking can produce with these settings."""
-        target = self.config.tgt_seq_length if self.config.target == "gsg" else self.config.seq_length
-        return self.config.seq_length, target
+        target = self.recipe.tgt_seq_length if self.recipe.target == "gsg" else self.recipe.seq_length
+        return self.recipe.seq_length, target
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.chunks)
 
     def example(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        from data_tools.mask import mask_chunk
-        from data_tools.noising import pack_sentences
-        from data_tools.random_streams import LazyGenerator
-
-        document, chunk_index = int(self.index[index, 0]), int(self.index[index, 1])
-        sentences = [sentence.tolist() for sentence in self.corpus[document]]
-        chunk = pack_sentences(sentences, self.config.seq_length - 2)[chunk_index]
-        rng = LazyGenerator([self.config.seed, epoch, document, chunk_index])
-        source, target = mask_chunk(chunk, rng, self.config, self.vocab)
-        return np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64)
+        document, number, flat, offsets = self.chunks.chunk(index)
+        randomness = masking_randomness(self.recipe.seed, epoch, document, number)
+        return mask_chunk(flat, offsets, randomness, self.recipe, self.vocab)
 
 
-def load_training_data(data_dir: Path, online_mask_config: Path | None, output_dir: Path, checksum: bool = True) -> Any:
+def load_training_data(data_dir: Path, online_mask_config: Path | None, output_dir: Path | None = None,
+                       checksum: bool = True) -> Any:
     """Stored examples (a mask stage output) or online masking (a tokenize stage output), every shard
-    checked against its manifest (sha256 too unless ``checksum`` is False)."""
-    from data_tools.mask import MaskConfig
-
+    checked against its manifest (sha256 too unless ``checksum`` is False). ``output_dir`` is unused:
+    online masking writes nothing (the parameter stays for the callers that pass it)."""
     stage = load_manifest(data_dir, ("mask", "tokenize"))["stage"]
     if stage == "mask":
         if online_mask_config:
@@ -170,11 +170,11 @@ def load_training_data(data_dir: Path, online_mask_config: Path | None, output_d
     if not isinstance(flags, dict):
         raise UserError(f"--online_mask_config {online_mask_config} holds a JSON {type(flags).__name__}; it must be an "
                         "object of mask flags, e.g. {\"preset\": \"bart_paper\", \"seq_length\": 512}")
-    unknown = set(flags) - {f.name for f in dataclasses.fields(MaskConfig)} | ({"input_dir", "output_dir"} & set(flags))
+    unknown = set(flags) - set(RECIPE_FLAGS) - MASK_STAGE_RUN_FLAGS  # zh-mask's run flags are accepted, unused
     if unknown:
         raise UserError(f"{online_mask_config}: unknown or not allowed mask flags {sorted(unknown)}")
     try:
-        mask_config = MaskConfig(input_dir=data_dir, output_dir=output_dir, **flags)
+        recipe = MaskRecipe(**{name: value for name, value in flags.items() if name in RECIPE_FLAGS})
     except UserError as error:
         raise UserError(f"--online_mask_config {online_mask_config}: {error}") from error
-    return OnlineMaskedExamples(data_dir, mask_config, checksum)  # its vocab is checked by load_vocab_info
+    return OnlineMaskedExamples(data_dir, recipe, checksum)  # its vocab is checked by load_vocab_info

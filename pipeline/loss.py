@@ -25,10 +25,11 @@ IGNORE_INDEX = -100
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """fp32 cross entropy over the target tokens (labels == IGNORE_INDEX skipped); "mean" per
-    token, or "sum" for token-weighted averages across batches."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    """fp32 cross entropy over the target tokens (labels == IGNORE_INDEX skipped): logits of shape
+    (..., vocab) against labels of shape (...); "mean" per token, or "sum" for token-weighted averages
+    across batches. The one loss of training, evaluation and zh-evaluate."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -57,10 +58,11 @@ def projected_positions(model: torch.nn.Module, positions: torch.Tensor) -> Iter
         handle.remove()
 
 
-def seq2seq_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Forward the model (a DeepSpeed engine or an HF module) without labels and score the logits of the
-    labelled positions in fp32. The batch's ``label_positions`` (``with_label_positions``) are used when
-    present; without them they are found on the device, which costs a sync."""
+def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward the model (a DeepSpeed engine or an HF module) without labels: the logits of the labelled
+    positions, (positions, vocab) in the model's dtype, and their labels. The batch's ``label_positions``
+    (``with_label_positions``) are used when present; without them they are found on the device, which costs
+    a sync."""
     labels = batch["labels"]
     positions = batch.get("label_positions")
     if positions is None:
@@ -68,4 +70,9 @@ def seq2seq_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reducti
     with projected_positions(model, positions):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
-    return F.cross_entropy(logits.float(), labels.flatten().index_select(0, positions), reduction=reduction)
+    return logits, labels.flatten().index_select(0, positions)
+
+
+def seq2seq_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """The fp32 loss of a batch, scored on the labelled positions only (:func:`labelled_logits`)."""
+    return token_cross_entropy(*labelled_logits(model, batch), reduction=reduction)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from data_tools.common import write_text_atomic
 from pipeline.batch_loader import LoadedBatch
@@ -71,8 +72,6 @@ class MetricsWindow:
 
     def reduce(self) -> dict[str, float]:
         """Sums over every rank (one all-reduce on the device, one copy back to the host)."""
-        import torch.distributed as dist
-
         host = torch.tensor([self.micro_batches, self.real_tokens, self.flops, self.padded_tokens,
                              *self.corpus_examples], dtype=torch.float64)
         totals = torch.cat([self.loss_sum.reshape(1), host.to(self.device)])
@@ -83,6 +82,43 @@ class MetricsWindow:
                 "padded_tokens": padded_tokens, "elapsed": elapsed,
                 "data_wait_fraction": self.data_wait_s / elapsed if elapsed > 0 else 0.0,
                 "corpus_examples": [int(c) for c in corpus_examples]}
+
+
+def step_record(step: int, totals: dict, samples: int, consumed_samples: int, lr: float, grad_norm: float | None,
+                corpus_names: list[str], engine_figures: dict, peak_flops: float | None) -> dict:
+    """A log step's record from a window's totals (:meth:`MetricsWindow.reduce`): loss, throughput, padding,
+    what each corpus of a mixture supplied, the engine's own figures, and MFU against ``peak_flops`` (of all
+    ranks together, None when unknown)."""
+    elapsed = totals["elapsed"]
+    record = {
+        "step": step,
+        "loss": totals["loss"],  # full precision: resume tests compare it bitwise
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": round(totals["real_tokens"] / elapsed, 1),
+        "samples_per_s": round(samples / elapsed, 2),
+        "consumed_samples": consumed_samples,
+        "model_tflops_per_s": round(totals["flops"] / elapsed / 1e12, 4),
+        "pad_fraction": round(1.0 - totals["real_tokens"] / max(1.0, totals["padded_tokens"]), 4),
+        "data_wait_fraction": round(totals["data_wait_fraction"], 4),  # this rank's
+    }
+    if totals["corpus_examples"]:  # a mixture: what each corpus actually supplied in this window
+        drawn = sum(totals["corpus_examples"])
+        record["corpus_examples"] = dict(zip(corpus_names, totals["corpus_examples"]))
+        record["corpus_share"] = {name: round(count / drawn, 4)
+                                  for name, count in zip(corpus_names, totals["corpus_examples"])}
+    record.update(engine_figures)
+    if peak_flops:
+        record["mfu"] = round(totals["flops"] / elapsed / peak_flops, 4)
+    return record
+
+
+def log_line(record: dict) -> str:
+    """A log step's line on stderr when there is no progress bar (bench/train_throughput.py times these)."""
+    mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
+    return (f"step {record['step']}: loss {record['loss']:.4f} lr {record['lr']:.3e} grad norm {record['grad_norm']} "
+            f"{record['tokens_per_s']:.0f} tokens/s {record['model_tflops_per_s']} model TFLOP/s{mfu} data wait "
+            f"{record['data_wait_fraction']:.1%}")
 
 
 def truncate_records(path: Path, last_step: int, enabled: bool) -> None:
@@ -111,7 +147,7 @@ class MetricsLog:
         self.tensorboard: Any = None
         if enabled:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
                 self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:

@@ -29,11 +29,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from data_tools.common import UserError
+
+if TYPE_CHECKING:  # only for annotations: TrainConfig parses --data_dirs with this module, and --help stays light
+    from pipeline.examples import Seq2SeqExamples
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,9 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
 
 
 class MixtureExamples:
-    """Several datasets (``example(index, epoch)``, ``lengths()``, ...) behind one index space."""
+    """Several corpora behind one index space: a :class:`~pipeline.examples.CorpusMixture`."""
 
-    def __init__(self, datasets: list[Any], specs: list[MixtureSpec], seed: int, eval_examples: int = 0,
+    def __init__(self, datasets: list[Seq2SeqExamples], specs: list[MixtureSpec], seed: int, eval_examples: int = 0,
                  epoch_examples: int = 0) -> None:
         self.datasets, self.specs, self.seed = datasets, specs, seed
         weights = [spec.weight for spec in specs]
@@ -126,10 +129,21 @@ class MixtureExamples:
             self._permutations[key] = rng.permutation(self.train_sizes[corpus])
         return self._permutations[key]
 
-    def corpus_counts(self, indices: list[int]) -> tuple[int, ...]:
+    def corpus_names(self) -> list[str]:
+        """The corpora's names in the metrics: their directory names (made unique by position)."""
+        names = [spec.path.name for spec in self.specs]
+        return names if len(set(names)) == len(names) else [f"{k}:{name}" for k, name in enumerate(names)]
+
+    def corpus_counts(self, indices: Sequence[int]) -> tuple[int, ...]:
         """How many of ``indices`` each corpus supplies (the metrics' corpus shares)."""
         counts = np.bincount([self.corpus_of(i) for i in indices], minlength=len(self.datasets))
         return tuple(int(c) for c in counts)
+
+    def describe(self) -> str:
+        """Each corpus's weight, its block of every mixture epoch and its training examples, for the start-up log."""
+        return "mixture of " + ", ".join(
+            f"{name} (weight {spec.weight:g}: {block} of every {self.epoch_examples} examples, {size} to train on)"
+            for name, spec, block, size in zip(self.corpus_names(), self.specs, self.block_sizes, self.train_sizes))
 
     def example(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         corpus, local, corpus_epoch = self.locate(index, epoch)
@@ -139,8 +153,15 @@ class MixtureExamples:
         bounds = [dataset.max_lengths() for dataset in self.datasets]
         return max(b[0] for b in bounds), max(b[1] for b in bounds)
 
+    def lengths(self) -> np.ndarray:
+        """(N, 2) bounds: an index draws another example of its corpus each epoch, so each gets its corpus's
+        longest (length grouping cannot use a mixture; the bounds keep the protocol's meaning)."""
+        corpus = np.repeat(np.arange(len(self.datasets)), self.block_sizes)
+        corpus = np.concatenate([corpus, np.repeat(np.arange(len(self.datasets)), self.held_out)])
+        return np.asarray([dataset.max_lengths() for dataset in self.datasets], dtype=np.int32)[corpus]
 
-def mixture_manifest(datasets: list[Any], specs: list[MixtureSpec]) -> dict:
+
+def mixture_manifest(datasets: list[Seq2SeqExamples], specs: list[MixtureSpec]) -> dict:
     """The run's data manifest: the shared vocab, every corpus's shards (in order) and the weights.
     Corpora tokenized with different vocabs are refused in one line."""
     first = datasets[0].manifest["vocab"]

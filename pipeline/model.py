@@ -16,6 +16,9 @@ from torch import nn
 
 from data_tools.common import VOCAB_FILE, UserError, file_sha256
 
+# transformers is imported inside the functions that use it, on purpose: its import takes ~2 s (measured on
+# the 2-core VM, on top of torch's), which --help and the one-line errors of every command importing this
+# module would otherwise pay.
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -173,38 +176,90 @@ def load_hf_model(model_dir: Path, flag: str) -> nn.Module:
                         "re-export it or check its files") from error
 
 
-def check_positions(max_lengths: tuple[int, int], model_config: Any, data_dir: Path) -> None:
-    """Refuse examples longer than the model's position table at start-up (they would crash at the
-    first batch that holds one, possibly hours into a run)."""
+def positions_problem(max_lengths: tuple[int, int], model_config: Any, data_label: str | Path) -> str | None:
+    """Why examples this long do not fit the model's position table, or None (they would crash at the first
+    batch that holds one, possibly hours into a run)."""
     limit = model_config.max_position_embeddings
     source, target = max_lengths
-    if max(source, target) > limit:
-        raise UserError(f"{data_dir} holds examples of up to {source} source / {target} target tokens but the model's "
-                        f"max_position_embeddings is {limit}; re-run the mask stage with --seq_length/--tgt_seq_length "
-                        f"<= {limit}, or use a model config with a longer position table")
+    if max(source, target) <= limit:
+        return None
+    return (f"{data_label} holds examples of up to {source} source / {target} target tokens but the model's "
+            f"max_position_embeddings is {limit}; re-run the mask stage with --seq_length/--tgt_seq_length "
+            f"<= {limit}, or use a model config with a longer position table")
 
 
-def check_init_from(model_dir: Path, vocab: dict, data_dir: Path) -> None:
-    """The model to continue from must use the vocab the training data was tokenized with."""
-    config_file = model_dir / "config.json"
-    model_values = read_hf_config(model_dir, "--init_from")
+def check_positions(max_lengths: tuple[int, int], model_config: Any, data_label: str | Path) -> None:
+    """Refuse examples longer than the model's position table before any of them is scored."""
+    problem = positions_problem(max_lengths, model_config, data_label)
+    if problem:
+        raise UserError(problem)
+
+
+def init_from_problem(model_dir: Path, model_values: dict, model_vocab_sha256: str | None, vocab: dict,
+                      data_label: str | Path) -> str | None:
+    """Why the model to continue from (its config.json values, the sha256 of its vocab.txt or None without
+    one) does not use the vocab the training data was tokenized with, or None."""
     if model_values.get("vocab_size") != vocab["size"]:
-        raise UserError(
-            f"{config_file} has vocab_size {model_values.get('vocab_size')} but {data_dir} was tokenized with "
-            f"{vocab['size']} tokens ({vocab['source']}); tokenize with the model's vocab.txt"
-        )
-    check_model_vocab(model_dir, vocab, data_dir, "--init_from", required=False)
+        return (f"{model_dir / 'config.json'} has vocab_size {model_values.get('vocab_size')} but {data_label} was "
+                f"tokenized with {vocab['size']} tokens ({vocab['source']}); tokenize with the model's vocab.txt")
+    return model_vocab_problem(model_dir, model_vocab_sha256, vocab, data_label, "--init_from", required=False)
+
+
+def model_vocab_problem(model_dir: Path, model_vocab_sha256: str | None, vocab: dict, data_label: str | Path,
+                        flag: str, required: bool) -> str | None:
+    """Why a model directory's vocab.txt (its sha256, None when it has none) is not the one the data was
+    tokenized with, or None; without one, ``required`` says whether that is a problem (published models whose
+    vocab_size matched may lack the file)."""
+    if model_vocab_sha256 is None:
+        if not required:
+            return None
+        return (f"{flag} {model_dir} has no {VOCAB_FILE}: cannot confirm it uses the vocab of {data_label}; copy the "
+                "model's BERT vocab.txt into it")
+    if model_vocab_sha256 != vocab["sha256"]:
+        return (f"{model_dir / VOCAB_FILE} differs from the vocab {data_label} was tokenized with ({vocab['source']}); "
+                "tokenize with the model's vocab.txt")
+    return None
+
+
+def model_vocab_sha256(model_dir: Path) -> str | None:
+    """The sha256 of a model directory's vocab.txt, None when it has none."""
+    vocab_file = Path(model_dir) / VOCAB_FILE
+    return file_sha256(vocab_file) if vocab_file.is_file() else None
 
 
 def check_model_vocab(model_dir: Path, vocab: dict, data_dir: Path, flag: str, required: bool) -> None:
-    """A model directory's vocab.txt must be the one the data was tokenized with; without one, ``required``
-    says whether that is an error (published models whose vocab_size matched may lack the file)."""
-    model_vocab = model_dir / VOCAB_FILE
-    if not model_vocab.is_file():
-        if required:
-            raise UserError(f"{flag} {model_dir} has no {VOCAB_FILE}: cannot confirm it uses the vocab of "
-                            f"{data_dir}; copy the model's BERT vocab.txt into it")
-        return
-    if file_sha256(model_vocab) != vocab["sha256"]:
-        raise UserError(f"{model_vocab} differs from the vocab {data_dir} was tokenized with ({vocab['source']}); "
-                        "tokenize with the model's vocab.txt")
+    """A model directory's vocab.txt must be the one the data was tokenized with (see :func:`model_vocab_problem`)."""
+    problem = model_vocab_problem(model_dir, model_vocab_sha256(model_dir), vocab, data_dir, flag, required)
+    if problem:
+        raise UserError(problem)
+
+
+def build_training_model(init_from: Path | None, model_config: Any, device_type: str, gradient_checkpointing: bool,
+                         compiled: bool) -> tuple[nn.Module, str]:
+    """The model to train (random init, or ``init_from``'s weights) and the name of its layer-norm kernel."""
+    model = build_model(model_config) if init_from is None else load_hf_model(init_from, "--init_from")
+    norm_kernel = use_fused_layer_norm(model, device_type)
+    if gradient_checkpointing:
+        # Non-reentrant on every transformers version (4.x and 5.x default to different modes): it is
+        # the mode torch recommends, and it works with inputs that need no grad and with ZeRO's hooks.
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+        model.config.use_cache = False
+    if compiled:
+        compile_layers(model)
+    return model, norm_kernel
+
+
+def compile_layers(model: nn.Module) -> int:
+    """torch.compile every encoder and decoder layer in place (``nn.Module.compile``: parameter names, and
+    so checkpoints and exports, stay as they are). Per layer rather than the whole model: the loss hooks
+    the LM head for each batch (pipeline/loss.py), which would make a whole-model graph recompile, and
+    identical layers share one compiled graph. Returns the number of layers compiled."""
+    inner = model.get_encoder(), model.get_decoder()
+    layers = [layer for stack in inner for layer in stack.layers]
+    for layer in layers:
+        layer.compile()
+    return len(layers)

@@ -1,13 +1,13 @@
 """Which examples each rank trains on, micro batch by micro batch.
 
-Order is a pure function of (seed, epoch, consumed samples): resuming only needs the position a
-checkpoint saved, and every rank computes the same global permutation and takes its own slice, so
-no example is read twice or skipped within an epoch.
+Order is a pure function of (seed, epoch, position in the epoch): resuming only needs the sampler's
+``state_dict()`` a checkpoint saved, and every rank computes the same global permutation and takes
+its own slice, so no example is read twice or skipped within an epoch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
@@ -72,24 +72,35 @@ def plan_micro_batches(order: np.ndarray, lengths: np.ndarray | None, micro_batc
     return np.concatenate(grouped), np.asarray(bounds, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class SamplerState:
+    """Where a sampler stands: ``micro_batches`` of ``epoch``'s plan trained (all ranks together) and the
+    examples all ranks consumed since the run began. A checkpoint saves it (``trainer_state.json``:
+    ``data_position`` and ``consumed_samples``)."""
+
+    epoch: int = 0
+    micro_batches: int = 0
+    consumed_samples: int = 0
+
+
 class ResumableDistributedSampler:
     """Yields this rank's example indices, micro batch by micro batch, forever (epoch after epoch).
 
     Each epoch is planned from (seed, epoch) alone: a global permutation, split into micro
     batches (:func:`plan_micro_batches`: fixed size, or grouped by length under a token
     budget) whose order is shuffled again when grouped; consecutive runs of ``world_size``
-    micro batches form one *group*, and rank r takes the r-th batch of each group. The
-    position is (epoch, micro batches consumed in it), so a resumed run continues exactly;
-    batches that cannot fill a last group are left out of that epoch (``dropped_in_epoch``).
+    micro batches form one *group*, and rank r takes the r-th batch of each group. Its state
+    (:class:`SamplerState`: epoch, micro batches consumed in it) is saved with ``state_dict()`` and
+    restored with ``load_state_dict()``, so a resumed run continues exactly; batches that cannot
+    fill a last group are left out of that epoch (``dropped_in_epoch``).
 
     The micro batch sequence does not depend on the number of ranks (windows are counted in
-    micro batches), so a position saved by 2 ranks means the same data for 1 rank; resuming
+    micro batches), so a state saved by 2 ranks means the same data for 1 rank; resuming
     on another rank count rounds it up to whole groups.
     """
 
-    def __init__(self, num_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 consumed_samples: int = 0, *, lengths: np.ndarray | None = None, max_tokens: int = 0,
-                 group_window: int = 100, position: dict | None = None) -> None:
+    def __init__(self, num_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int, *,
+                 lengths: np.ndarray | None = None, max_tokens: int = 0, group_window: int = 100) -> None:
         self.block = micro_batch_size * world_size
         if num_examples < self.block and lengths is None:
             raise UserError(
@@ -111,15 +122,21 @@ class ResumableDistributedSampler:
             if longest > max_tokens:
                 raise UserError(f"--max_tokens_per_batch {max_tokens} is smaller than the longest example "
                                 f"({longest} padded source + target tokens); raise it to at least {longest}")
-        self.consumed_samples = consumed_samples
-        if position is None:  # fixed-size batches: the position follows from the samples consumed
-            per_epoch = num_examples // self.block * self.block
-            epoch, offset = divmod(consumed_samples, per_epoch)
-            position = {"epoch": epoch, "micro_batches": offset // micro_batch_size}
-        self.epoch = int(position["epoch"])
-        # Saved by a different number of ranks: round up, skipping < world_size micro batches.
-        self.groups = -(-int(position["micro_batches"]) // world_size)
+        self.epoch, self.groups, self.consumed_samples = 0, 0, 0
         self._plan: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def state(self) -> SamplerState:
+        return SamplerState(self.epoch, self.groups * self.world_size, self.consumed_samples)
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self.state())
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved state; one saved by a different number of ranks is rounded up to whole
+        groups (skipping fewer than ``world_size`` micro batches)."""
+        self.epoch = int(state["epoch"])
+        self.groups = -(-int(state["micro_batches"]) // self.world_size)
+        self.consumed_samples = int(state["consumed_samples"])
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
@@ -148,18 +165,15 @@ class ResumableDistributedSampler:
         _, bounds = self.epoch_plan(epoch)
         return self.num_examples - int(bounds[self.groups_in_epoch(epoch) * self.world_size])
 
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "micro_batches": self.groups * self.world_size}
-
     def __iter__(self) -> Iterator[list[int]]:
         for planned in self.planned():
             yield planned.indices
 
     def planned(self) -> Iterator["PlannedBatch"]:
-        """This rank's micro batches, each with the position the sampler reaches after it.
+        """This rank's micro batches, each with the state the sampler reaches after it.
 
         A loader that prepares batches ahead advances the sampler past the batch being
-        trained; the position a checkpoint records must travel with the batch instead.
+        trained; the state a checkpoint records must travel with the batch instead.
         """
         while True:
             groups = self.groups_in_epoch(self.epoch)
@@ -174,16 +188,14 @@ class ResumableDistributedSampler:
             self.groups += 1
             self.consumed_samples += int(bounds[first + self.world_size] - bounds[first])
             mine = first + self.rank
-            yield PlannedBatch(order[bounds[mine] : bounds[mine + 1]].tolist(), self.epoch, self.state(),
-                               self.consumed_samples)
+            yield PlannedBatch(order[bounds[mine] : bounds[mine + 1]].tolist(), self.epoch, self.state())
 
 
 @dataclass(frozen=True)
 class PlannedBatch:
-    """One micro batch of one rank: example indices, the epoch (online masks depend on it), and
-    the sampler's position and consumed samples (all ranks) once its group is trained."""
+    """One micro batch of one rank: example indices, the epoch (online masks depend on it), and the
+    sampler's state once its group is trained (what a checkpoint taken after it must record)."""
 
     indices: list[int]
     epoch: int
-    position: dict
-    consumed_samples: int
+    state_after: SamplerState

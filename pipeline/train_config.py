@@ -1,7 +1,9 @@
 """The training run's configuration: one dataclass, the ``zh-train`` flags generated from it.
 
-Kept in its own module so the trainer's parts (checkpoints, metrics, data loading) and the
-export can import it without importing the trainer.
+``TrainConfig`` is made of sections (data, optimization, checkpointing, logging), each a dataclass
+of its own that the parts needing only it take as their type; the flags stay flat and keep their
+names, and ``train_config.json`` stays one flat object. Kept in its own module so the trainer's
+parts and the export can import it without importing the trainer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Literal
 
 from data_tools.cli import config_to_dict, option, required
 from data_tools.common import UserError
+from pipeline.mixture import parse_mixture
 
 TRAIN_CONFIG_FILE = "train_config.json"
 # Flags that define a run's data, model and data order: a run directory can only be continued with the same values.
@@ -22,8 +25,8 @@ RUN_DEFINING_FLAGS = ("data_dir", "data_dirs", "model_config", "micro_batch_size
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
-    """Pretrain a BART or PEGASUS model with DeepSpeed ZeRO stage 2."""
+class DataOptions:
+    """Data: the examples, how they are batched and what is held out."""
 
     data_dir: Path | None = option(None, "Output directory of the mask stage (examples-*.arrow), or of the tokenize "
                                    "stage to mask online (with --online_mask_config). Or --data_dirs.")
@@ -34,13 +37,6 @@ class TrainConfig:
     online_mask_config: Path | None = option(None, "JSON of mask flags (e.g. {\"preset\": \"pegasus_paper\", "
                                              "\"seq_length\": 512}) to mask a tokenized corpus on the fly: "
                                              "fresh masks every epoch, nothing stored.")
-    output_dir: Path = required("Run directory: configs, vocab, metrics.jsonl and checkpoints/.")
-    model_config: str = option("bart-tiny", "Packaged config name (bart-tiny, bart-mini, bart-medium, bart-base, "
-                               "pegasus-tiny, pegasus-mini, pegasus-base) or a path to an HF config.json.")
-    deepspeed_config: Path = option(Path("ds_configs/zero2_bf16.json"),
-                                    "DeepSpeed JSON config; 'auto' batch sizes and optimizer values are filled in.")
-    micro_batch_size: int = option(8, "Examples per rank per forward pass (UER-py: --batch_size).")
-    gradient_accumulation_steps: int = option(1, "Micro batches per optimizer step.")
     group_by_length: bool = option(False, "Put examples of similar length in the same micro batch (sorted within "
                                    "windows of --length_group_window micro batches' worth of examples, batches shuffled "
                                    "again) so less compute goes to padding.")
@@ -49,6 +45,20 @@ class TrainConfig:
                                        "--group_by_length. Examples per step then vary; 0 = fixed-size batches.")
     length_group_window: int = option(100, "Window sorted by length for --group_by_length / --max_tokens_per_batch, "
                                       "in units of --micro_batch_size examples (independent of the rank count).")
+    eval_examples: int = option(0, "Hold out the last N examples (never trained on) for an eval loss; 0 = no eval.")
+    data_workers: int = option(2, "Background processes that read, mask and collate the next micro batches while the "
+                               "accelerator computes (pinned memory, non-blocking copies); 0 = prepare each batch "
+                               "in the training process, in the step's time.")
+    verify_data_sha256: bool = option(True, "At start-up, check every data shard's sha256 against the manifest "
+                                      "(sizes and row counts are always checked); about a minute per 100 GB.")
+
+
+@dataclass(kw_only=True)
+class OptimizationOptions:
+    """Optimization: batch sizes, steps, learning-rate schedule, regularization."""
+
+    micro_batch_size: int = option(8, "Examples per rank per forward pass (UER-py: --batch_size).")
+    gradient_accumulation_steps: int = option(1, "Micro batches per optimizer step.")
     global_batch_size: int = option(0, "Examples per optimizer step over all ranks; 0 derives it as "
                                     "micro_batch_size x gradient_accumulation_steps x ranks (and checks it if set).")
     total_steps: int = option(1000, "Optimizer steps to train for (UER-py: --total_steps).")
@@ -57,7 +67,6 @@ class TrainConfig:
     lr_decay: Literal["linear", "cosine", "constant"] = option("linear", "Decay after warmup, to min_lr_ratio x peak.")
     min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak.")
     weight_decay: float = option(0.01, "Decoupled weight decay (not applied to biases and norms).")
-    seed: int = option(7, "Seed for initialization, data order and dropout.")
     decoder_input_dropout: float = option(
         0.0, "Fraction of the decoder's teacher-forced input tokens replaced by [MASK] at step 0, falling linearly "
         "to 0 at --decoder_input_dropout_steps (word dropout, Bowman et al. 2016). The labels are unchanged: a "
@@ -65,35 +74,60 @@ class TrainConfig:
         "cross-attention, which small models on a short budget otherwise learn late. 0 = off (the papers' recipe).")
     decoder_input_dropout_steps: int = option(
         0, "Step at which --decoder_input_dropout reaches 0; 0 = keep it constant for the whole run.")
-    save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
-    keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
     max_skipped_steps: int = option(100, "fp16: stop when this many optimizer steps in a row were skipped for "
                                     "overflow (the loss scale cannot recover); the last good checkpoint stays.")
-    eval_examples: int = option(0, "Hold out the last N examples (never trained on) for an eval loss; 0 = no eval.")
-    eval_every_steps: int = option(500, "Compute the eval loss every N steps (and at the end) when --eval_examples.")
+
+
+@dataclass(kw_only=True)
+class CheckpointOptions:
+    """Checkpointing: how often the run saves and how many checkpoints it keeps."""
+
+    save_checkpoint_steps: int = option(500, "Save a checkpoint every N steps (and at the end).")
+    keep_last_checkpoints: int = option(3, "Checkpoints kept; older ones are deleted after a new one is complete.")
+
+
+@dataclass(kw_only=True)
+class LoggingOptions:
+    """Logging: metrics, evaluation and progress."""
+
     log_every_steps: int = option(10, "Log loss, learning rate, gradient norm and throughput every N steps.")
-    init_from: Path | None = option(None, "HF model directory to start from instead of random weights (an export of "
-                                    "this pipeline or a published model such as uer/pegasus-base-chinese-"
-                                    "cluecorpussmall); its config.json replaces --model_config.")
-    gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
-    compile: bool = option(False, "torch.compile each encoder and decoder layer (in place: checkpoints and exports "
-                                  "are unchanged). Off by default until measured on a GPU; the first steps compile.")
+    eval_every_steps: int = option(500, "Compute the eval loss every N steps (and at the end) when --eval_examples.")
     progress: bool = option(True, "Show a progress bar on rank 0.")
     peak_tflops: float = option(0.0, "Peak dense bf16 TFLOP/s of one device for MFU; 0 = the data-sheet figure of "
                                 "the exact product (pipeline/flops.py: H100 SXM 989, PCIe 756, NVL 835, A100 312, "
                                 "...), no MFU on other devices.")
     record_example_ids: bool = option(False, "Write the example indices each rank trains on, per step, to "
                                       "example_ids_rank<R>.jsonl (to audit data order and resume).")
-    data_workers: int = option(2, "Background processes that read, mask and collate the next micro batches while the "
-                               "accelerator computes (pinned memory, non-blocking copies); 0 = prepare each batch "
-                               "in the training process, in the step's time.")
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """Run: the output directory, the model, the engine and reproducibility."""
+
+    output_dir: Path = required("Run directory: configs, vocab, metrics.jsonl and checkpoints/.")
+    model_config: str = option("bart-tiny", "Packaged config name (bart-tiny, bart-mini, bart-medium, bart-base, "
+                               "pegasus-tiny, pegasus-mini, pegasus-base) or a path to an HF config.json.")
+    deepspeed_config: Path = option(Path("ds_configs/zero2_bf16.json"),
+                                    "DeepSpeed JSON config; 'auto' batch sizes and optimizer values are filled in.")
+    seed: int = option(7, "Seed for initialization, data order and dropout.")
+    init_from: Path | None = option(None, "HF model directory to start from instead of random weights (an export of "
+                                    "this pipeline or a published model such as uer/pegasus-base-chinese-"
+                                    "cluecorpussmall); its config.json replaces --model_config.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward (HF gradient_checkpointing).")
+    compile: bool = option(False, "torch.compile each encoder and decoder layer (in place: checkpoints and exports "
+                                  "are unchanged). Off by default until measured on a GPU; the first steps compile.")
     deterministic: bool = option(False, "Deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS "
                                  "workspace config; slower): bitwise-reproducible GPU runs, e.g. to audit a resume.")
     allow_cpu_mixed_precision: bool = option(False, "Let a bf16/fp16 DeepSpeed config run on DeepSpeed's CPU "
                                              "accelerator (emulated, slow: for debugging only).")
-    verify_data_sha256: bool = option(True, "At start-up, check every data shard's sha256 against the manifest "
-                                      "(sizes and row counts are always checked); about a minute per 100 GB.")
     local_rank: int = option(-1, "Set by the deepspeed launcher; leave it alone.")
+
+
+# The sections are bases listed last first: a dataclass takes its bases' fields from the last base on, so the
+# fields (and --help's headings) come in the order run, data, optimization, checkpointing, logging.
+@dataclass(kw_only=True)
+class TrainConfig(LoggingOptions, CheckpointOptions, OptimizationOptions, DataOptions, RunOptions):
+    """Pretrain a BART or PEGASUS model with DeepSpeed ZeRO stage 2."""
 
     def __post_init__(self) -> None:
         if (self.data_dir is None) == (not self.data_dirs):
@@ -102,8 +136,6 @@ class TrainConfig:
             self.data_dir = Path(self.data_dir)
         self.output_dir = Path(self.output_dir)
         if self.data_dirs:
-            from pipeline.mixture import parse_mixture
-
             self.data_dirs = [str(entry) for entry in self.data_dirs]
             parse_mixture(self.data_dirs)  # bad entries fail here, before anything starts
             if self.group_by_length or self.max_tokens_per_batch:
@@ -134,8 +166,6 @@ def data_paths(config: TrainConfig) -> list[Path]:
     """The corpus directories of the run: --data_dir, or every corpus of --data_dirs."""
     if config.data_dir is not None:
         return [config.data_dir]
-    from pipeline.mixture import parse_mixture
-
     return [spec.path for spec in parse_mixture(config.data_dirs)]
 
 
@@ -144,12 +174,12 @@ def data_label(config: TrainConfig) -> str:
     return str(config.data_dir) if config.data_dir is not None else "--data_dirs " + " ".join(config.data_dirs)
 
 
-def check_resumable(config: TrainConfig) -> None:
-    """A run directory with a checkpoint can only be continued with the flags that define its data
-    and model (without one, nothing would be resumed and the flags may change)."""
+def read_previous_config(config: TrainConfig) -> dict | None:
+    """The ``train_config.json`` of the run directory when it holds a checkpoint to continue, else None
+    (without one, nothing would be resumed and the flags may change)."""
     previous = config.output_dir / TRAIN_CONFIG_FILE
     if not previous.is_file() or not (config.output_dir / "checkpoints" / "latest").is_file():
-        return
+        return None
     try:
         old = json.loads(previous.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -157,12 +187,20 @@ def check_resumable(config: TrainConfig) -> None:
                         "new --output_dir") from error
     if not isinstance(old, dict):
         raise UserError(f"{previous} is not a JSON object; restore it, or use a new --output_dir")
+    return old
+
+
+def resumable_problem(config: TrainConfig, previous: dict | None) -> str | None:
+    """Why a run directory whose checkpoint was trained with the flags ``previous`` cannot be continued with
+    these (the flags that define its data, model and data order differ), or None."""
+    if previous is None:
+        return None
     resolved = config_to_dict(config)
     # A run directory written before a flag existed used that flag's default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    changed = [key for key in RUN_DEFINING_FLAGS if old.get(key, defaults[key]) != resolved[key]]
-    if changed:
-        raise UserError(
-            f"{config.output_dir} holds a run with different {', '.join(changed)}; "
-            "use a new --output_dir or the original flags to resume"
-        )
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(TrainConfig) if not f.metadata.get("required")}
+    changed = [key for key in RUN_DEFINING_FLAGS if previous.get(key, defaults[key]) != resolved[key]]
+    if not changed:
+        return None
+    return (f"{config.output_dir} holds a run with different {', '.join(changed)}; use a new --output_dir or the "
+            "original flags to resume")

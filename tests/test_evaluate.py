@@ -143,3 +143,22 @@ def test_an_imported_uer_model_is_evaluated_like_an_export(examples_dir, tmp_pat
     report = evaluate(EvaluateConfig(model_dir=imported, data_dir=examples_dir, limit=4, generate_examples=2,
                                      progress=False))
     assert math.isfinite(report["loss"]) and report["target_tokens"] > 0
+
+
+def test_zh_evaluate_scores_the_trainer_s_eval_batches_with_the_trainer_s_loss(examples_dir, model_dir):
+    """The same batches (pipeline.batch_loader.evaluation_batches) and the same loss (pipeline.loss.seq2seq_loss)
+    as the trainer's eval loss over held-out examples, so the two figures agree for the same weights."""
+    from pipeline.batch_loader import evaluation_batches
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.loss import seq2seq_loss
+    from pipeline.model import load_hf_model
+
+    report = evaluate(EvaluateConfig(model_dir=model_dir, data_dir=examples_dir, held_out=6, batch_size=4,
+                                     generate_examples=0, progress=False))
+    model = load_hf_model(model_dir, "--model_dir").eval()
+    dataset = ExampleShards(examples_dir)
+    collate = Seq2SeqCollator(pad_id=model.config.pad_token_id, decoder_start_id=model.config.decoder_start_token_id)
+    with torch.no_grad():
+        trainer_sum = sum(float(seq2seq_loss(model, batch, reduction="sum")) for _, batch in evaluation_batches(
+            dataset, range(len(dataset) - 6, len(dataset)), 4, collate))
+    assert report["loss"] * report["target_tokens"] == pytest.approx(trainer_sum, rel=1e-9)

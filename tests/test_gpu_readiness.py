@@ -86,8 +86,9 @@ def test_evaluation_and_checkpoint_time_is_left_out_of_the_metrics_window():
 def test_the_trainer_loop_pauses_the_window_around_evaluation_and_saves():
     """The loop starts a window at a log step, then evaluates and saves: both inside window.paused()."""
     source = (PROJECT_ROOT / "pipeline" / "trainer.py").read_text()
-    paused = source.index("with window.paused():")
-    assert paused < source.index("maybe_evaluate(engine, eval_batches") < source.index("save_checkpoint(engine,")
+    loop = source[source.index("    def fit(self)"):source.index("    def train_step(self)")]
+    paused = loop.index("with self.window.paused():")
+    assert loop.index("self.maybe_log(") < paused < loop.index("self.maybe_evaluate()") < loop.index("self.maybe_save()")
 
 
 def test_label_positions_come_from_the_host_and_give_the_boolean_mask_loss():
@@ -117,23 +118,21 @@ def test_loaded_micro_batches_carry_their_label_positions(bart_examples_dir):
     from pipeline.batch_loader import PlannedBatchDataset
     from pipeline.collate import Seq2SeqCollator
     from pipeline.examples import ExampleShards
-    from pipeline.sampler import PlannedBatch
+    from pipeline.sampler import PlannedBatch, SamplerState
 
     examples = ExampleShards(bart_examples_dir)
     dataset = PlannedBatchDataset(examples, Seq2SeqCollator(pad_id=0, decoder_start_id=101), lambda s, t: 0.0)
-    plan = PlannedBatch(indices=[0, 1, 2, 3], epoch=0, consumed_samples=4, position={})
+    plan = PlannedBatch(indices=[0, 1, 2, 3], epoch=0, state_after=SamplerState())
     loaded = dataset.__getitems__(plan)
     labels = loaded.tensors["labels"]
     assert torch.equal(loaded.tensors["label_positions"], torch.nonzero(labels.flatten() != IGNORE_INDEX).flatten())
 
 
-def test_gradient_checkpointing_is_non_reentrant_on_every_transformers_version(tmp_path):
+def test_gradient_checkpointing_is_non_reentrant_on_every_transformers_version():
     """4.x and 5.x default to different torch.utils.checkpoint modes; the trainer asks for one."""
-    from pipeline.train_config import TrainConfig
-    from pipeline.trainer import build_training_model
+    from pipeline.model import build_training_model
 
-    config = TrainConfig(data_dir=tmp_path / "data", output_dir=tmp_path / "run", gradient_checkpointing=True)
-    model, _ = build_training_model(config, tiny_model().config, "cpu")
+    model, _ = build_training_model(None, tiny_model().config, "cpu", gradient_checkpointing=True, compiled=False)
     functions = [m._gradient_checkpointing_func for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
     assert functions and all(f.func is torch.utils.checkpoint.checkpoint and f.keywords == {"use_reentrant": False}
                              for f in functions)
@@ -177,7 +176,7 @@ def test_the_peers_length_grouping_is_spelled_for_the_installed_transformers():
 @pytest.mark.slow  # inductor compiles the layers: ~25-50 s on 2 cores
 def test_compiled_layers_give_the_eager_loss_and_gradients_and_keep_the_parameter_names():
     from pipeline.loss import seq2seq_loss, with_label_positions
-    from pipeline.trainer import compile_layers
+    from pipeline.model import compile_layers
 
     eager, compiled = tiny_model().eval(), tiny_model().eval()
     assert compile_layers(compiled) == len(compiled.get_encoder().layers) + len(compiled.get_decoder().layers)

@@ -1,5 +1,7 @@
-from pathlib import Path
+import dataclasses
+import typing
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -8,8 +10,10 @@ from hypothesis import strategies as st
 from data_tools.common import UserError
 from data_tools.compiled import COMPILED
 from data_tools.mask import MaskConfig, mask
-from data_tools.shards import open_shard
-from tests.test_noising import VOCAB
+from data_tools.masking.blocks import examples_of_block
+from data_tools.masking.recipe import MASK_STAGE_RUN_FLAGS, RECIPE_FLAGS, MaskRecipe
+from data_tools.shards import DocumentBlock, open_shard
+from tests.masking_reference import VOCAB, reference_examples_of_documents
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,36 @@ def test_presets_set_their_recipe_but_explicit_flags_win(tmp_path, tokenized_dir
     paper = MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path, preset="pegasus_paper")
     assert (paper.target, paper.sentence_selection_strategy, paper.rouge_mode, paper.rouge_unique) == (
         "gsg", "principal", "independent", False)
+    # the recipe resolves the preset, in one place, whoever builds it
+    assert config.recipe() == MaskRecipe(preset="uer_bart") == MaskRecipe(**{name: getattr(config, name)
+                                                                             for name in RECIPE_FLAGS})
+    assert paper.recipe() == MaskRecipe(preset="pegasus_paper", seq_length=512)
+
+
+def test_the_stage_flags_are_the_recipe_and_how_the_stage_runs():
+    """MaskConfig is paths + MaskRecipe's flags (same types, defaults and help) + the stage's run flags,
+    which an online-mask JSON may also carry."""
+    config_fields = {field.name: field for field in dataclasses.fields(MaskConfig)}
+    assert set(config_fields) == {"input_dir", "output_dir"} | set(RECIPE_FLAGS) | MASK_STAGE_RUN_FLAGS
+    config_hints, recipe_hints = typing.get_type_hints(MaskConfig), typing.get_type_hints(MaskRecipe)
+    for field in dataclasses.fields(MaskRecipe):
+        assert config_hints[field.name] == recipe_hints[field.name], field.name
+        assert config_fields[field.name].default == field.default, field.name
+        assert config_fields[field.name].metadata["help"] == field.metadata["help"], field.name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(target="bart", mask_ratio=1.5), "--mask_ratio 1.5 must lie strictly between 0 and 1"),
+    (dict(preset="uer_gsg", target="bart"), "--preset uer_gsg is for --target gsg, not bart"),
+    (dict(), "give --target bart|gsg or a --preset"),
+    (dict(target="gsg", seq_length=64.0), "seq_length must be int, got 64.0"),
+    (dict(preset="nonsense"), "preset must be one of"),
+])
+def test_the_recipe_and_the_stage_config_refuse_bad_flags_alike(tmp_path, flags, message):
+    for build in (MaskRecipe, lambda **given: MaskConfig(input_dir=tmp_path, output_dir=tmp_path, **given)):
+        with pytest.raises(UserError) as error:
+            build(**flags)
+        assert message in str(error.value)
 
 
 def test_uer_bart_preset_corrupts_about_15_percent_with_single_masks(tmp_path, tokenized_dir):
@@ -123,31 +157,31 @@ BLOCK_RECIPES = {
     "gsg_lead_remove": dict(target="gsg", sentence_selection_strategy="lead", gap_action="remove"),
     "gsg_principal_keep": dict(target="gsg", sentence_selection_strategy="principal", gap_action="keep",
                                gap_sentence_ratio=0.5, tgt_seq_length=8),
+    "uer_gsg": dict(preset="uer_gsg"),
+    "gsg_principal_mixed": dict(preset="pegasus_paper", gap_action="mixed"),
 }
-_DOCUMENTS = st.lists(st.lists(st.lists(st.integers(min_value=0, max_value=999), min_size=1, max_size=40),
+# Empty sentences too: they have no piece, as the tokenize stage's output never has them but a block may.
+_DOCUMENTS = st.lists(st.lists(st.lists(st.integers(min_value=0, max_value=999), max_size=40),
                                min_size=1, max_size=8), min_size=1, max_size=6)
 
 
-@pytest.mark.skipif(not COMPILED, reason="numba is not installed: the per-document path is the only one")
 @pytest.mark.parametrize("recipe", BLOCK_RECIPES, ids=list(BLOCK_RECIPES))
 @settings(max_examples=40, deadline=None)
 @given(documents=_DOCUMENTS, first=st.integers(min_value=0, max_value=10**9), pass_index=st.integers(0, 3),
        seq_length=st.sampled_from([8, 16, 64]))
-def test_a_block_kernel_writes_what_the_per_document_path_writes(recipe, documents, first, pass_index, seq_length):
+def test_a_block_writes_what_the_per_document_path_writes(recipe, documents, first, pass_index, seq_length):
     """Ids 0-999 of a Google-shaped vocab: specials, [unused], characters and ## pieces; sentences longer
-    than a chunk are cut; the kernel and mask_document see the same (seed, pass, document) streams."""
-    import numpy as np
-
-    from data_tools.mask import mask_block
-    from data_tools.shards import DocumentBlock
-
-    config = MaskConfig(input_dir=Path("in"), output_dir=Path("out"), seq_length=seq_length, seed=5,
-                        **BLOCK_RECIPES[recipe])
+    than a chunk are cut. The block (one kernel call, or chunk by chunk) gives what the plain packing and
+    the per-chunk functions give, document d's chunks drawing in turn from masking_randomness(seed, pass, d);
+    with numba, so does the block path run as Python."""
+    recipe = MaskRecipe(seq_length=seq_length, seed=5, **BLOCK_RECIPES[recipe])
     lengths = [len(sentence) for document in documents for sentence in document]
     block = DocumentBlock(first, np.cumsum([0] + [len(d) for d in documents]), np.cumsum([0] + lengths),
                           np.array([t for d in documents for s in d for t in s], dtype=np.uint16))
-    (kernel_columns, kernel_skipped), (python_columns, python_skipped) = (
-        mask_block(block, pass_index, config, VOCAB, compiled=compiled) for compiled in (True, False))
-    for got, expected in zip(kernel_columns, python_columns):
-        assert got.tolist() == expected.tolist()
-    assert kernel_skipped == python_skipped
+    sources, targets, skipped = reference_examples_of_documents(documents, first, pass_index, recipe, VOCAB)
+    for compiled in (True, False) if COMPILED else (False,):
+        (source_values, source_offsets, target_values, target_offsets), block_skipped = examples_of_block(
+            block, pass_index, recipe, VOCAB, compiled)
+        assert [source_values[a:b].tolist() for a, b in zip(source_offsets, source_offsets[1:])] == sources
+        assert [target_values[a:b].tolist() for a, b in zip(target_offsets, target_offsets[1:])] == targets
+        assert block_skipped == skipped and all(type(n) is int for n in block_skipped.values())  # JSON-ready

@@ -144,3 +144,19 @@ def test_the_cli_refuses_data_dir_with_data_dirs_and_length_grouping(tmp_path):
         TrainConfig(data_dirs=["a:1", "b:1"], output_dir=tmp_path / "run", group_by_length=True)
     with pytest.raises(UserError, match="must be a positive number"):
         TrainConfig(data_dirs=["a:0", "b:1"], output_dir=tmp_path / "run")
+
+
+def test_a_mixture_is_the_only_kind_with_the_per_corpus_surface():
+    from pipeline.examples import CorpusMixture
+
+    mix = mixture([300, 100], [0.75, 0.25], eval_examples=8)
+    assert isinstance(mix, CorpusMixture) and not isinstance(FakeCorpus(0, 10), CorpusMixture)
+    assert mix.corpus_names() == ["corpus0", "corpus1"]
+    assert mix.corpus_counts([0, 1, 299, 300, 391, 392, 399]) == (3, 4)  # held out from 392: 6 of corpus0, 2
+    assert mix.describe() == ("mixture of corpus0 (weight 0.75: 294 of every 392 examples, 294 to train on), "
+                              "corpus1 (weight 0.25: 98 of every 392 examples, 98 to train on)")
+    # Lengths are bounds: each index draws another example of its corpus every epoch.
+    assert mix.lengths().shape == (len(mix), 2) and (mix.lengths() == 64).all()
+    same_names = MixtureExamples([FakeCorpus(0, 10), FakeCorpus(1, 10)],
+                                 [MixtureSpec(Path("a/news"), 1.0), MixtureSpec(Path("b/news"), 1.0)], 0)
+    assert same_names.corpus_names() == ["0:news", "1:news"]

@@ -1,5 +1,6 @@
-"""Properties of the pure noising functions, checked with explicit generators and hypothesis."""
+"""Properties of the masking kernels (data_tools.masking), checked with explicit generators and hypothesis."""
 
+import dataclasses
 from collections import Counter
 from fractions import Fraction
 
@@ -8,35 +9,34 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_tools.compiled import COMPILED
-from data_tools.random_streams import LazyGenerator, kernel_state, next_u64, uniform, wrapping_arithmetic
-from data_tools.noising import (
-    BartNoiseConfig,
-    SpecialIds,
-    VocabInfo,
+from data_tools.compiled import COMPILED, run_kernel
+from data_tools.masking.pegasus import principal_sentences
+from data_tools.masking.streams import Randomness, masking_randomness, next_u64, stream_key, uniform
+from tests.masking_reference import (
+    SPECIAL,
+    VOCAB,
+    bart_recipe,
     build_bart_example,
     build_gsg_example,
     flatten_sentences,
+    kernel_state,
     noise_spans,
     pack_sentences,
     permute_sentence_order,
     place_spans,
-    sample_span_lengths,
+    reference_pack_sentences,
+    reference_stream_key,
     sample_geometric_span_lengths,
+    sample_span_lengths,
     sample_spans,
-    principal_sentences,
     select_gap_sentences,
     select_principal_sentences,
 )
 
-SPECIAL = SpecialIds()
-# A vocab shaped like Google's: specials and [unused] below 104, then characters, then ## pieces.
-TOKENS = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-          *(f"c{i}" for i in range(104, 900)), *(f"##p{i}" for i in range(900, 1000))]
-VOCAB = VocabInfo.from_tokens(TOKENS, SPECIAL)
 CONTENT_IDS = st.integers(min_value=104, max_value=999)
 SENTENCES = st.lists(st.lists(CONTENT_IDS, min_size=1, max_size=30), min_size=1, max_size=12)
-EXACT = BartNoiseConfig(random_ratio=0.0, keep_ratio=0.0, permute_sentence_ratio=0.0, whole_word_mask=False)
+EXACT = bart_recipe(random_ratio=0.0, keep_ratio=0.0, permute_sentence_ratio=0.0, whole_word_mask=False,
+                    seq_length=1024)
 
 
 def can_fill_masks(source: list[int], target: list[int], mask_id: int) -> bool:
@@ -70,6 +70,13 @@ def test_pack_sentences_keeps_order_and_limit_and_splits_long_sentences():
     chunks = pack_sentences(sentences, max_tokens=5)
     assert chunks == [[[1, 2, 3], [4, 5]], [[6, 7, 8, 9, 10]], [[11, 12], [13]]]
     assert pack_sentences([], 5) == []
+
+
+@settings(deadline=None)
+@given(st.lists(st.lists(CONTENT_IDS, max_size=25), max_size=12), st.integers(1, 12))
+def test_the_packing_kernel_follows_the_plain_rule(sentences, max_tokens):
+    """Empty sentences included: they have no piece, and a piece boundary is never a chunk of its own."""
+    assert pack_sentences(sentences, max_tokens) == reference_pack_sentences(sentences, max_tokens)
 
 
 @settings(deadline=None)  # the first example loads the compiled kernels
@@ -114,16 +121,18 @@ def test_splitmix64_draws_the_published_reference_numbers():
     expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431]
     for compiled in (True, False):
         state = np.array([1234567], dtype=np.uint64)
-        draw = next_u64 if compiled else next_u64.py_func
-        with wrapping_arithmetic(compiled):
-            assert [int(draw(state)) for _ in expected] == expected
+        assert [int(run_kernel(next_u64, compiled, state)) for _ in expected] == expected
 
 
 def test_kernel_streams_are_keyed_by_the_seed_and_their_order():
-    first, again, other = LazyGenerator([1, 0, 5]), LazyGenerator([1, 0, 5]), LazyGenerator([1, 0, 6])
-    keys = [first.kernel_stream() for _ in range(3)]
-    assert keys == [again.kernel_stream() for _ in range(3)] and len(set(keys)) == 3
-    assert other.kernel_stream() not in keys
+    first, again, other = Randomness((1, 0, 5)), Randomness((1, 0, 5)), Randomness((1, 0, 6))
+    keys = [int(first.next_kernel_state()[0]) for _ in range(3)]
+    assert keys == [int(again.next_kernel_state()[0]) for _ in range(3)] and len(set(keys)) == 3
+    assert int(other.next_kernel_state()[0]) not in keys
+    assert keys == [reference_stream_key(1, 0, 5, n) for n in (1, 2, 3)] == [stream_key(1, 0, 5, n) for n in (1, 2, 3)]
+    # the stage keys a document, online masking a chunk of it: two different streams
+    assert masking_randomness(1, 0, 5).key == (1, 0, 5) and masking_randomness(1, 0, 5, 0).key == (1, 0, 5, 0)
+    assert stream_key(2**64 - 1, 2**63) == reference_stream_key(2**64 - 1, 2**63)
     state = kernel_state(np.random.default_rng(3))  # any numpy generator: 64 bits drawn from it
     assert state.dtype == np.uint64 and state.shape == (1,)
     assert kernel_state(np.random.default_rng(3))[0] == state[0]
@@ -132,8 +141,8 @@ def test_kernel_streams_are_keyed_by_the_seed_and_their_order():
 
 
 NOISE_SETTINGS = st.builds(
-    BartNoiseConfig,
-    mask_ratio=st.floats(0.0, 0.6), poisson_lambda=st.floats(0.5, 6.0),
+    bart_recipe,
+    mask_ratio=st.floats(0.0, 0.6, exclude_min=True), poisson_lambda=st.floats(0.5, 6.0),
     span_distribution=st.sampled_from(["poisson", "geometric"]), geometric_p=st.floats(0.05, 1.0),
     max_span_length=st.integers(1, 12), replace_length=st.sampled_from([-1, 0, 1]),
     random_ratio=st.floats(0.0, 0.5), keep_ratio=st.floats(0.0, 0.5), collapse_masks=st.booleans(),
@@ -147,8 +156,9 @@ NOISE_SETTINGS = st.builds(
 @given(st.lists(st.lists(st.one_of(CONTENT_IDS, st.sampled_from([100, 101, 102, 103])), min_size=1, max_size=40),
                 min_size=1, max_size=10), NOISE_SETTINGS, st.integers(0, 2**32 - 1), st.integers(8, 200))
 def test_bart_kernel_and_its_python_twin_build_the_same_example(sentences, noise, seed, seq_length):
-    compiled = build_bart_example(sentences, np.random.default_rng(seed), noise, VOCAB, seq_length, compiled=True)
-    python = build_bart_example(sentences, np.random.default_rng(seed), noise, VOCAB, seq_length, compiled=False)
+    noise = dataclasses.replace(noise, seq_length=seq_length)
+    compiled = build_bart_example(sentences, np.random.default_rng(seed), noise, VOCAB, compiled=True)
+    python = build_bart_example(sentences, np.random.default_rng(seed), noise, VOCAB, compiled=False)
     source, target = (array.tolist() for array in compiled)
     assert [source, target] == [array.tolist() for array in python]
     assert source[0] == SPECIAL.cls and source[-1] == SPECIAL.sep and len(source) <= seq_length
@@ -156,7 +166,7 @@ def test_bart_kernel_and_its_python_twin_build_the_same_example(sentences, noise
 
 
 def test_each_span_becomes_one_mask_and_empty_spans_insert_one():
-    noise = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, whole_word_mask=False)
+    noise = bart_recipe(mask_ratio=0.3, random_ratio=0.0, whole_word_mask=False)
     ids = list(range(200, 300))
     for seed in range(20):
         rng = np.random.default_rng(seed)
@@ -169,7 +179,7 @@ def test_each_span_becomes_one_mask_and_empty_spans_insert_one():
 @settings(max_examples=150, deadline=None)
 @given(SENTENCES, st.integers(0, 2**32 - 1))
 def test_bart_target_is_the_original_and_masks_fill_back_to_it(sentences, seed):
-    source, target = (a.tolist() for a in build_bart_example(sentences, np.random.default_rng(seed), EXACT, VOCAB, 1024))
+    source, target = (a.tolist() for a in build_bart_example(sentences, np.random.default_rng(seed), EXACT, VOCAB))
     original = [t for s in sentences for t in s]
     assert target == original + [SPECIAL.sep]
     assert source[0] == SPECIAL.cls and source[-1] == SPECIAL.sep
@@ -180,8 +190,8 @@ def test_bart_target_is_the_original_and_masks_fill_back_to_it(sentences, seed):
 @given(st.lists(CONTENT_IDS, min_size=20, max_size=300), st.integers(0, 2**32 - 1))
 def test_masked_share_matches_the_ratio(ids, seed):
     # geometric spans have no zero-length insertions, so every [MASK] stands for one token
-    noise = BartNoiseConfig(mask_ratio=0.3, replace_length=-1, random_ratio=0.0, whole_word_mask=False,
-                            span_distribution="geometric", max_span_length=10)
+    noise = bart_recipe(mask_ratio=0.3, replace_length=-1, random_ratio=0.0, whole_word_mask=False,
+                        span_distribution="geometric", max_span_length=10)
     noised = noise_spans(ids, np.random.default_rng(seed), noise, VOCAB)
     assert len(noised) == len(ids)
     masked = sum(t == SPECIAL.mask for t in noised)
@@ -192,7 +202,7 @@ def test_masked_share_matches_the_ratio(ids, seed):
 @given(st.lists(st.one_of(CONTENT_IDS, st.sampled_from([100, 101, 102, 103, 1])), min_size=1, max_size=200),
        st.integers(0, 2**32 - 1))
 def test_special_tokens_are_never_masked_or_replaced(ids, seed):
-    noise = BartNoiseConfig(mask_ratio=0.5, random_ratio=0.3, keep_ratio=0.1, replace_length=1)
+    noise = bart_recipe(mask_ratio=0.5, random_ratio=0.3, keep_ratio=0.1, replace_length=1)
     noised = noise_spans(ids, np.random.default_rng(seed), noise, VOCAB)
     specials = [t for t in ids if VOCAB.is_special[t] and t != SPECIAL.mask]
     assert [t for t in noised if VOCAB.is_special[t] and t != SPECIAL.mask] == specials
@@ -204,7 +214,7 @@ def test_whole_word_masking_never_splits_a_word():
     ids = []
     for word in range(60):
         ids += [104 + word] + [900 + (word + k) % 100 for k in range(word % 3)]
-    noise = BartNoiseConfig(mask_ratio=0.4, replace_length=-1, random_ratio=0.0, span_distribution="geometric")
+    noise = bart_recipe(mask_ratio=0.4, replace_length=-1, random_ratio=0.0, span_distribution="geometric")
     for seed in range(50):
         noised = noise_spans(ids, np.random.default_rng(seed), noise, VOCAB)
         assert len(noised) == len(ids)
@@ -216,28 +226,28 @@ def test_whole_word_masking_never_splits_a_word():
 def test_random_and_kept_spans_and_collapsing():
     ids = list(range(200, 400))
     # geometric spans: no zero-length span, whose insertion would add a token whatever replace_length says
-    random_only = BartNoiseConfig(mask_ratio=0.3, random_ratio=1.0, replace_length=-1, whole_word_mask=False,
-                                  span_distribution="geometric")
+    random_only = bart_recipe(mask_ratio=0.3, random_ratio=1.0, replace_length=-1, whole_word_mask=False,
+                              span_distribution="geometric")
     noised = noise_spans(ids, np.random.default_rng(1), random_only, VOCAB)
     assert SPECIAL.mask not in noised and len(noised) == len(ids) and noised != ids
     assert all(VOCAB.first_regular_id <= t < VOCAB.size for t in noised)
-    keep_only = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, keep_ratio=1.0, whole_word_mask=False)
+    keep_only = bart_recipe(mask_ratio=0.3, random_ratio=0.0, keep_ratio=1.0, whole_word_mask=False)
     assert noise_spans(ids, np.random.default_rng(1), keep_only, VOCAB) == ids
-    collapsed = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, replace_length=-1, collapse_masks=True,
-                                whole_word_mask=False)
+    collapsed = bart_recipe(mask_ratio=0.3, random_ratio=0.0, replace_length=-1, collapse_masks=True,
+                            whole_word_mask=False)
     noised = noise_spans(ids, np.random.default_rng(1), collapsed, VOCAB)
     assert all(not (a == b == SPECIAL.mask) for a, b in zip(noised, noised[1:]))
-    deleted = BartNoiseConfig(mask_ratio=0.3, random_ratio=0.0, replace_length=0, whole_word_mask=False,
-                              span_distribution="geometric")
+    deleted = bart_recipe(mask_ratio=0.3, random_ratio=0.0, replace_length=0, whole_word_mask=False,
+                          span_distribution="geometric")
     noised = noise_spans(ids, np.random.default_rng(1), deleted, VOCAB)
     assert SPECIAL.mask not in noised and len(noised) == len(ids) - 60
 
 
 def test_insertion_and_rotation_keep_every_original_token():
     sentences = [list(range(200 + 10 * i, 208 + 10 * i)) for i in range(5)]
-    noise = BartNoiseConfig(mask_ratio=0.01, insert_ratio=0.2, rotate_ratio=1.0, permute_sentence_ratio=0.0,
-                            random_ratio=0.0, whole_word_mask=False)
-    source, target = (a.tolist() for a in build_bart_example(sentences, np.random.default_rng(5), noise, VOCAB, 256))
+    noise = bart_recipe(mask_ratio=0.01, insert_ratio=0.2, rotate_ratio=1.0, permute_sentence_ratio=0.0,
+                        random_ratio=0.0, whole_word_mask=False, seq_length=256)
+    source, target = (a.tolist() for a in build_bart_example(sentences, np.random.default_rng(5), noise, VOCAB))
     body = source[1:-1]
     assert len(body) == 40 + 8  # ceil(40 * 0.2) insertions, no span at 1%
     assert sorted(t for t in body if t != SPECIAL.mask) == sorted(target[:-1])
@@ -254,8 +264,8 @@ def test_sentence_permutation_ratio():
 
 def test_bart_example_is_deterministic_for_a_seed():
     sentences = [list(range(200 + 10 * i, 208 + 10 * i)) for i in range(6)]
-    first = build_bart_example(sentences, np.random.default_rng(9), BartNoiseConfig(), VOCAB, 128)
-    second = build_bart_example(sentences, np.random.default_rng(9), BartNoiseConfig(), VOCAB, 128)
+    first = build_bart_example(sentences, np.random.default_rng(9), bart_recipe(seq_length=128), VOCAB)
+    second = build_bart_example(sentences, np.random.default_rng(9), bart_recipe(seq_length=128), VOCAB)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 

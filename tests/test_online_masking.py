@@ -1,14 +1,18 @@
-"""Online masking: the trainer masks a tokenized corpus on the fly with the mask stage's functions."""
+"""Online masking: the trainer masks a tokenized corpus on the fly with the mask stage's kernels."""
 
 import json
 
 import numpy as np
 import pytest
 
+from data_tools.common import UserError
 from data_tools.mask import MaskConfig
-from data_tools.noising import pack_sentences, plan_chunks
-from pipeline.examples import OnlineMaskedExamples
+from data_tools.masking.online import CorpusChunks
+from data_tools.masking.recipe import MaskRecipe
+from data_tools.shards import TokenizedCorpus, load_manifest
+from pipeline.examples import OnlineMaskedExamples, load_training_data
 from tests.conftest import DEEPSPEED, PROJECT_ROOT, run_command
+from tests.masking_reference import reference_pack_sentences
 
 
 @pytest.fixture(scope="module")
@@ -16,17 +20,27 @@ def tokenized_dir(clue_tokenized_dir):
     return clue_tokenized_dir
 
 
-def test_plan_chunks_is_pack_sentences_from_lengths():
-    sentences = [[1, 2, 3], [4, 5], list(range(6, 13)), [13]]
-    plan = plan_chunks([len(s) for s in sentences], 5)
-    assert [[sentences[i][a:b] for i, a, b in chunk] for chunk in plan] == pack_sentences(sentences, 5)
+@pytest.mark.parametrize("recipe", [MaskRecipe(target="bart", seq_length=24), MaskRecipe(target="gsg", seq_length=48)],
+                         ids=["bart", "gsg"])
+def test_the_chunk_index_finds_each_chunk_of_the_packing(tokenized_dir, recipe):
+    """Every chunk, read back from the index by slicing the mapped shard, is the chunk the plain packing
+    makes of its document; gsg leaves out single-sentence chunks but keeps the numbering."""
+    chunks = CorpusChunks(tokenized_dir, load_manifest(tokenized_dir, "tokenize"), recipe)
+    corpus = TokenizedCorpus(tokenized_dir)
+    expected = [(document, number, chunk) for document in range(len(corpus))
+                for number, chunk in enumerate(reference_pack_sentences([s.tolist() for s in corpus[document]],
+                                                                        recipe.max_chunk_tokens))
+                if len(chunk) >= recipe.min_chunk_sentences]
+    assert len(chunks) == len(expected) > 1000
+    for index in [*range(0, len(chunks), 7), len(chunks) - 1]:
+        document, number, flat, offsets = chunks.chunk(index)
+        assert (document, number, [flat[a:b].tolist() for a, b in zip(offsets, offsets[1:])]) == expected[index]
+        assert chunks.tokens[index] == len(flat)
 
 
 @pytest.mark.parametrize("preset", ["bart_paper", "pegasus_paper", "uer_gsg"])
 def test_examples_are_fresh_each_epoch_and_reproducible(tmp_path, tokenized_dir, preset):
-    config = MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path, preset=preset, seq_length=128,
-                        tgt_seq_length=48)
-    data = OnlineMaskedExamples(tokenized_dir, config)
+    data = OnlineMaskedExamples(tokenized_dir, MaskRecipe(preset=preset, seq_length=128, tgt_seq_length=48))
     assert len(data) > 1000
     changed = 0
     for index in range(0, len(data), len(data) // 50):
@@ -65,20 +79,35 @@ def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval_loss"]) for r in evals)
     assert evals[0]["eval_tokens"] == evals[1]["eval_tokens"] > 0  # the same held-out examples each time
-    data = OnlineMaskedExamples(tokenized_dir, MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path,
-                                                          preset="pegasus_paper", seq_length=64, tgt_seq_length=32))
+    data = OnlineMaskedExamples(tokenized_dir, MaskRecipe(preset="pegasus_paper", seq_length=64, tgt_seq_length=32))
     trained = [i for rank in (0, 1) for line in (run / f"example_ids_rank{rank}.jsonl").open()
                for i in json.loads(line)["example_ids"]]
     assert max(trained) < len(data) - 64  # held-out examples are never trained on
 
 
 def test_a_tokenized_corpus_without_mask_flags_is_a_user_error(tmp_path, tokenized_dir):
-    from data_tools.common import UserError
-    from pipeline.examples import load_training_data
-
     with pytest.raises(UserError, match="pass --online_mask_config"):
         load_training_data(tokenized_dir, None, tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"preset": "bart_paper", "output_dir": "x", "nonsense": 1}))
-    with pytest.raises(UserError, match="nonsense"):
+    with pytest.raises(UserError, match=r"unknown or not allowed mask flags \['nonsense', 'output_dir'\]"):
         load_training_data(tokenized_dir, bad, tmp_path)
+    bad.write_text(json.dumps({"preset": "uer_gsg", "target": "bart"}))
+    with pytest.raises(UserError, match="bad.json: --preset uer_gsg is for --target gsg, not bart"):
+        load_training_data(tokenized_dir, bad)
+
+
+def test_mask_flags_give_the_recipe_and_the_stage_config_gives_the_same(tmp_path, tokenized_dir):
+    """A JSON of zh-mask flags may carry the stage's run flags (accepted, unused); a MaskConfig masks online
+    as its recipe does."""
+    flags = tmp_path / "mask.json"
+    flags.write_text(json.dumps({"preset": "uer_bart", "seq_length": 96, "seed": 3, "dup_factor": 2,
+                                 "processes_num": 4}))
+    data = load_training_data(tokenized_dir, flags)
+    assert data.recipe == MaskRecipe(preset="uer_bart", seq_length=96, seed=3)
+    config = MaskConfig(input_dir=tokenized_dir, output_dir=tmp_path / "unused", preset="uer_bart", seq_length=96,
+                        seed=3)
+    again = OnlineMaskedExamples(tokenized_dir, config)
+    for index in (0, len(data) // 2, len(data) - 1):
+        assert all(np.array_equal(a, b) for a, b in zip(data.example(index, 2), again.example(index, 2)))
+    assert np.array_equal(data.lengths(), again.lengths()) and data.max_lengths() == (96, 96)

@@ -4,6 +4,8 @@ collectives whose tensors live on the engine's device."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,18 +128,81 @@ def test_loss_projects_only_labelled_positions_and_equals_the_full_projection(na
     assert model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits.shape == (4, 9, 500)
 
 
-def test_each_planned_batch_carries_the_position_reached_after_it():
-    from pipeline.sampler import ResumableDistributedSampler
+def test_each_planned_batch_carries_the_state_reached_after_it():
+    from pipeline.sampler import ResumableDistributedSampler, SamplerState
 
     sampler = ResumableDistributedSampler(100, 4, 1, 2, seed=3)
     planned = sampler.planned()
     first, second = next(planned), next(planned)
-    assert first.position == {"epoch": 0, "micro_batches": 2} and first.consumed_samples == 8
-    assert second.position == {"epoch": 0, "micro_batches": 4} and second.consumed_samples == 16
-    # Resuming from the first batch's position yields the second batch next, whatever was prefetched.
-    resumed = ResumableDistributedSampler(100, 4, 1, 2, seed=3, consumed_samples=first.consumed_samples,
-                                          position=first.position)
+    assert first.state_after == SamplerState(epoch=0, micro_batches=2, consumed_samples=8)
+    assert second.state_after == SamplerState(epoch=0, micro_batches=4, consumed_samples=16)
+    # Resuming from the first batch's state yields the second batch next, whatever was prefetched.
+    resumed = ResumableDistributedSampler(100, 4, 1, 2, seed=3)
+    resumed.load_state_dict(dataclasses.asdict(first.state_after))
     assert next(resumed.planned()) == second
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_s_state_is_that_of_the_last_batch_handed_out_not_of_those_prepared(workers):
+    """torchtitan's Stateful data loader: what a checkpoint saves between steps, with workers ahead."""
+    from pipeline.batch_loader import MicroBatchLoader
+    from pipeline.collate import Seq2SeqCollator
+    from pipeline.sampler import ResumableDistributedSampler
+
+    def loader(state=None):
+        made = MicroBatchLoader(_Examples(), ResumableDistributedSampler(64, 4, 0, 2, seed=1),
+                                Seq2SeqCollator(pad_id=0, decoder_start_id=101), lambda s, t: 0.0, workers=workers,
+                                pin_memory=False, seed=7)
+        if state is not None:
+            made.load_state_dict(state)
+        return made
+
+    uninterrupted = [batch.plan.indices for _, batch in zip(range(12), loader())]
+    first = loader()
+    for _ in range(5):
+        next(first)
+    saved = first.state_dict()
+    assert saved == {"epoch": 0, "micro_batches": 10, "consumed_samples": 40}  # 5 of rank 0's, 5 of rank 1's
+    assert first.sampler.state_dict() != saved or workers == 0  # the workers ran ahead of the loop
+    resumed = loader(saved)
+    assert [next(resumed).plan.indices for _ in range(7)] == uninterrupted[5:]
+    with pytest.raises(RuntimeError, match="before its first batch"):
+        resumed.load_state_dict(saved)
+
+
+class _Examples:
+    """Variable-length examples, without a manifest (the loader does not need one)."""
+
+    def __len__(self):
+        return 64
+
+    def example(self, index, epoch):
+        return np.arange(1, 3 + index % 5, dtype=np.int64), np.arange(1, 2 + index % 3, dtype=np.int64)
+
+
+# A checkpoint's trainer_state.json as zh-train wrote it before the sampler became Stateful (the form is unchanged).
+TRAINER_STATE_BEFORE = ('{"step": 6, "consumed_samples": 48, "data_position": {"epoch": 0, "micro_batches": 12}, '
+                        '"world_size": 2, "files": {"mp_rank_00_model_states.pt": 1234}}')
+
+
+def test_a_trainer_state_json_written_before_the_change_resumes_the_same_batches():
+    from pipeline.sampler import ResumableDistributedSampler, SamplerState
+
+    saved = json.loads(TRAINER_STATE_BEFORE)
+    state = TrainerState.from_json(saved)
+    assert state.step == 6 and state.data == SamplerState(epoch=0, micro_batches=12, consumed_samples=48)
+    assert state.to_json() == {key: saved[key] for key in ("step", "consumed_samples", "data_position")}
+    uninterrupted = iter(ResumableDistributedSampler(100, 4, 1, 2, seed=3))
+    expected = [next(uninterrupted) for _ in range(9)][6:]
+    resumed = ResumableDistributedSampler(100, 4, 1, 2, seed=3)
+    resumed.load_state_dict(dataclasses.asdict(state.data))
+    batches = iter(resumed)
+    assert [next(batches) for _ in range(3)] == expected
+
+
+def test_a_trainer_state_from_before_length_grouping_is_refused_in_one_line():
+    with pytest.raises(UserError, match="has no data_position .*--init_from"):
+        TrainerState.from_json({"step": 4, "consumed_samples": 32, "world_size": 2})
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -146,16 +211,9 @@ def test_prefetching_loader_keeps_order_and_positions(workers):
     from pipeline.collate import Seq2SeqCollator
     from pipeline.sampler import ResumableDistributedSampler
 
-    class Examples:
-        def __len__(self):
-            return 64
-
-        def example(self, index, epoch):
-            return np.arange(1, 3 + index % 5, dtype=np.int64), np.arange(1, 2 + index % 3, dtype=np.int64)
-
     plans = ResumableDistributedSampler(64, 4, 0, 1, seed=1).planned()
     expected = [next(plans) for _ in range(20)]
-    loaded = micro_batches(Examples(), ResumableDistributedSampler(64, 4, 0, 1, seed=1).planned(),
+    loaded = micro_batches(_Examples(), ResumableDistributedSampler(64, 4, 0, 1, seed=1).planned(),
                            Seq2SeqCollator(pad_id=0, decoder_start_id=101), lambda s, t: float(s.sum() + t.sum()),
                            workers=workers, pin_memory=False, seed=7)
     batches = [next(loaded) for _ in range(20)]
@@ -224,8 +282,7 @@ def test_the_metrics_window_reduces_on_the_engine_device_not_the_cpu(record_coll
 
 def test_evaluation_reduces_on_the_engine_device(record_collectives, monkeypatch):
     import pipeline.trainer
-    from pipeline.train_config import TrainConfig
-    from pipeline.trainer import maybe_evaluate
+    from pipeline.trainer import evaluation_loss
 
     # the loss of a meta-device batch (selecting its labelled positions needs real values)
     monkeypatch.setattr(pipeline.trainer, "seq2seq_loss", lambda engine, batch, reduction: torch.zeros((), device="meta"))
@@ -242,9 +299,8 @@ def test_evaluation_reduces_on_the_engine_device(record_collectives, monkeypatch
              "attention_mask": torch.ones(2, 4, dtype=torch.long, device="meta"),
              "decoder_input_ids": torch.zeros(2, 4, dtype=torch.long, device="meta"),
              "labels": torch.zeros(2, 4, dtype=torch.long, device="meta")}
-    config = TrainConfig(data_dir=Path("d"), output_dir=Path("o"), eval_examples=4, eval_every_steps=1)
     with pytest.raises(_CollectiveSeen):
-        maybe_evaluate(Engine(), lambda: iter([batch]), config, TrainerState(step=1), None, None)
+        evaluation_loss(Engine(), iter([batch]))
     assert [device.type for device in record_collectives] == ["meta"]
 
 

@@ -72,17 +72,25 @@ def test_shipped_configs_include_bf16_fp16_offload_and_cpu():
 
 
 def test_sampler_covers_each_epoch_once_across_ranks_and_resumes_exactly():
-    def take(rank, consumed, steps):
-        sampler = iter(ResumableDistributedSampler(103, 4, rank, 2, seed=5, consumed_samples=consumed))
-        return [next(sampler) for _ in range(steps)]
+    def take(rank, state, steps):
+        sampler = ResumableDistributedSampler(103, 4, rank, 2, seed=5)
+        sampler.load_state_dict(state)
+        batches = iter(sampler)
+        return [next(batches) for _ in range(steps)]
 
+    fresh = {"epoch": 0, "micro_batches": 0, "consumed_samples": 0}
     epoch_steps = 103 // 8
-    seen = [i for step in range(epoch_steps) for rank in (0, 1) for i in take(rank, 0, epoch_steps)[step]]
+    seen = [i for step in range(epoch_steps) for rank in (0, 1) for i in take(rank, fresh, epoch_steps)[step]]
     assert len(seen) == len(set(seen)) == epoch_steps * 8
-    # Resuming after 5 steps continues exactly where the uninterrupted run is.
-    assert take(0, 5 * 8, 10) == take(0, 0, 15)[5:]
+    # Resuming from the state saved after 5 steps continues exactly where the uninterrupted run is.
+    sampler = ResumableDistributedSampler(103, 4, 0, 2, seed=5)
+    batches = iter(sampler)
+    for _ in range(5):
+        next(batches)
+    assert sampler.state_dict() == {"epoch": 0, "micro_batches": 10, "consumed_samples": 40}
+    assert take(0, sampler.state_dict(), 10) == take(0, fresh, 15)[5:]
     # The next epoch is a different permutation.
-    assert take(0, 0, epoch_steps + 1)[-1] != take(0, 0, 1)[0]
+    assert take(0, fresh, epoch_steps + 1)[-1] != take(0, fresh, 1)[0]
 
 
 def _lengths(count: int, seed: int = 3) -> np.ndarray:
@@ -125,9 +133,12 @@ def test_group_by_length_keeps_fixed_size_batches_and_leaves_only_ragged_tails_o
 def test_length_grouped_sampler_covers_each_epoch_once_across_ranks_and_resumes_exactly(max_tokens):
     lengths = _lengths(500)
 
-    def sampler(rank, position=None):
-        return ResumableDistributedSampler(500, 8, rank, 2, seed=5, lengths=lengths, max_tokens=max_tokens,
-                                           group_window=8, position=position)
+    def sampler(rank, state=None):
+        made = ResumableDistributedSampler(500, 8, rank, 2, seed=5, lengths=lengths, max_tokens=max_tokens,
+                                           group_window=8)
+        if state is not None:
+            made.load_state_dict(state)
+        return made
 
     first = sampler(0)
     groups = first.groups_in_epoch(0)
@@ -143,7 +154,7 @@ def test_length_grouped_sampler_covers_each_epoch_once_across_ranks_and_resumes_
     run = iter(partial)
     for _ in range(7):
         next(run)
-    resumed = iter(sampler(1, position=partial.state()))
+    resumed = iter(sampler(1, state=partial.state_dict()))
     assert [next(resumed) for _ in range(groups + 5 - 7)] == reference[7:]
     # The batches are shuffled after grouping: lengths do not trend through the epoch.
     batch_lengths = [lengths[b].sum(axis=1).mean() for b in reference[:groups]]
@@ -158,10 +169,13 @@ def test_a_position_saved_by_two_ranks_continues_the_same_batch_sequence_on_one(
     for _ in range(5):
         for run in runs:
             next(run)
+    saved = two_ranks[0].state_dict()
+    assert saved["epoch"] == 0 and saved["micro_batches"] == 10
     after_five = [[next(run) for run in runs] for _ in range(3)]
-    one_rank = iter(ResumableDistributedSampler(400, 8, 0, 1, seed=2, lengths=lengths, max_tokens=2500,
-                                                position={"epoch": 0, "micro_batches": 10}))
-    assert [next(one_rank) for _ in range(6)] == [batch for group in after_five for batch in group]
+    one_rank = ResumableDistributedSampler(400, 8, 0, 1, seed=2, lengths=lengths, max_tokens=2500)
+    one_rank.load_state_dict(saved)
+    resumed = iter(one_rank)
+    assert [next(resumed) for _ in range(6)] == [batch for group in after_five for batch in group]
 
 
 def test_token_budget_below_the_longest_example_is_a_user_error():
@@ -274,3 +288,23 @@ def test_cpu_ranks_share_the_cores_unless_omp_num_threads_is_set():
     assert cpu_threads_per_rank({"LOCAL_SIZE": "8"}, cores=2) == 1  # never zero
     assert cpu_threads_per_rank({}, cores=16) == 16
     assert cpu_threads_per_rank({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, cores=2) is None  # the user's choice
+
+
+def test_train_config_sections_keep_flat_flags_and_a_flat_train_config_json():
+    import dataclasses
+
+    from data_tools.cli import build_parser, config_to_dict, section_titles
+    from pipeline.train_config import CheckpointOptions, DataOptions, LoggingOptions, OptimizationOptions
+
+    config = make_config(micro_batch_size=4, learning_rate=3e-4, keep_last_checkpoints=2, log_every_steps=5)
+    assert isinstance(config, (DataOptions, OptimizationOptions, CheckpointOptions, LoggingOptions))
+    parser = build_parser(TrainConfig)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert {f"--{field.name}" for field in dataclasses.fields(TrainConfig)} <= flags
+    headings = [group.title for group in parser._action_groups if group._group_actions][1:]
+    assert [heading.split(":")[0] for heading in headings] == ["Run", "Data", "Optimization", "Checkpointing",
+                                                               "Logging"]
+    assert section_titles(TrainConfig)["learning_rate"].startswith("Optimization")
+    saved = config_to_dict(config)  # train_config.json: one flat object, as before the sections
+    assert saved["micro_batch_size"] == 4 and saved["keep_last_checkpoints"] == 2 and "optimization" not in saved
+    assert TrainConfig(**{**saved, "data_dir": Path(saved["data_dir"])}) == config
