@@ -2,7 +2,9 @@
 
 Every stage declares a ``@dataclass`` whose fields carry their help text in
 ``metadata["help"]``. :func:`parse_config` turns it into an ``argparse`` parser, so
-``--help`` documents every flag and the flags can never drift from the config.
+``--help`` documents every flag and the flags can never drift from the config. A config made of
+sections (dataclass bases, as ``TrainConfig``'s data, optimization, checkpointing and logging) keeps
+flat flags named after the fields, listed under one heading per section.
 :func:`run_stage` is the shared ``main``: it turns :class:`UserError` into a one-line
 message and exit status 2, so bad input never shows a traceback.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -49,9 +52,15 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(config_cls)
+    sections = section_titles(config_cls)
+    groups: dict[str, Any] = {}  # section title -> its argument group
     for field in dataclasses.fields(config_cls):
         if field.metadata.get("cli") is False:
             continue
+        title = sections.get(field.name)
+        if title is not None and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        target = parser if title is None else groups[title]
         tp, _ = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
         if field.metadata.get("required"):
@@ -72,8 +81,19 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
             kwargs["type"] = item_type
         else:
             kwargs["type"] = tp
-        parser.add_argument(f"--{field.name}", **kwargs)
+        target.add_argument(f"--{field.name}", **kwargs)
     return parser
+
+
+def section_titles(config_cls: type) -> dict[str, str]:
+    """Field name -> title of the section (a dataclass base of ``config_cls``) that declares it: the first
+    line of the section's docstring. Fields of ``config_cls`` itself are in none."""
+    titles = {}
+    for base in reversed(config_cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            title = (base.__doc__ or base.__name__).strip().splitlines()[0].rstrip(".")
+            titles.update(dict.fromkeys(base.__dict__.get("__annotations__", {}), title))
+    return titles
 
 
 def check_field_types(config: Any) -> None:
@@ -90,7 +110,7 @@ def check_field_types(config: Any) -> None:
             raise UserError(f"{field.name} must be given (got null)")
         if not _matches(value, tp):
             expected = (f"one of {list(get_args(tp))}" if get_origin(tp) is Literal
-                        else getattr(tp, "__name__", str(tp)))
+                        else "a finite number" if tp is float else getattr(tp, "__name__", str(tp)))
             raise UserError(f"{field.name} must be {expected}, got {value!r}")
 
 
@@ -105,8 +125,8 @@ def _matches(value: Any, tp: Any) -> bool:
         return isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # NaN passes every range check (each comparison is False) and infinity most
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is Path:
         return isinstance(value, (str, Path))
     if tp is str:
@@ -118,7 +138,20 @@ def parse_config(config_cls: type[ConfigT], argv: Sequence[str] | None = None) -
     """Parse ``argv`` into ``config_cls``; unknown flags are an error."""
     parser = build_parser(config_cls)
     namespace = parser.parse_args(argv)
+    refuse_non_finite(parser, namespace)
     return config_cls(**vars(namespace))
+
+
+def refuse_non_finite(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> None:
+    """NaN and infinity in a float flag, refused before the config (and any range check, which NaN
+    would pass) sees them: a NaN ratio or span length can make a sampling loop spin forever."""
+    for action in parser._actions:
+        if action.type is not float:
+            continue
+        values = getattr(namespace, action.dest)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{action.option_strings[0]} {value} must be a finite number")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
