@@ -1,8 +1,10 @@
-"""The whole data path, raw text to masked BART examples, per core: zh-clean, zh-tokenize and
-zh-mask run as the commands a user runs (one process each, start-up included), timed end to
-end, in MB of raw text per second, on the CLUECorpusSmall samples from ../shared/data (3.9 MB,
-3 copies, 1 with ``--quick``, each marked so dedup keeps it), Google's Chinese vocab, BART
-masking at seq_length 512.
+"""The whole data path, raw text to masked examples, per core: zh-clean, zh-tokenize, then zh-mask
+for BART and for PEGASUS's gap sentences, run as the commands a user runs (one process each,
+start-up included), timed end to end, in MB of raw text per second, on the CLUECorpusSmall
+samples from ../shared/data (3.9 MB, 3 copies, 1 with ``--quick``, each marked so dedup keeps
+it), Google's Chinese vocab, seq_length 512: BART's default recipe, and the ``uer_gsg`` preset
+(random gap sentences, the seed PEGASUS model's recipe) with tgt_seq_length 128. Both paths share
+the clean and tokenize runs.
 
 Peer: UER-py (preprocess + its train-time BART noising), which cannot be installed here; its
 figure is issue #13's for this machine class, printed as a reference, not measured.
@@ -10,8 +12,8 @@ figure is issue #13's for this machine class, printed as a reference, not measur
     python -m bench.data_path [--quick]
 
 Prints a table, then one JSON object per figure: data_path_raw_mb_per_s_per_core,
-data_path_mask_share, uer_data_path_raw_mb_per_s_per_core_reference,
-data_path_speedup_vs_uer_reference.
+data_path_mask_share (BART), data_path_gsg_raw_mb_per_s_per_core, data_path_gsg_mask_share
+(uer_gsg), uer_data_path_raw_mb_per_s_per_core_reference, data_path_speedup_vs_uer_reference.
 """
 
 from __future__ import annotations
@@ -65,31 +67,44 @@ def main() -> None:
         root = Path(scratch)
         raw_bytes = build_corpus(root, copies)
         vocab = SHARED / "google_zh_vocab.txt"
+        tokenized, common = str(root / "tok"), ["--seq_length", "512"]
         seconds = {
             "clean": run_stage("zh-clean", ["--input_paths", str(root / "raw.txt"), "--output_dir", str(root / "clean"),
                                             "--input_format", "line"]),
-            "tokenize": run_stage("zh-tokenize", ["--input_dir", str(root / "clean"), "--output_dir", str(root / "tok"),
+            "tokenize": run_stage("zh-tokenize", ["--input_dir", str(root / "clean"), "--output_dir", tokenized,
                                                   "--vocab_path", str(vocab)]),
-            "mask": run_stage("zh-mask", ["--input_dir", str(root / "tok"), "--output_dir", str(root / "bart"),
-                                          "--target", "bart", "--seq_length", "512"]),
+            "mask bart": run_stage("zh-mask", ["--input_dir", tokenized, "--output_dir", str(root / "bart"),
+                                               "--target", "bart", *common]),
+            "mask gsg": run_stage("zh-mask", ["--input_dir", tokenized, "--output_dir", str(root / "gsg"),
+                                              "--preset", "uer_gsg", "--tgt_seq_length", "128", *common]),
         }
-        examples = json.loads((root / "bart" / "manifest.json").read_text())["counts"]["examples"]
-    total = sum(seconds.values())
-    megabytes = raw_bytes / 1e6
-    print(f"raw text {megabytes:.1f} MB -> BART examples, one process per stage, start-up included")
-    print(f"{'stage':<10} {'seconds':>8} {'MB/s of raw text':>17} {'share':>6}")
+        examples = {target: json.loads((root / target / "manifest.json").read_text())["counts"]["examples"]
+                    for target in ("bart", "gsg")}
+    report(raw_bytes / 1e6, seconds, examples)
+
+
+def report(megabytes: float, seconds: dict[str, float], examples: dict[str, int]) -> None:
+    """The table, each path (clean + tokenize + its mask run) totalled, then the JSON figures."""
+    totals = {target: seconds["clean"] + seconds["tokenize"] + seconds[f"mask {target}"] for target in ("bart", "gsg")}
+    print(f"raw text {megabytes:.1f} MB -> BART and gsg (uer_gsg) examples, one process per stage, start-up included")
+    print(f"{'stage':<10} {'seconds':>8} {'MB/s of raw text':>17} {'share of its path':>18}")
     for stage, value in seconds.items():
-        print(f"{stage:<10} {value:>8.2f} {megabytes / value:>17.2f} {value / total:>6.0%}")
-    print(f"{'total':<10} {total:>8.2f} {megabytes / total:>17.2f}")
-    print(f"UER-py reference (issue #13, not measured here): {UER_REFERENCE_MB_PER_S} MB/s per core; "
-          f"{examples} examples written")
+        path = totals["gsg"] if stage == "mask gsg" else totals["bart"]
+        print(f"{stage:<10} {value:>8.2f} {megabytes / value:>17.2f} {value / path:>18.0%}")
+    for target, total in totals.items():
+        print(f"{'total ' + target:<10} {total:>8.2f} {megabytes / total:>17.2f}   {examples[target]} examples")
+    print(f"UER-py reference (issue #13, not measured here): {UER_REFERENCE_MB_PER_S} MB/s per core (BART)")
     figures = [
-        {"metric": "data_path_raw_mb_per_s_per_core", "value": round(megabytes / total, 3), "unit": "MB/s"},
-        {"metric": "data_path_mask_share", "value": round(seconds["mask"] / total, 3), "unit": "fraction of the time"},
+        {"metric": "data_path_raw_mb_per_s_per_core", "value": round(megabytes / totals["bart"], 3), "unit": "MB/s"},
+        {"metric": "data_path_mask_share", "value": round(seconds["mask bart"] / totals["bart"], 3),
+         "unit": "fraction of the time"},
+        {"metric": "data_path_gsg_raw_mb_per_s_per_core", "value": round(megabytes / totals["gsg"], 3), "unit": "MB/s"},
+        {"metric": "data_path_gsg_mask_share", "value": round(seconds["mask gsg"] / totals["gsg"], 3),
+         "unit": "fraction of the time"},
         {"metric": "uer_data_path_raw_mb_per_s_per_core_reference", "value": UER_REFERENCE_MB_PER_S,
          "unit": "MB/s (issue #13's figure, not measured in this run)"},
-        {"metric": "data_path_speedup_vs_uer_reference", "value": round(megabytes / total / UER_REFERENCE_MB_PER_S, 2),
-         "unit": "x"},
+        {"metric": "data_path_speedup_vs_uer_reference",
+         "value": round(megabytes / totals["bart"] / UER_REFERENCE_MB_PER_S, 2), "unit": "x"},
     ]
     for figure in figures:
         print(json.dumps(figure))

@@ -1,6 +1,6 @@
 """Masking throughput per core for each target and preset, on real Chinese text.
 
-Each configuration (BART, the UER presets, GSG random and principal) builds examples from the
+Each configuration (BART, the UER presets, GSG random, mixed and principal) builds examples from the
 CLUECorpusSmall sample in ../shared/data (tokenized once with Google's Chinese vocab) in one
 process, as the mask stage's workers do (``mask_block`` on blocks of 1,000 documents), timed
 alone. Peer: UER-py, which cannot be installed here; its figures are issue #4's for this machine
@@ -82,6 +82,7 @@ def main() -> None:
         "uer_bart preset": dict(preset="uer_bart"),
         "gsg random": dict(target="gsg"),
         "uer_gsg preset": dict(preset="uer_gsg"),
+        "gsg random, mixed actions": dict(target="gsg", gap_action="mixed"),
         "gsg principal (pegasus_paper)": dict(preset="pegasus_paper"),
         "gsg principal sequential uniq": dict(preset="pegasus_paper", rouge_mode="sequential", rouge_unique=True),
     }

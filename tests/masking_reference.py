@@ -3,13 +3,16 @@
 The library (data_tools.masking) works on flat int64 arrays and keyed random streams. The tests
 speak of lists of sentences and explicit numpy generators: the wrappers here translate (a kernel
 stream starts from 64 bits drawn from the generator). ``reference_*`` functions are rules written
-plainly, independently of the kernels: what the kernels must agree with.
+plainly, independently of the kernels: what the kernels must agree with. PEGASUS's whole example
+has one (SplitMix64 in Python integers, exact ROUGE-1 with fractions); BART's is its per-chunk
+kernel fed the stream the stage keys, so the block kernel's packing, keying and layout are checked.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 
@@ -17,10 +20,9 @@ from data_tools.compiled import COMPILED, run_kernel
 from data_tools.masking import bart, pegasus
 from data_tools.masking.blocks import SKIPPED_SINGLE_SENTENCE_CHUNKS
 from data_tools.masking.chunking import chunk_arrays, plan_chunks
-from data_tools.masking.online import mask_chunk
 from data_tools.masking.recipe import MaskRecipe
-from data_tools.masking.streams import masking_randomness
 from data_tools.masking.vocab import SpecialIds, VocabInfo
+from data_tools.shards import DocumentBlock
 
 Span = tuple[int, int]  # (start, length); length 0 is an insertion point
 
@@ -31,19 +33,9 @@ TOKENS = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "
 VOCAB = VocabInfo.from_tokens(TOKENS, SPECIAL)
 
 
-class GeneratorRandomness:
-    """What the masking functions draw from (a :class:`~data_tools.masking.streams.Randomness`), fed by an
-    explicit numpy generator: each kernel stream starts from 64 bits drawn from it."""
-
-    def __init__(self, generator: np.random.Generator) -> None:
-        self.generator = generator
-
-    def next_kernel_state(self) -> np.ndarray:
-        return np.array([self.generator.integers(0, 1 << 64, dtype=np.uint64)], dtype=np.uint64)
-
-
 def kernel_state(rng: np.random.Generator) -> np.ndarray:
-    return GeneratorRandomness(rng).next_kernel_state()
+    """A kernel stream's one-element state, starting from 64 bits drawn from an explicit generator."""
+    return np.array([rng.integers(0, 1 << 64, dtype=np.uint64)], dtype=np.uint64)
 
 
 def bart_recipe(**flags) -> MaskRecipe:
@@ -154,15 +146,21 @@ def select_principal_sentences(sentences: list[list[int]], count: int, mode: str
 def select_gap_sentences(sentences: list[list[int]], ratio: float, strategy: str, rng: np.random.Generator,
                          rouge_mode: str = "independent", rouge_unique: bool = False,
                          keep_last: bool = False) -> list[int]:
-    recipe = MaskRecipe(target="gsg", gap_sentence_ratio=ratio, sentence_selection_strategy=strategy,
-                        rouge_mode=rouge_mode, rouge_unique=rouge_unique, keep_last_sentence=keep_last)
-    return pegasus.select_gaps(*flatten_sentences(sentences), recipe, GeneratorRandomness(rng))
+    """The gap sentences the kernel chooses, drawing from a stream seeded by ``rng``."""
+    flat, offsets = flatten_sentences(sentences)
+    gaps = np.empty(len(sentences), np.int64)
+    run_kernel(pegasus.choose_gaps, COMPILED, flat, offsets, kernel_state(rng), gaps, ratio, keep_last,
+               pegasus.SELECTION_CODES[strategy], rouge_mode == "sequential", rouge_unique, pegasus.GAP_MASK,
+               *pegasus.principal_scratch(VOCAB.size))
+    return np.flatnonzero(gaps != pegasus.NOT_A_GAP).tolist()
 
 
 def build_gsg_example(sentences: list[list[int]], selected: list[int], special: SpecialIds, tgt_seq_length: int,
-                      rng: np.random.Generator | None = None, gap_action: str = "mask") -> tuple[list[int], list[int]]:
+                      gap_action: str = "mask") -> tuple[list[int], list[int]]:
+    """The example the kernel writes for given gap sentences, each given ``gap_action`` (not mixed)."""
     flat, offsets = flatten_sentences(sentences)
-    gaps = pegasus.gap_actions(len(sentences), selected, gap_action, GeneratorRandomness(rng))
+    gaps = np.full(len(sentences), pegasus.NOT_A_GAP, np.int64)
+    gaps[selected] = pegasus.GAP_ACTION_CODES[gap_action]
     source = np.empty(len(flat) + len(sentences) + 2, np.int64)
     target = np.empty(tgt_seq_length, np.int64)
     source_end, target_end = run_kernel(pegasus.write_gsg_example, COMPILED, flat, offsets, gaps, special.mask,
@@ -170,35 +168,147 @@ def build_gsg_example(sentences: list[list[int]], selected: list[int], special: 
     return source[:source_end].tolist(), target[:target_end].tolist()
 
 
+def gsg_chunk_example(sentences: list[list[int]], recipe: MaskRecipe, rng: np.random.Generator,
+                      compiled: bool = COMPILED) -> tuple[list[int], list[int]]:
+    """One chunk's example under a gsg recipe, drawing from a stream seeded by ``rng``."""
+    source, target = pegasus.gsg_example(*flatten_sentences(sentences), kernel_state(rng), recipe, VOCAB, compiled)
+    return source.tolist(), target.tolist()
+
+
+class ReferenceStream:
+    """SplitMix64 (Vigna's splitmix64.c) in Python integers, and the draws the kernels make from it."""
+
+    def __init__(self, state: int) -> None:
+        self.state = state
+
+    def next_u64(self) -> int:
+        self.state = (self.state + _GOLDEN) & _MASK64
+        return _finalize(self.state)
+
+    def uniform(self) -> float:
+        return (self.next_u64() >> 11) / (1 << 53)
+
+    def below(self, n: int) -> int:
+        return min(int(self.uniform() * n), n - 1)
+
+    def choose_sorted(self, population: int, count: int) -> list[int]:
+        """Floyd's sample of ``count`` of range(population), sorted."""
+        chosen: set[int] = set()
+        for j in range(population - count, population):
+            t = self.below(j + 1)
+            chosen.add(j if t in chosen else t)
+        return sorted(chosen)
+
+
+def reference_rouge1_f1(candidate: list[int], reference: list[int], unique: bool) -> Fraction:
+    """Exact (rational) ROUGE-1 F1: equal scores tie exactly, and ties go to the earlier sentence."""
+    c, r = (Counter(set(candidate)), Counter(set(reference))) if unique else (Counter(candidate), Counter(reference))
+    overlap = sum((c & r).values())
+    if not overlap:
+        return Fraction(0)
+    precision, recall = Fraction(overlap, sum(c.values())), Fraction(overlap, sum(r.values()))
+    return 2 * precision * recall / (precision + recall)
+
+
+def reference_principal(sentences: list[list[int]], count: int, mode: str, unique: bool) -> list[int]:
+    """PEGASUS's principal sentences by brute force: each sentence (with those selected so far when
+    sequential) scored against all the others."""
+    def rest(indices):
+        return [t for i, s in enumerate(sentences) if i not in indices for t in s]
+
+    if mode == "independent":
+        scores = [reference_rouge1_f1(s, rest({i}), unique) for i, s in enumerate(sentences)]
+        return sorted(sorted(range(len(sentences)), key=lambda i: (-scores[i], i))[:count])
+    selected: list[int] = []
+    for _ in range(count):
+        best, best_score = None, -1.0
+        for i in range(len(sentences)):
+            if i in selected:
+                continue
+            chosen = set(selected) | {i}
+            candidate = [t for j in sorted(chosen) for t in sentences[j]]
+            score = reference_rouge1_f1(candidate, rest(chosen), unique)
+            if score > best_score:
+                best, best_score = i, score
+        selected.append(best)
+    return sorted(selected)
+
+
+def reference_gsg_example(chunk: list[list[int]], stream: ReferenceStream, recipe: MaskRecipe,
+                          special: SpecialIds) -> tuple[list[int], list[int]]:
+    """PEGASUS's example of one chunk (its pieces), plainly: ``round(n * ratio)`` gaps, at least one,
+    among all pieces or all but the last; chosen at random (Floyd's sample from ``stream``), as the
+    lead or as the principal ones; then, for ``mixed``, one draw per gap in order (below 0.8 mask,
+    below 0.9 remove, else keep). Source [CLS] ... [SEP]; target the gaps, cut, then [SEP]."""
+    candidates = len(chunk) - 1 if recipe.keep_last_sentence else len(chunk)
+    count = min(candidates, max(1, round(len(chunk) * recipe.gap_sentence_ratio)))
+    if recipe.sentence_selection_strategy == "random":
+        gaps = stream.choose_sorted(candidates, count)
+    elif recipe.sentence_selection_strategy == "lead":
+        gaps = list(range(count))
+    else:
+        gaps = reference_principal(chunk[:candidates], count, recipe.rouge_mode, recipe.rouge_unique)
+    actions = {index: recipe.gap_action for index in gaps}
+    if recipe.gap_action == "mixed":
+        for index in gaps:
+            draw = stream.uniform()
+            actions[index] = "mask" if draw < 0.8 else "remove" if draw < 0.9 else "keep"
+    source, target = [special.cls], []
+    for index, sentence in enumerate(chunk):
+        action = actions.get(index, "keep")  # a sentence that is no gap stays, as a kept gap does
+        target += sentence if index in actions else []
+        source += [special.mask] if action == "mask" else [] if action == "remove" else sentence
+    return source + [special.sep], target[:recipe.tgt_seq_length - 1] + [special.sep]
+
+
 # -- a block, document by document --------------------------------------------------------------------
+
+
+def document_block(documents: list[list[list[int]]], first_document: int) -> DocumentBlock:
+    """Consecutive documents (lists of sentences) as the stage hands a worker a block."""
+    lengths = [len(sentence) for document in documents for sentence in document]
+    return DocumentBlock(first_document, np.cumsum([0] + [len(d) for d in documents]), np.cumsum([0] + lengths),
+                         np.array([t for d in documents for s in d for t in s], dtype=np.uint16))
 
 
 def reference_examples_of_documents(documents: list[list[list[int]]], first_document: int, pass_index: int,
                                     recipe: MaskRecipe, vocab: VocabInfo) -> tuple[list, list, Counter]:
-    """The mask stage's examples of consecutive documents, built the way its per-document path did:
-    the plain packing, then each chunk through the per-chunk functions, document d's chunks drawing in
-    turn from ``masking_randomness(seed, pass, d)``. (sources, targets, documents skipped by reason)."""
+    """The mask stage's examples of consecutive documents, document by document: the plain packing,
+    then chunk number c of document d from the stream ``stream_key(seed, pass, d, c + 1)`` (chunks
+    left out counted). (sources, targets, documents skipped by reason)."""
     sources, targets, skipped = [], [], Counter()
     for document, sentences in enumerate(documents, start=first_document):
-        randomness = masking_randomness(recipe.seed, pass_index, document)
-        chunks = [chunk for chunk in reference_pack_sentences(sentences, recipe.max_chunk_tokens)
+        chunks = [(number, chunk) for number, chunk in
+                  enumerate(reference_pack_sentences(sentences, recipe.max_chunk_tokens))
                   if len(chunk) >= recipe.min_chunk_sentences]
-        for chunk in chunks:
-            source, target = mask_chunk(*flatten_sentences(chunk), randomness, recipe, vocab)
-            sources.append(source.tolist())
-            targets.append(target.tolist())
+        for number, chunk in chunks:
+            key = reference_stream_key(recipe.seed, pass_index, document, number + 1)
+            if recipe.target == "bart":
+                state = np.array([key], dtype=np.uint64)
+                source, target = (part.tolist() for part in bart.bart_example(*flatten_sentences(chunk), state,
+                                                                               recipe, vocab))
+            else:
+                source, target = reference_gsg_example(chunk, ReferenceStream(key), recipe, vocab.special)
+            sources.append(source)
+            targets.append(target)
         if not chunks and recipe.target == "gsg":
             skipped[SKIPPED_SINGLE_SENTENCE_CHUNKS] += 1
     return sources, targets, skipped
 
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _finalize(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def reference_stream_key(*parts: int) -> int:
     """SplitMix64's finalizer folded over the parts, in Python integers."""
-    mask64 = (1 << 64) - 1
     key = 0
     for part in parts:
-        z = ((key ^ part) + 0x9E3779B97F4A7C15) & mask64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
-        key = z ^ (z >> 31)
+        key = _finalize(((key ^ part) + _GOLDEN) & _MASK64)
     return key

@@ -1,6 +1,7 @@
 """The benchmark scripts' pure helpers (no timing asserts: the benchmarks measure, tests check arithmetic),
 and that each runs as ``python -m bench.NAME`` from the project root."""
 
+import json
 import math
 import os
 import subprocess
@@ -101,3 +102,17 @@ def test_fixed_batches_are_the_trainers_and_run_into_the_next_epoch(throughput):
 def test_step_lines_are_the_trainers(throughput):
     assert throughput.STEP_LINE.match("step 30: loss 9.9419 lr 0.000e+00 grad norm 0.3 654 tokens/s").group(1) == "30"
     assert not throughput.STEP_LINE.match("step 20: eval loss 9.9 over 100 target tokens")
+
+
+def test_the_data_path_report_totals_each_path_from_the_shared_stages(capsys):
+    from bench.data_path import report
+
+    report(8.0, {"clean": 1.0, "tokenize": 2.0, "mask bart": 1.0, "mask gsg": 5.0}, {"bart": 10, "gsg": 4})
+    lines = capsys.readouterr().out.splitlines()
+    figures = {figure["metric"]: figure["value"] for figure in map(json.loads, (line for line in lines
+                                                                                 if line.startswith("{")))}
+    assert figures["data_path_raw_mb_per_s_per_core"] == 2.0 and figures["data_path_mask_share"] == 0.25
+    assert figures["data_path_gsg_raw_mb_per_s_per_core"] == 1.0 and figures["data_path_gsg_mask_share"] == 0.625
+    assert figures["data_path_speedup_vs_uer_reference"] == round(2.0 / figures[
+        "uer_data_path_raw_mb_per_s_per_core_reference"], 2)
+    assert any(line.startswith("total gsg") and "4 examples" in line for line in lines)

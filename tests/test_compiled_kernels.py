@@ -37,7 +37,10 @@ def assert_same_shards_and_one_notice(tmp_path, compiled, python):
     ("--preset", "pegasus_paper", "--seq_length", "256", "--rouge_mode", "sequential", "--rouge_unique"),
     ("--preset", "bart_paper", "--seq_length", "256", "--insert_ratio", "0.05", "--rotate_ratio", "0.5"),
     ("--preset", "uer_bart", "--seq_length", "128"),
-], ids=["independent", "sequential-unique", "bart-paper", "uer-bart"])
+    ("--preset", "uer_gsg", "--seq_length", "128", "--tgt_seq_length", "48", "--dup_factor", "2"),
+    ("--preset", "pegasus_paper", "--seq_length", "128", "--gap_action", "mixed", "--gap_sentence_ratio", "0.45",
+     "--keep_last_sentence"),
+], ids=["independent", "sequential-unique", "bart-paper", "uer-bart", "uer-gsg", "principal-mixed-keep-last"])
 def test_mask_stage_writes_the_same_examples_with_and_without_compiled_kernels(tmp_path, clue_tokenized_dir, flags):
     compiled = run_stage("data_tools.mask", clue_tokenized_dir, tmp_path / "compiled", True, *flags)
     python = run_stage("data_tools.mask", clue_tokenized_dir, tmp_path / "python", False, *flags)

@@ -171,7 +171,7 @@ _DOCUMENTS = st.lists(st.lists(st.lists(st.integers(min_value=0, max_value=999),
        seq_length=st.sampled_from([8, 16, 64]))
 def test_a_block_writes_what_the_per_document_path_writes(recipe, documents, first, pass_index, seq_length):
     """Ids 0-999 of a Google-shaped vocab: specials, [unused], characters and ## pieces; sentences longer
-    than a chunk are cut. The block (one kernel call, or chunk by chunk) gives what the plain packing and
+    than a chunk are cut. The block (one kernel call) gives what the plain packing and
     the per-chunk functions give, document d's chunks drawing in turn from masking_randomness(seed, pass, d);
     with numba, so does the block path run as Python."""
     recipe = MaskRecipe(seq_length=seq_length, seed=5, **BLOCK_RECIPES[recipe])

@@ -2,7 +2,6 @@
 
 import dataclasses
 from collections import Counter
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -10,21 +9,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_tools.compiled import COMPILED, run_kernel
+from data_tools.masking.blocks import examples_of_block
 from data_tools.masking.pegasus import principal_sentences
+from data_tools.masking.recipe import MaskRecipe
 from data_tools.masking.streams import Randomness, masking_randomness, next_u64, stream_key, uniform
 from tests.masking_reference import (
     SPECIAL,
     VOCAB,
+    ReferenceStream,
     bart_recipe,
     build_bart_example,
     build_gsg_example,
+    document_block,
     flatten_sentences,
+    gsg_chunk_example,
     kernel_state,
     noise_spans,
     pack_sentences,
     permute_sentence_order,
     place_spans,
+    reference_examples_of_documents,
+    reference_gsg_example,
     reference_pack_sentences,
+    reference_principal,
     reference_stream_key,
     sample_geometric_span_lengths,
     sample_span_lengths,
@@ -277,44 +284,12 @@ def test_place_spans_drops_what_does_not_fit():
 # -- PEGASUS --------------------------------------------------------------------------------------
 
 
-def brute_force_rouge1_f1(candidate: list[int], reference: list[int], unique: bool) -> Fraction:
-    """Exact (rational) ROUGE-1 F1: equal scores tie exactly, and ties go to the earlier sentence."""
-    c, r = (Counter(set(candidate)), Counter(set(reference))) if unique else (Counter(candidate), Counter(reference))
-    overlap = sum((c & r).values())
-    if not overlap:
-        return Fraction(0)
-    precision, recall = Fraction(overlap, sum(c.values())), Fraction(overlap, sum(r.values()))
-    return 2 * precision * recall / (precision + recall)
-
-
-def brute_force_principal(sentences, count, mode, unique):
-    def rest(indices):
-        return [t for i, s in enumerate(sentences) if i not in indices for t in s]
-
-    if mode == "independent":
-        scores = [brute_force_rouge1_f1(s, rest({i}), unique) for i, s in enumerate(sentences)]
-        return sorted(sorted(range(len(sentences)), key=lambda i: (-scores[i], i))[:count])
-    selected: list[int] = []
-    for _ in range(count):
-        best, best_score = None, -1.0
-        for i in range(len(sentences)):
-            if i in selected:
-                continue
-            chosen = set(selected) | {i}
-            candidate = [t for j in sorted(chosen) for t in sentences[j]]
-            score = brute_force_rouge1_f1(candidate, rest(chosen), unique)
-            if score > best_score:
-                best, best_score = i, score
-        selected.append(best)
-    return sorted(selected)
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.integers(104, 130), min_size=1, max_size=12), min_size=2, max_size=9),
        st.sampled_from(["independent", "sequential"]), st.booleans(), st.integers(1, 4))
 def test_principal_selection_equals_brute_force(sentences, mode, unique, count):
     count = min(count, len(sentences))
-    expected = brute_force_principal(sentences, count, mode, unique)
+    expected = reference_principal(sentences, count, mode, unique)
     assert select_principal_sentences(sentences, count, mode, unique) == expected
     flat, offsets = flatten_sentences(sentences)
     for compiled in (True, False) if COMPILED else (False,):  # the kernel and the same code as Python
@@ -357,11 +332,26 @@ def test_gsg_example_actions_and_truncation():
                                                                                        SPECIAL.sep]
     assert build_gsg_example(sentences, [1], SPECIAL, 10, gap_action="keep")[0] == [SPECIAL.cls, *range(1, 9),
                                                                                      SPECIAL.sep]
+    mixed = MaskRecipe(target="gsg", sentence_selection_strategy="lead", gap_sentence_ratio=0.1, gap_action="mixed",
+                       tgt_seq_length=10)  # one gap: the first sentence
     actions = Counter()
     for seed in range(2000):
-        source, _ = build_gsg_example(sentences, [1], SPECIAL, 10, np.random.default_rng(seed), "mixed")
-        actions["mask" if SPECIAL.mask in source else "keep" if 3 in source else "remove"] += 1
+        source, target = gsg_chunk_example(sentences, mixed, np.random.default_rng(seed))
+        assert target == [1, 2, SPECIAL.sep]
+        actions["mask" if SPECIAL.mask in source else "keep" if 1 in source else "remove"] += 1
     assert 0.75 < actions["mask"] / 2000 < 0.85 and 0.07 < actions["keep"] / 2000 < 0.13
+
+
+def test_random_gaps_are_uniform_among_the_candidates():
+    """Ten sentences, the last kept (UER-py): three gaps among nine candidates, each about a third of the time."""
+    sentences = [[200 + i] for i in range(10)]
+    counts = Counter(index for seed in range(3000)
+                     for index in select_gap_sentences(sentences, 0.3, "random", np.random.default_rng(seed),
+                                                       keep_last=True))
+    assert set(counts) == set(range(9))
+    expected = 3000 * 3 / 9
+    chi_square = sum((counts[i] - expected) ** 2 / expected for i in range(9))
+    assert chi_square < 26.12  # 8 degrees of freedom, p = 0.001
 
 
 @pytest.mark.parametrize("unique", [False, True])
@@ -369,3 +359,45 @@ def test_principal_picks_the_sentence_that_summarizes_the_document(unique):
     sentences = [[200, 201, 202, 203], [300, 301], [200, 201, 202, 204], [200, 202, 203, 205], [400]]
     assert select_principal_sentences(sentences, 1, "independent", unique) in ([0], [2], [3])
     assert 4 not in select_principal_sentences(sentences, 3, "independent", unique)
+
+
+GSG_RECIPES = st.builds(
+    MaskRecipe, target=st.just("gsg"), sentence_selection_strategy=st.sampled_from(["random", "lead", "principal"]),
+    gap_action=st.sampled_from(["mask", "remove", "keep", "mixed"]), gap_sentence_ratio=st.floats(0.05, 0.95),
+    keep_last_sentence=st.booleans(), rouge_mode=st.sampled_from(["independent", "sequential"]),
+    rouge_unique=st.booleans(), seq_length=st.sampled_from([8, 16, 64]), tgt_seq_length=st.integers(2, 40),
+    seed=st.integers(0, 2**32 - 1),
+)
+# Few distinct ids, so that principal selection has overlaps to score; empty sentences have no piece.
+GSG_DOCUMENTS = st.lists(st.lists(st.lists(st.integers(104, 140), max_size=30), min_size=1, max_size=8),
+                         min_size=1, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(GSG_DOCUMENTS, GSG_RECIPES, st.integers(0, 10**9), st.integers(0, 3))
+def test_the_gsg_block_kernel_its_python_twin_and_the_reference_agree(documents, recipe, first, pass_index):
+    """Random and lead gaps, principal ones (both ROUGE modes, sets or counts), every action with mixed among
+    them, gap ratios, the last sentence kept or not, targets cut short: the block kernel compiled, the same
+    code run as Python, and the plain per-document reference write the same examples."""
+    sources, targets, skipped = reference_examples_of_documents(documents, first, pass_index, recipe, VOCAB)
+    for compiled in (True, False) if COMPILED else (False,):
+        (source_values, source_offsets, target_values, target_offsets), block_skipped = examples_of_block(
+            document_block(documents, first), pass_index, recipe, VOCAB, compiled)
+        assert [source_values[a:b].tolist() for a, b in zip(source_offsets, source_offsets[1:])] == sources
+        assert [target_values[a:b].tolist() for a, b in zip(target_offsets, target_offsets[1:])] == targets
+        assert block_skipped == skipped
+    for source, target in zip(sources, targets):
+        assert source[0] == SPECIAL.cls and source[-1] == SPECIAL.sep and target[-1] == SPECIAL.sep
+        assert len(source) <= recipe.seq_length and len(target) <= recipe.tgt_seq_length
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(104, 140), min_size=1, max_size=20), min_size=2, max_size=10), GSG_RECIPES,
+       st.integers(0, 2**32 - 1))
+def test_a_gsg_chunk_online_is_the_reference_example_of_its_stream(sentences, recipe, seed):
+    """Online masking's per-chunk path: the kernel compiled and as Python draw what the reference draws."""
+    recipe = dataclasses.replace(recipe, tgt_seq_length=max(recipe.tgt_seq_length, 2))
+    state = int(kernel_state(np.random.default_rng(seed))[0])
+    expected = reference_gsg_example(sentences, ReferenceStream(state), recipe, SPECIAL)
+    for compiled in (True, False) if COMPILED else (False,):
+        assert gsg_chunk_example(sentences, recipe, np.random.default_rng(seed), compiled) == expected

@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 
 from data_tools.common import UserError
+from data_tools.compiled import COMPILED
 from data_tools.mask import MaskConfig
-from data_tools.masking.online import CorpusChunks
+from data_tools.masking.online import CorpusChunks, mask_chunk
 from data_tools.masking.recipe import MaskRecipe
+from data_tools.masking.streams import masking_randomness
 from data_tools.shards import TokenizedCorpus, load_manifest
 from pipeline.examples import OnlineMaskedExamples, load_training_data
 from tests.conftest import DEEPSPEED, PROJECT_ROOT, run_command
-from tests.masking_reference import reference_pack_sentences
+from tests.masking_reference import (
+    ReferenceStream,
+    reference_gsg_example,
+    reference_pack_sentences,
+    reference_stream_key,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +65,27 @@ def test_examples_are_fresh_each_epoch_and_reproducible(tmp_path, tokenized_dir,
         assert changed > 5  # random gaps; a 2-sentence chunk that keeps its last sentence has one choice
     else:
         assert changed == 0  # principal selection has no randomness: the same gaps every epoch
+
+
+@pytest.mark.parametrize("flags", [dict(preset="uer_gsg"), dict(preset="pegasus_paper", gap_action="mixed"),
+                                   dict(target="gsg", gap_action="mixed", keep_last_sentence=True, tgt_seq_length=8)],
+                         ids=["uer_gsg", "principal-mixed", "random-mixed-keep-last"])
+def test_online_gsg_examples_are_the_reference_drawn_from_each_chunks_stream(tokenized_dir, flags):
+    """Example i of epoch e draws from the first stream of (seed, e, document, chunk number): the plain
+    reference from that stream, and the kernel compiled or run as Python, give the same example."""
+    recipe = MaskRecipe(seq_length=96, **{"tgt_seq_length": 32, **flags})
+    data = OnlineMaskedExamples(tokenized_dir, recipe)
+    for index in range(0, len(data), len(data) // 40):
+        for epoch in (0, 3):
+            document, number, flat, offsets = data.chunks.chunk(index)
+            pieces = [flat[a:b].tolist() for a, b in zip(offsets, offsets[1:])]
+            stream = ReferenceStream(reference_stream_key(recipe.seed, epoch, document, number, 1))
+            expected = reference_gsg_example(pieces, stream, recipe, data.vocab.special)
+            assert [part.tolist() for part in data.example(index, epoch)] == list(expected)
+            for compiled in (True, False) if COMPILED else (False,):
+                randomness = masking_randomness(recipe.seed, epoch, document, number)
+                example = mask_chunk(flat, offsets, randomness, recipe, data.vocab, compiled)
+                assert [part.tolist() for part in example] == list(expected)
 
 
 @pytest.mark.slow

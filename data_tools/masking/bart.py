@@ -19,7 +19,7 @@ import numpy as np
 from data_tools.compiled import COMPILED, kernel, run_kernel
 from data_tools.masking.chunking import round_half_even
 from data_tools.masking.recipe import MaskRecipe
-from data_tools.masking.streams import below, uniform
+from data_tools.masking.streams import below, choose_sorted, uniform
 from data_tools.masking.vocab import VocabInfo
 
 
@@ -44,23 +44,6 @@ def draw_span_lengths(state: np.ndarray, num_to_mask: int, cdf: np.ndarray) -> n
         count += 1
         total += length
     return lengths[:count]
-
-
-@kernel
-def choose_sorted(state: np.ndarray, population: int, count: int) -> np.ndarray:
-    """``count`` distinct values of range(population), uniformly, in increasing order (Floyd's
-    algorithm: ``count`` draws, then one pass over a bitmap instead of a sort)."""
-    chosen = np.zeros(population, np.bool_)
-    for j in range(population - count, population):
-        t = below(state, j + 1)
-        chosen[j if chosen[t] else t] = True
-    values = np.empty(count, np.int64)
-    filled = 0
-    for value in range(population):
-        if chosen[value]:
-            values[filled] = value
-            filled += 1
-    return values
 
 
 @kernel

@@ -28,7 +28,7 @@ def mask_chunk(flat: np.ndarray, offsets: np.ndarray, randomness: Randomness, re
     ``flat[offsets[i]:offsets[i + 1]]``) under the recipe, drawing from ``randomness``."""
     if recipe.target == "bart":
         return bart_example(flat, offsets, randomness.next_kernel_state(), recipe, vocab, compiled)
-    return gsg_example(flat, offsets, recipe, vocab.special, randomness, compiled)
+    return gsg_example(flat, offsets, randomness.next_kernel_state(), recipe, vocab, compiled)
 
 
 class CorpusChunks:

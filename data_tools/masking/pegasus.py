@@ -4,10 +4,10 @@ A chunk of n sentences (pieces, see data_tools.masking.chunking) gets ``round(n 
 least one (:func:`gap_count`), chosen at random, as the lead sentences, or as the principal ones
 (top ROUGE-1 F1 against the rest, :func:`rank_principal`). Each gap becomes one [MASK] in the
 source, is removed, or kept (``mixed``: 80/10/10 per gap); the target is the gaps in document
-order, then [SEP] (:func:`write_gsg_example`). The recipes that draw nothing (lead or principal
-gaps, one action) also run as one kernel per block of documents (data_tools.masking.blocks) from
-these same kernels; random gaps and mixed actions need numpy's generator and go through
-:func:`gsg_example`, as online masking does.
+order, then [SEP] (:func:`write_gsg_example`). :func:`gsg_chunk` does all of it for one chunk,
+drawing from the chunk's SplitMix64 stream (data_tools.masking.streams) in a fixed order: the random
+gap sentences, then one number per mixed gap in document order. The mask stage calls it from its
+block kernel (data_tools.masking.blocks), online masking through :func:`gsg_example`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ import numpy as np
 from data_tools.compiled import COMPILED, kernel, run_kernel
 from data_tools.masking.chunking import round_half_even
 from data_tools.masking.recipe import MaskRecipe
-from data_tools.masking.streams import Randomness
-from data_tools.masking.vocab import SpecialIds
+from data_tools.masking.streams import choose_sorted, uniform
+from data_tools.masking.vocab import VocabInfo
 
-# What write_gsg_example does with each sentence (ints: the kernels read them as constants).
-NOT_A_GAP, GAP_MASK, GAP_REMOVE, GAP_KEEP = -1, 0, 1, 2
-GAP_ACTION_CODES = {"mask": GAP_MASK, "remove": GAP_REMOVE, "keep": GAP_KEEP}
+# What write_gsg_example does with each sentence (ints: the kernels read them as constants). A
+# mixed gap is resolved into one of the other three by choose_gaps before the example is written.
+NOT_A_GAP, GAP_MASK, GAP_REMOVE, GAP_KEEP, GAP_MIXED = -1, 0, 1, 2, 3
+GAP_ACTION_CODES = {"mask": GAP_MASK, "remove": GAP_REMOVE, "keep": GAP_KEEP, "mixed": GAP_MIXED}
+SELECT_RANDOM, SELECT_LEAD, SELECT_PRINCIPAL = 0, 1, 2
+SELECTION_CODES = {"random": SELECT_RANDOM, "lead": SELECT_LEAD, "principal": SELECT_PRINCIPAL}
+# The mixed action, 80/10/10: a gap whose uniform draw is below the first bound is masked, below the
+# second removed, else kept.
+MIXED_MASK_BELOW, MIXED_REMOVE_BELOW = 0.8, 0.9
 
 
 @kernel
@@ -145,6 +151,41 @@ def principal_sentences(flat: np.ndarray, offsets: np.ndarray, count: int, seque
 
 
 @kernel
+def choose_gaps(flat: np.ndarray, offsets: np.ndarray, state: np.ndarray, gaps: np.ndarray, ratio: float,
+                keep_last: bool, selection: int, sequential: bool, unique: bool, action: int, total: np.ndarray,
+                candidate: np.ndarray) -> None:
+    """Fill ``gaps`` (one entry a sentence) with each sentence's action code for :func:`write_gsg_example`,
+    or NOT_A_GAP. ``selection`` is a SELECTION_CODES value, ``action`` a GAP_ACTION_CODES one;
+    ``total`` and ``candidate`` are :func:`rank_principal`'s scratch. Random gaps are
+    :func:`choose_sorted`'s draw among the candidates; then each mixed gap, in document order,
+    draws one number."""
+    num_sentences = len(offsets) - 1
+    gaps[:] = NOT_A_GAP
+    candidates, count = gap_count(num_sentences, ratio, keep_last)
+    if count <= 0:
+        return
+    if selection == SELECT_RANDOM:
+        chosen = choose_sorted(state, candidates, count)
+    elif selection == SELECT_PRINCIPAL:
+        chosen = rank_principal(flat[:offsets[candidates]], offsets[:candidates + 1], count, sequential, unique,
+                                total, candidate)
+    else:
+        chosen = np.arange(count)
+    for index in chosen:
+        gaps[index] = action
+    if action == GAP_MIXED:
+        for sentence in range(num_sentences):
+            if gaps[sentence] == GAP_MIXED:
+                draw = uniform(state)
+                if draw < MIXED_MASK_BELOW:
+                    gaps[sentence] = GAP_MASK
+                elif draw < MIXED_REMOVE_BELOW:
+                    gaps[sentence] = GAP_REMOVE
+                else:
+                    gaps[sentence] = GAP_KEEP
+
+
+@kernel
 def write_gsg_example(flat: np.ndarray, offsets: np.ndarray, gaps: np.ndarray, mask_id: int, cls_id: int, sep_id: int,
                       tgt_seq_length: int, source: np.ndarray, source_at: int, target: np.ndarray,
                       target_at: int) -> tuple:
@@ -180,43 +221,49 @@ def write_gsg_example(flat: np.ndarray, offsets: np.ndarray, gaps: np.ndarray, m
     return written + 1, target_written + 1
 
 
-def select_gaps(flat: np.ndarray, offsets: np.ndarray, recipe: MaskRecipe, randomness: Randomness,
-                compiled: bool = COMPILED) -> list[int]:
-    """Indices (sorted) of the chunk's gap sentences under the recipe's strategy."""
-    candidates, count = run_kernel(gap_count, compiled, len(offsets) - 1, recipe.gap_sentence_ratio,
-                                   recipe.keep_last_sentence)
-    if count <= 0:
-        return []
-    if recipe.sentence_selection_strategy == "lead":
-        return list(range(count))
-    if recipe.sentence_selection_strategy == "random":
-        return sorted(randomness.generator.choice(candidates, size=count, replace=False).tolist())
-    return principal_sentences(flat[:offsets[candidates]], offsets[:candidates + 1], count,
-                               recipe.rouge_mode == "sequential", recipe.rouge_unique, compiled)
+@kernel
+def gsg_chunk(flat: np.ndarray, offsets: np.ndarray, state: np.ndarray, gaps: np.ndarray, total: np.ndarray,
+              candidate: np.ndarray, source: np.ndarray, source_at: int, target: np.ndarray, target_at: int,
+              ratio: float, keep_last: bool, selection: int, sequential: bool, unique: bool, action: int,
+              mask_id: int, cls_id: int, sep_id: int, tgt_seq_length: int) -> tuple:
+    """One chunk's example written into ``source`` and ``target`` from ``source_at`` and ``target_at``
+    (:func:`choose_gaps`, then :func:`write_gsg_example`); returns where each ends. ``gaps`` is
+    scratch of at least a sentence each; the arguments after ``target_at`` are :func:`gsg_arguments`."""
+    sentence_gaps = gaps[:len(offsets) - 1]
+    choose_gaps(flat, offsets, state, sentence_gaps, ratio, keep_last, selection, sequential, unique, action, total,
+                candidate)
+    return write_gsg_example(flat, offsets, sentence_gaps, mask_id, cls_id, sep_id, tgt_seq_length, source, source_at,
+                             target, target_at)
 
 
-def gap_actions(num_sentences: int, selected: list[int], gap_action: str, randomness: Randomness) -> np.ndarray:
-    """Each sentence's action code for :func:`write_gsg_example`: NOT_A_GAP, or what happens to the gap;
-    ``mixed`` draws one number per gap, in document order (80% mask, 10% remove, 10% keep)."""
-    gaps = np.full(num_sentences, NOT_A_GAP, np.int64)
-    if gap_action != "mixed":
-        gaps[selected] = GAP_ACTION_CODES[gap_action]
-        return gaps
-    for index in selected:
-        draw = randomness.generator.random()
-        gaps[index] = GAP_ACTION_CODES["mask" if draw < 0.8 else "remove" if draw < 0.9 else "keep"]
-    return gaps
+def gsg_arguments(recipe: MaskRecipe, vocab: VocabInfo) -> tuple:
+    """The arguments of :func:`gsg_chunk` after ``target_at``: the recipe and vocab as the kernels take them."""
+    special = vocab.special
+    return (recipe.gap_sentence_ratio, recipe.keep_last_sentence, SELECTION_CODES[recipe.sentence_selection_strategy],
+            recipe.rouge_mode == "sequential", recipe.rouge_unique, GAP_ACTION_CODES[recipe.gap_action], special.mask,
+            special.cls, special.sep, recipe.tgt_seq_length)
 
 
-def gsg_example(flat: np.ndarray, offsets: np.ndarray, recipe: MaskRecipe, special: SpecialIds, randomness: Randomness,
+def principal_scratch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed count arrays for :func:`rank_principal`, one entry per id (``vocab_size`` above the
+    largest id); they come back zeroed, so one pair serves every chunk of a call."""
+    return np.zeros(vocab_size, np.int64), np.zeros(vocab_size, np.int64)
+
+
+# Online masking's scratch, reused from chunk to chunk (allocating it costs more than a chunk's example).
+_online_scratch: list[tuple[np.ndarray, np.ndarray]] = []
+
+
+def gsg_example(flat: np.ndarray, offsets: np.ndarray, state: np.ndarray, recipe: MaskRecipe, vocab: VocabInfo,
                 compiled: bool = COMPILED) -> tuple[np.ndarray, np.ndarray]:
     """(source_ids, target_ids) int64 arrays of one chunk (int64 ids ``flat``, sentence i at
-    ``flat[offsets[i]:offsets[i + 1]]``), drawing from ``randomness``'s numpy generator when the
-    recipe needs it (random gaps, mixed actions)."""
-    selected = select_gaps(flat, offsets, recipe, randomness, compiled)
-    gaps = gap_actions(len(offsets) - 1, selected, recipe.gap_action, randomness)
+    ``flat[offsets[i]:offsets[i + 1]]``), drawing from the kernel stream ``state`` (advanced in place)."""
+    size = max(vocab.size, int(flat.max()) + 1 if len(flat) else 1)
+    if not _online_scratch or len(_online_scratch[0][0]) < size:
+        _online_scratch[:] = [principal_scratch(size)]
+    gaps = np.empty(len(offsets) - 1, np.int64)
     source = np.empty(len(flat) + len(gaps) + 2, np.int64)  # a [MASK] per gap at most adds one token each
     target = np.empty(recipe.tgt_seq_length, np.int64)
-    source_end, target_end = run_kernel(write_gsg_example, compiled, flat, offsets, gaps, special.mask, special.cls,
-                                        special.sep, recipe.tgt_seq_length, source, 0, target, 0)
+    source_end, target_end = run_kernel(gsg_chunk, compiled, flat, offsets, state, gaps, *_online_scratch[0], source, 0,
+                                        target, 0, *gsg_arguments(recipe, vocab))
     return source[:source_end], target[:target_end]

@@ -133,12 +133,6 @@ class MaskRecipe:
         condition on, so a single-sentence chunk gives none; bart takes any chunk."""
         return 2 if self.target == "gsg" else 1
 
-    @property
-    def draws_numpy_numbers(self) -> bool:
-        """Whether a chunk's example needs numpy's generator (random gap sentences, mixed gap actions);
-        the other recipes draw nothing (gsg) or only from the kernels' own streams (bart)."""
-        return self.target == "gsg" and (self.sentence_selection_strategy == "random" or self.gap_action == "mixed")
-
 
 RECIPE_FLAGS = tuple(field.name for field in dataclasses.fields(MaskRecipe))
 

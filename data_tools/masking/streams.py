@@ -7,11 +7,8 @@ has to fit in ~20 microseconds in all. So the kernels carry their own generator:
 multiplies and three xor-shifts per number, which passes BigCrush. A stream's starting state is
 a hash of integer keys, so what a chunk draws never depends on how documents are split across
 workers, and a kernel and its pure-Python twin draw the same numbers (numpy's uint64 arithmetic
-wraps exactly like the compiled code's).
-
-Where masking needs numpy's own algorithms (``Generator.choice`` for random gap sentences,
-``Generator.random`` for mixed gap actions) it uses ``default_rng(key)`` of the same key,
-seeded only when something draws from it.
+wraps exactly like the compiled code's). Every recipe draws from these streams only: BART's noise,
+PEGASUS's random gap sentences and mixed gap actions alike.
 """
 
 from __future__ import annotations
@@ -50,6 +47,23 @@ def below(state: np.ndarray, n: int) -> int:
 
 
 @kernel
+def choose_sorted(state: np.ndarray, population: int, count: int) -> np.ndarray:
+    """``count`` distinct values of range(population), uniformly, in increasing order (Floyd's
+    algorithm: ``count`` draws, then one pass over a bitmap instead of a sort)."""
+    chosen = np.zeros(population, np.bool_)
+    for j in range(population - count, population):
+        t = below(state, j + 1)
+        chosen[j if chosen[t] else t] = True
+    values = np.empty(count, np.int64)
+    filled = 0
+    for value in range(population):
+        if chosen[value]:
+            values[filled] = value
+            filled += 1
+    return values
+
+
+@kernel
 def absorb_key(key: np.uint64, part: np.uint64) -> np.uint64:
     """The key extended by one more integer part (through SplitMix64's finalizer), so that
     ``absorb_key(stream_key(*parts), p) == stream_key(*parts, p)``: a block kernel extends a pass's
@@ -75,21 +89,13 @@ def stream_key(*parts: int) -> int:
 
 class Randomness:
     """The random numbers of one masking key: kernel streams, the n-th (from 1) starting at
-    ``stream_key(*key, n)``, and ``default_rng(key)``, seeded on first use (seeding costs as much
-    as masking a chunk with the compiled kernels, and most recipes never ask for it)."""
+    ``stream_key(*key, n)``."""
 
-    __slots__ = ("key", "_generator", "_streams")
+    __slots__ = ("key", "_streams")
 
     def __init__(self, key: tuple[int, ...]) -> None:
         self.key = key
-        self._generator: np.random.Generator | None = None
         self._streams = 0
-
-    @property
-    def generator(self) -> np.random.Generator:
-        if self._generator is None:
-            self._generator = np.random.default_rng(list(self.key))
-        return self._generator
 
     def next_kernel_state(self) -> np.ndarray:
         """A one-element uint64 state for a kernel: the next stream of this key."""
@@ -100,10 +106,10 @@ class Randomness:
 def masking_randomness(seed: int, pass_index: int, document: int, chunk: int | None = None) -> Randomness:
     """Where masking's random numbers come from, for the mask stage and online masking alike.
 
-    The mask stage keys one document of one pass (``chunk`` None): its chunks draw from it in
-    turn, chunk c from kernel stream c + 1 (the BART block kernel derives that key itself, with
-    :func:`absorb_key`). Online masking (pass = epoch) keys each chunk apart, so example i is
-    rebuilt without masking the chunks before it. Both layouts are those of the published
-    outputs: changing either changes every example.
+    The mask stage keys one document of one pass (``chunk`` None): chunk c of it (its number in
+    the document, chunks left out counted) draws from kernel stream c + 1 (the block kernels derive
+    that key themselves, with :func:`absorb_key`). Online masking (pass = epoch) keys each chunk
+    apart, so example i is rebuilt without masking the chunks before it. Both layouts are those of
+    the published outputs: changing either changes every example.
     """
     return Randomness((seed, pass_index, document) if chunk is None else (seed, pass_index, document, chunk))
