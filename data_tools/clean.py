@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import sys
 import time
+from bisect import bisect_right
 from collections import Counter, deque
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -24,7 +26,6 @@ from data_tools.dedup import (
     PartitionedDigests,
     document_digest,
     find_later_copies,
-    iter_unmarked,
     spill_directory,
 )
 from data_tools.filters import (
@@ -43,6 +44,12 @@ from data_tools.filters import (
     minhash_signature,
 )
 from data_tools.manifests import CleanCounts, CleanManifest, DocumentShard
+from data_tools.near_dedup import (
+    MinHasher,
+    NearDedupSpill,
+    check_near_dedup_options,
+    find_near_copies,
+)
 from data_tools.normalize import TraditionalToSimplified, normalize_texts
 from data_tools.outputs import overwrite_option
 from data_tools.parallel import chunked
@@ -95,6 +102,14 @@ class CleanConfig:
         0.0, "Drop near-duplicates: MinHash LSH (datasketch) on character 5-grams with this Jaccard threshold, "
         "e.g. 0.8 (near_duplicate); 0 turns it off.")
     minhash_num_perm: int = option(128, "MinHash permutations for --near_dedup_threshold.")
+    near_dedup_partitions: int = option(
+        0, "0: near-dedup with datasketch's in-memory LSH index (~2.3 KB per kept document). N > 0: MinHash (numpy, "
+        "character 5-grams) with signatures and LSH band keys spilled into N partition files, each deduplicated alone "
+        "(--processes_num at a time), and a 1-bit-per-document bitmap: memory stays flat. Drops a document near an "
+        "earlier one (docs/data-stages.md: how that differs from datasketch).")
+    near_dedup_verify: bool = option(
+        True, "With --near_dedup_partitions: drop an LSH candidate only when its estimated Jaccard (share of equal "
+        "MinHash rows) with the earlier document reaches --near_dedup_threshold.")
     processes_num: int = option(1, "Worker processes for normalization and filtering; the output is the same "
                                 "for any number (UER-py: --processes_num).")
     chunk_documents: int = option(2_000, "Documents per chunk handed to a worker.")
@@ -118,6 +133,8 @@ class CleanConfig:
                 raise UserError(f"--{name} {getattr(self, name)} must lie in [0, 1]")
         if self.dedup_partitions < 0:
             raise UserError(f"--dedup_partitions {self.dedup_partitions} must be >= 0")
+        if self.near_dedup_partitions:
+            check_near_dedup_options(self.near_dedup_threshold, self.minhash_num_perm, self.near_dedup_partitions)
         if self.minhash_num_perm <= 0 or self.num_slices <= 0:
             raise UserError(f"--minhash_num_perm {self.minhash_num_perm} and --num_slices {self.num_slices} must be "
                             "positive")
@@ -143,7 +160,7 @@ def ordered_filters(config: CleanConfig) -> list[OrderedFilter]:
     filters: list[OrderedFilter] = []
     if config.deduplicate and not config.dedup_partitions:
         filters.append(ExactDuplicates())
-    if config.near_dedup_threshold:
+    if config.near_dedup_threshold and not config.near_dedup_partitions:
         filters.append(NearDuplicates(config.near_dedup_threshold, config.minhash_num_perm))
     return filters
 
@@ -160,6 +177,7 @@ def _init_worker(config: CleanConfig) -> None:
     _worker["config"] = config
     _worker["t2s"] = TraditionalToSimplified() if config.traditional_to_simplified else None
     _worker["filters"] = quality_filters(config)
+    _worker["minhash"] = MinHasher(config.minhash_num_perm) if config.near_dedup_partitions else None
 
 
 def clean_documents(texts: list[str], config: CleanConfig, t2s: TraditionalToSimplified | None = None,
@@ -189,7 +207,9 @@ def _clean_texts(texts: list[str]) -> CleanResult:
         if reason is None:
             if config.deduplicate:
                 digest = document_digest(text)
-            if config.near_dedup_threshold > 0:
+            if _worker["minhash"] is not None:
+                signature = _worker["minhash"].signature(text)
+            elif config.near_dedup_threshold > 0:
                 signature = minhash_signature(text, config.minhash_num_perm)
         results.append((text, reason, digest, signature))
     return results
@@ -199,28 +219,51 @@ def _clean_texts(texts: list[str]) -> CleanResult:
 
 
 class SpilledDocuments:
-    """Partitioned exact dedup (``--dedup_partitions``): the kept documents are first written under
-    ``spill`` with their digests spilled to partition files, then copied into the output without
-    the later copies once every digest is known."""
+    """Partitioned dedup (``--dedup_partitions`` for exact copies, ``--near_dedup_partitions`` for
+    near-duplicates): the kept documents are first written under ``spill`` with their digests and
+    MinHash signatures spilled to partition files, then copied into the output without the marked
+    documents once every partition job has run."""
 
     def __init__(self, spill: Path, config: CleanConfig) -> None:
         self.config = config
-        self.digests = PartitionedDigests(spill / "digests", config.dedup_partitions)
+        exact = config.deduplicate and config.dedup_partitions
+        self.digests = PartitionedDigests(spill / "digests", config.dedup_partitions) if exact else None
+        self.near = None
+        if config.near_dedup_threshold and config.near_dedup_partitions:
+            self.near = NearDedupSpill(spill / "near", config.near_dedup_threshold, config.minhash_num_perm,
+                                       config.near_dedup_partitions, config.near_dedup_verify)
         (spill / "documents").mkdir()
         self.writer = ShardedJsonlWriter(spill / "documents", config.documents_per_shard)
+        self.sources: list[tuple[int, str]] = []  # (first ordinal, file): the files' documents are contiguous
 
-    def copy_without_later_copies(self, staging: Path, files: list[Path], dropped: Counter[str],
-                                  kept_per_file: Counter[str]) -> list[DocumentShard]:
-        """The output shards; updates the drop and per-file counts."""
+    def add(self, text: str, digest: bytes | None, signature: Any, source: str, file_index: int) -> None:
+        ordinal = self.writer.documents
+        if not self.sources or self.sources[-1][1] != source:
+            self.sources.append((ordinal, source))
+        if self.digests is not None and digest is not None:
+            self.digests.add(digest, ordinal, file_index)
+        if self.near is not None:
+            self.near.add(signature)
+        self.writer.write(text)
+
+    def copy_without_marked(self, staging: Path, dropped: Counter[str],
+                            kept_per_file: Counter[str]) -> list[DocumentShard]:
+        """The output shards; updates the drop and per-file counts (an exact copy counts as duplicate,
+        whether or not near-dedup marked it too)."""
         spilled = [self.writer.output_dir / shard.file for shard in self.writer.close()]
-        bitmap, copies_per_file = find_later_copies(self.digests, self.config.processes_num)
-        if bitmap.count:  # as with the set: no "duplicate" entry when there was none
-            dropped[ExactDuplicates.name] += bitmap.count
-        for index, count in copies_per_file.items():
-            kept_per_file[str(files[index])] -= count
+        processes = self.config.processes_num
+        exact = find_later_copies(self.digests, processes)[0] if self.digests is not None else None
+        near = find_near_copies(self.near, processes) if self.near is not None else None
+        firsts = [first for first, _ in self.sources]
         writer = ShardedJsonlWriter(staging, self.config.documents_per_shard)
-        for text in iter_unmarked(iter_document_texts(spilled), bitmap):
-            writer.write(text)
+        for ordinal, text in enumerate(iter_document_texts(spilled)):
+            reason = (ExactDuplicates.name if exact is not None and ordinal in exact
+                      else NearDuplicates.name if near is not None and ordinal in near else None)
+            if reason is None:
+                writer.write(text)
+                continue
+            dropped[reason] += 1  # as with the in-memory filters: no entry for a reason never met
+            kept_per_file[self.sources[bisect_right(firsts, ordinal) - 1][1]] -= 1
         return writer.close()
 
 
@@ -276,7 +319,9 @@ class CleanStage(DataStage[list[str], CleanResult]):
         self.kept_per_file: Counter[str] = Counter()
         self.ordered_filters = ordered_filters(config)
         self.spilled = None
-        if config.deduplicate and config.dedup_partitions:  # the spill goes before the output is published
+        if (config.deduplicate and config.dedup_partitions) or (config.near_dedup_threshold and
+                                                                config.near_dedup_partitions):
+            # the spill goes before the output is published
             self.spilled = SpilledDocuments(Path(resources.enter_context(spill_directory(staging))), config)
         self.writer = self.spilled.writer if self.spilled else ShardedJsonlWriter(staging, config.documents_per_shard)
         self.progress = _ReadProgress(config.progress)
@@ -314,15 +359,16 @@ class CleanStage(DataStage[list[str], CleanResult]):
             if reason is not None:
                 dropped[reason] += 1
                 continue
-            if spilled is not None and digest is not None:  # its ordinal among the documents written
-                spilled.digests.add(digest, writer.documents, self.file_index[document.source])
-            writer.write(text)
+            if spilled is not None:  # its ordinal among the documents written
+                spilled.add(text, digest, signature, document.source, self.file_index[document.source])
+            else:
+                writer.write(text)
             kept_per_file[document.source] += 1
 
     def finish(self, staging: Path) -> CleanManifest:
         self.progress.close()
         if self.spilled is not None:
-            shards = self.spilled.copy_without_later_copies(staging, self.files, self.dropped, self.kept_per_file)
+            shards = self.spilled.copy_without_marked(staging, self.dropped, self.kept_per_file)
         else:
             shards = self.writer.close()
         read, kept, dropped = self.progress.documents, sum(shard.documents for shard in shards), self.dropped

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import signal
 import sys
 import types
 import typing
@@ -182,7 +183,7 @@ def run_stage(main: Callable[[ConfigT], Any], config_cls: type[ConfigT], argv: S
         print(f"{Path(sys.argv[0]).name}: error: {where}{error.strerror or error}; the previous complete "
               "output is untouched", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # Ctrl-C; SIGTERM arrives as data_tools.outputs.Interrupted
+        print(f"{Path(sys.argv[0]).name}: {str(error) or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(error, "signal_number", signal.SIGINT)
     return 0

@@ -3,30 +3,47 @@
 Each slice deduplicates only within itself; the combine pass streams every slice's
 documents in slice order, drops exact duplicates across slices (counted as
 ``duplicate``), writes fresh shards and a manifest whose counts are the slices' sums,
-so ``kept + dropped == read`` still holds for the whole corpus.
+so ``kept + dropped == read`` still holds for the whole corpus. With ``--near_dedup_threshold`` and
+``--near_dedup_partitions`` it also drops near-duplicates across slices (``near_duplicate``), with
+MinHash LSH partitioned on disk (:mod:`data_tools.near_dedup`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+import numpy as np
 
 from data_tools.cli import config_to_dict, option, required, run_stage
 from data_tools.common import UserError
 from data_tools.dedup import (
+    DuplicateBitmap,
     PartitionedDigests,
     document_digest,
     find_later_copies,
     iter_unmarked,
     spill_directory,
 )
-from data_tools.filters import ExactDuplicates
+from data_tools.filters import ExactDuplicates, NearDuplicates
 from data_tools.manifests import CleanCounts, CleanManifest, read_manifest
-from data_tools.outputs import overwrite_option, staged_dir
-from data_tools.shards import ShardedJsonlWriter, check_stage_output, iter_document_texts, shard_paths
+from data_tools.near_dedup import (
+    MinHasher,
+    NearDedupSpill,
+    check_near_dedup_options,
+    find_near_copies,
+)
+from data_tools.outputs import output_guard, overwrite_option, staged_dir
+from data_tools.parallel import chunked, ordered_map
+from data_tools.shards import (
+    ShardedJsonlWriter,
+    check_stage_output,
+    iter_document_texts,
+    shard_paths,
+)
 
 STAGE = CleanManifest.STAGE  # its output is a clean output, which tokenize and further combines read
 
@@ -42,7 +59,14 @@ class CombineConfig:
         0, "0: exact dedup with an in-memory set (~100 bytes per unique document). N > 0: spill digests into N "
         "partition files and dedup each alone, --processes_num at a time, with a 1-bit-per-document bitmap: memory "
         "stays flat as the corpus grows (the slices are read twice). Same output.")
-    processes_num: int = option(1, "Partition jobs run at a time with --dedup_partitions.")
+    near_dedup_threshold: float = option(
+        0.0, "With --near_dedup_partitions: drop documents near an earlier document across slices (MinHash LSH on "
+        "character 5-grams, estimated Jaccard >= this; near_duplicate); 0 turns it off.")
+    near_dedup_partitions: int = option(0, "Partition files for the LSH band keys (see zh-clean's option).")
+    minhash_num_perm: int = option(128, "MinHash permutations for --near_dedup_threshold.")
+    near_dedup_verify: bool = option(True, "Drop an LSH candidate only when its estimated Jaccard reaches the threshold.")
+    processes_num: int = option(1, "Partition jobs (and MinHash workers) run at a time with --dedup_partitions or "
+                                "--near_dedup_partitions.")
     documents_per_shard: int = option(100_000, "Documents per output shard.")
     overwrite: bool = overwrite_option()
 
@@ -54,6 +78,8 @@ class CombineConfig:
                             f"{self.processes_num} must be positive")
         if self.dedup_partitions < 0:
             raise UserError(f"--dedup_partitions {self.dedup_partitions} must be >= 0")
+        if self.near_dedup_threshold or self.near_dedup_partitions:
+            check_near_dedup_options(self.near_dedup_threshold, self.minhash_num_perm, self.near_dedup_partitions)
 
 
 # (slice index, directory, its manifest), in slice order
@@ -67,10 +93,11 @@ def combine(config: CombineConfig) -> dict:
     indices = [index for index, _, _ in slices]
     if len(set(indices)) != len(indices):
         raise UserError(f"two inputs are the same slice ({indices}); pass each slice's directory once")
-    check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_dirs": config.input_dirs})
-    with staged_dir(config.output_dir) as staging:
-        manifest = _combine_into(staging, slices, config)
-        manifest.write(staging)
+    with output_guard(config.output_dir):  # locked, and SIGTERM unwinds, from the first look at the output
+        check_stage_output(config.output_dir, STAGE, "documents", config.overwrite, {"--input_dirs": config.input_dirs})
+        with staged_dir(config.output_dir) as staging:
+            manifest = _combine_into(staging, slices, config)
+            manifest.write(staging)
     print(f"clean-combine: {len(slices)} slices, {manifest.counts.documents_read} read, "
           f"{manifest.counts.documents_kept} kept -> {config.output_dir}", file=sys.stderr)
     return manifest.to_json()
@@ -84,7 +111,10 @@ def _combine_into(staging: Path, slices: list[Slice], config: CombineConfig) -> 
             counts[key] += getattr(manifest.counts, key) or 0  # absent from manifests of earlier versions
         dropped.update(manifest.counts.documents_dropped)
     writer = ShardedJsonlWriter(staging, config.documents_per_shard)
-    if config.deduplicate and config.dedup_partitions:
+    if config.near_dedup_partitions:
+        kept_by_slices = sum(manifest.counts.documents_kept for _, _, manifest in slices)
+        texts = _unmarked_texts(staging, slices, config, kept_by_slices, dropped)
+    elif config.deduplicate and config.dedup_partitions:
         with spill_directory(staging) as spill:
             digests = PartitionedDigests(Path(spill), config.dedup_partitions)
             for ordinal, (index, text) in enumerate(slice_texts(slices)):
@@ -122,6 +152,64 @@ def slice_texts(slices: list[Slice]) -> Iterator[tuple[int, str]]:
         # each shard's sha256 is checked against its manifest
         for text in iter_document_texts(shard_paths(directory, manifest)):
             yield position, text
+
+
+def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, documents: int,
+                    dropped: Counter[str]) -> Iterator[str]:
+    """Near-dedup across slices (and exact dedup, by set or partitions): a first pass spills digests
+    and MinHash signatures (computed on ``--processes_num`` workers), the partition jobs mark the
+    documents to drop, a second pass yields the others. An exact copy counts as ``duplicate``."""
+    exact = DuplicateBitmap(documents)
+    with spill_directory(staging) as spill:
+        digests = PartitionedDigests(Path(spill) / "digests", config.dedup_partitions) \
+            if config.deduplicate and config.dedup_partitions else None
+        seen: set[bytes] | None = set() if config.deduplicate and not config.dedup_partitions else None
+        near = NearDedupSpill(Path(spill) / "near", config.near_dedup_threshold, config.minhash_num_perm,
+                              config.near_dedup_partitions, config.near_dedup_verify)
+        in_flight: deque[list[tuple[int, str]]] = deque()  # the chunks whose signatures are being computed
+
+        def chunk_texts() -> Iterator[list[str]]:
+            for chunk in chunked(slice_texts(slices), 2_000):
+                in_flight.append(chunk)
+                yield [text for _, text in chunk]
+
+        ordinal = 0
+        for signatures in ordered_map(_chunk_signatures, chunk_texts(), config.processes_num, _init_minhash,
+                                      (config.minhash_num_perm,)):
+            for (index, text), signature in zip(in_flight.popleft(), signatures):
+                near.add(signature)
+                if digests is not None:
+                    digests.add(document_digest(text), ordinal, index)
+                elif seen is not None:
+                    digest = document_digest(text)
+                    if digest in seen:
+                        exact.mark(np.array([ordinal]))
+                    seen.add(digest)
+                ordinal += 1
+        if ordinal != documents:
+            raise UserError(f"the slices hold {ordinal} documents, their manifests say {documents}; re-run the slices")
+        seen = None  # the set is not needed during the second pass
+        if digests is not None:
+            exact = find_later_copies(digests, config.processes_num)[0]
+        marked = find_near_copies(near, config.processes_num)
+    for ordinal, (_, text) in enumerate(slice_texts(slices)):
+        if ordinal in exact:
+            dropped[ExactDuplicates.name] += 1
+        elif ordinal in marked:
+            dropped[NearDuplicates.name] += 1
+        else:
+            yield text
+
+
+_minhash: dict = {}
+
+
+def _init_minhash(num_perm: int) -> None:
+    _minhash["hasher"] = MinHasher(num_perm)
+
+
+def _chunk_signatures(texts: list[str]) -> list[np.ndarray]:
+    return [_minhash["hasher"].signature(text) for text in texts]
 
 
 def unique_texts(texts: Iterator[tuple[int, str]], dropped: Counter[str]) -> Iterator[str]:

@@ -26,8 +26,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temp file and a rename, so readers (and a crash) never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:  # a full disk or an interrupt leaves no half-written temp file beside ``path``
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

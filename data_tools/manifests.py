@@ -9,6 +9,10 @@ written back, so ``to_json`` only ever sees complete ones.
 
 ``load_manifest`` (in :mod:`data_tools.shards`) still hands the checked JSON object to the code
 that reads manifests as dicts (the trainer, the online masking).
+
+Every reader of a tokenize or mask manifest (the next stage, ``zh-verify``, the trainer) gets it checked
+against the ``vocab.txt`` beside it: sha256, size, the special tokens' ids and the id type, so an
+edited manifest cannot make masking or the model use ids the vocab does not have.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, TypeVar
 
-from data_tools.common import SPECIAL_TOKENS, UserError, write_json_atomic
+from data_tools.common import SPECIAL_TOKENS, VOCAB_FILE, UserError, file_sha256, write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -199,8 +203,6 @@ class MaskCounts(StageCounts):
     examples: int | None
     source_tokens: int | None
     target_tokens: int | None
-    max_source_length: int | None  # the trainer checks them against the model's positions
-    max_target_length: int | None
 
 
 # -- the stage manifests -------------------------------------------------------------------------------
@@ -225,6 +227,8 @@ class StageManifest:
             raise ManifestProblem("field 'config' is missing or not an object")
         if not isinstance(value.get("shards"), list):
             raise ManifestProblem("field 'shards' is missing or not a list")
+        if not value["shards"]:  # every stage refuses to write an empty output: this one was edited or forged
+            raise ManifestProblem("field 'shards' lists no shard (a stage never writes an empty output)")
         shards = [cls.SHARD.from_json(shard, f"shards[{index}]") for index, shard in enumerate(value["shards"])]
         parsed = {**_read_fields(cls, value), "shards": shards}
         if "vocab" in parsed:  # tokenize and mask outputs: checked before the counts
@@ -325,9 +329,46 @@ def read_manifest_json(directory: Path, expected_stage: str | Iterable[str]) -> 
             f"{path} was written by stage {value.get('stage')!r}, expected {' or '.join(sorted(stages))}; "
             "check the directory you passed"
         )
-    return value, parse_manifest(value, path)
+    manifest = parse_manifest(value, path)
+    if isinstance(getattr(manifest, "vocab", None), VocabRecord):
+        check_vocab_beside(directory, manifest)
+    return value, manifest
 
 
 def read_manifest(directory: Path, expected_stage: str | Iterable[str]) -> StageManifest:
     """The typed manifest of a stage's output directory (see :func:`read_manifest_json`)."""
     return read_manifest_json(directory, expected_stage)[1]
+
+
+def _vocab_facts(path: Path) -> tuple[int, dict[str, int]]:
+    """(size, id of each special token) of a vocab file as the tokenizer reads it: one token a line, the id
+    its line's index, a later duplicate winning."""
+    size, special = 0, {}
+    with open(path, encoding="utf-8") as handle:
+        for size, line in enumerate(handle, start=1):
+            token = line.rstrip("\n")
+            if token in SPECIAL_TOKENS:
+                special[token] = size - 1
+    return size, special
+
+
+def check_vocab_beside(directory: Path, manifest: StageManifest) -> Path:
+    """The vocab.txt beside a tokenize or mask output, which must be the file its ids were made with: the
+    manifest's vocab.sha256, and then its vocab.size, special_token_ids and id_type must be that file's."""
+    record: VocabRecord = manifest.vocab  # type: ignore[attr-defined]
+    path, where = Path(directory) / VOCAB_FILE, Path(directory) / MANIFEST
+    if not path.is_file() or file_sha256(path) != record.sha256:
+        raise UserError(f"{path} is missing or differs from the vocab the manifest records (sha256 "
+                        f"{record.sha256[:16]}…); re-run the {manifest.STAGE} stage")
+    size, special = _vocab_facts(path)
+    rerun = f"re-run the {manifest.STAGE} stage that wrote it"
+    if record.size != size:
+        raise UserError(f"{where}: vocab.size is {record.size} but {path} has {size} tokens; {rerun}")
+    for token in SPECIAL_TOKENS:
+        if record.special_token_ids[token] != special.get(token):
+            raise UserError(f"{where}: vocab.special_token_ids gives {token} id {record.special_token_ids[token]} "
+                            f"but {path} has it at id {special.get(token)}; {rerun}")
+    id_type = getattr(manifest, "id_type", None)
+    if id_type is not None and id_type != ("uint16" if size <= 1 << 16 else "uint32"):
+        raise UserError(f"{where}: id_type {id_type!r} does not fit a vocab of {size} tokens; {rerun}")
+    return path

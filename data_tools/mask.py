@@ -17,32 +17,32 @@ from __future__ import annotations
 import shutil
 import sys
 from collections import Counter
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.cli import check_field_types, config_to_dict, option, required, run_stage
-from data_tools.common import VOCAB_FILE, UserError, file_sha256, write_json_atomic
+from data_tools.common import VOCAB_FILE, UserError, file_sha256
 from data_tools.compiled import COMPILED, notice_if_pure_python
 from data_tools.masking.blocks import Columns, examples_of_block
 from data_tools.masking.recipe import RECIPE_FLAGS, MaskRecipe, recipe_flag
 from data_tools.masking.vocab import VocabInfo, load_vocab_info
-from data_tools.outputs import overwrite_option, staged_dir
-from data_tools.parallel import ordered_map
+from data_tools.manifests import MANIFEST, ExampleShard, MaskCounts, MaskManifest, read_manifest
+from data_tools.outputs import overwrite_option
 from data_tools.shards import (
     DocumentBlock,
     RollingShardWriter,
-    check_stage_output,
     id_type_for_vocab,
     iter_document_blocks,
     list_column,
-    load_manifest,
     shard_paths,
 )
+from data_tools.stage import DataStage, Worker, run_data_stage
 
 STAGE = "mask"
 
@@ -124,80 +124,85 @@ def _mask_block(work: tuple[int, DocumentBlock]) -> tuple[Columns, Counter, int]
     return columns, skipped, len(block)
 
 
-def mask(config: MaskConfig) -> dict:
-    tokenized = load_manifest(config.input_dir, "tokenize")
-    vocab = load_vocab_info(config.input_dir, tokenized)
-    check_stage_output(config.output_dir, STAGE, "examples", config.overwrite, {"--input_dir": config.input_dir})
-    shard_paths(config.input_dir, tokenized)  # every shard checked against the manifest before masking starts
-    notice_if_pure_python(STAGE)
-    with staged_dir(config.output_dir) as staging:
-        manifest = _mask_into(staging, tokenized, vocab, config)
-    return manifest
+class MaskStage(DataStage[tuple[int, DocumentBlock], tuple[Columns, Counter, int]]):
+    """The mask stage on the shared skeleton (data_tools.stage): blocks of tokenized documents, pass
+    after pass, through the masking kernels in worker processes; examples written in input order."""
 
+    name, shard_prefix = STAGE, "examples"
 
-def _mask_into(staging: Path, tokenized: dict, vocab: VocabInfo, config: MaskConfig) -> dict:
-    id_type = id_type_for_vocab(tokenized["vocab"]["size"])
-    schema = pa.schema([pa.field("source_ids", pa.list_(id_type)), pa.field("target_ids", pa.list_(id_type))])
-    writer = RollingShardWriter(staging, "examples", schema, config.examples_per_shard, config.batch_rows)
-    skipped: Counter[str] = Counter()
-    documents = tokenized["counts"]["documents_kept"]
-    bar = tqdm(
-        total=documents * config.dup_factor, desc=f"mask {config.target}", unit=" docs",
-        disable=not config.progress, file=sys.stderr, mininterval=1.0,
-    )
-    work = ((pass_index, block) for pass_index in range(config.dup_factor)
-            for block in iter_document_blocks(config.input_dir, tokenized, "sentences", config.chunk_documents,
-                                              checksum=False))
-    read = longest_source = longest_target = 0
-    for (source_values, source_offsets, target_values, target_offsets), block_skipped, block_documents in ordered_map(
-        _mask_block, work, config.processes_num, initializer=_init_worker, initargs=(config.recipe(), vocab)
-    ):
-        bar.update(block_documents)
-        read += block_documents
-        skipped.update(block_skipped)
+    def __init__(self, config: MaskConfig) -> None:
+        self.config = config
+        self.tokenized = read_manifest(config.input_dir, "tokenize")
+        self.vocab = load_vocab_info(config.input_dir, self.tokenized.to_json())
+        self.output_dir, self.overwrite, self.processes = config.output_dir, config.overwrite, config.processes_num
+        self.inputs = {"--input_dir": config.input_dir}
+        self.id_type = id_type_for_vocab(self.tokenized.vocab.size)
+
+    def check_inputs(self) -> None:
+        shard_paths(self.config.input_dir, self.tokenized)  # every shard checked before masking starts
+        notice_if_pure_python(STAGE)
+
+    def start(self, staging: Path, resources: ExitStack) -> None:
+        config = self.config
+        schema = pa.schema([pa.field("source_ids", pa.list_(self.id_type)),
+                            pa.field("target_ids", pa.list_(self.id_type))])
+        self.writer = RollingShardWriter(staging, self.shard_prefix, schema, config.examples_per_shard,
+                                         config.batch_rows)
+        self.documents = self.tokenized.counts.documents_kept
+        self.skipped: Counter[str] = Counter()
+        self.read = 0
+        self.bar = resources.enter_context(closing(tqdm(
+            total=self.documents * config.dup_factor, desc=f"mask {config.target}", unit=" docs",
+            disable=not config.progress, file=sys.stderr, mininterval=1.0)))
+
+    def work_items(self) -> Iterator[tuple[int, DocumentBlock]]:
+        config = self.config
+        for pass_index in range(config.dup_factor):
+            for block in iter_document_blocks(config.input_dir, self.tokenized, "sentences", config.chunk_documents,
+                                              checksum=False):  # checked whole in check_inputs
+                yield pass_index, block
+
+    def worker(self) -> Worker:
+        return Worker(_mask_block, _init_worker, (self.config.recipe(), self.vocab))
+
+    def consume(self, result: tuple[Columns, Counter, int]) -> None:
+        (source_values, source_offsets, target_values, target_offsets), block_skipped, block_documents = result
+        self.bar.update(block_documents)
+        self.read += block_documents
+        self.skipped.update(block_skipped)
         if len(source_offsets) > 1:
-            source_lengths, target_lengths = np.diff(source_offsets), np.diff(target_offsets)
-            writer.add_columns({"source_ids": list_column(source_values, source_offsets, id_type),
-                                "target_ids": list_column(target_values, target_offsets, id_type)},
-                               {"source_tokens": source_lengths, "target_tokens": target_lengths})
-            longest_source = max(longest_source, int(source_lengths.max()))
-            longest_target = max(longest_target, int(target_lengths.max()))
-    shards = writer.close()
-    bar.close()
+            self.writer.add_columns({"source_ids": list_column(source_values, source_offsets, self.id_type),
+                                     "target_ids": list_column(target_values, target_offsets, self.id_type)},
+                                    {"source_tokens": np.diff(source_offsets), "target_tokens": np.diff(target_offsets)})
 
-    if read != documents * config.dup_factor:
-        raise UserError(f"{config.input_dir} holds {read // config.dup_factor} documents but its manifest counts "
-                        f"{documents}; re-run the tokenize stage")
-    total = sum(shard["rows"] for shard in shards)
-    if total == 0:
-        raise UserError(
-            f"no examples built from {config.input_dir} (skipped: {dict(skipped)}); "
-            "gsg needs documents of at least two sentences"
-        )
-    shutil.copyfile(config.input_dir / VOCAB_FILE, staging / VOCAB_FILE)
-    manifest = {
-        "stage": STAGE,
-        "target": config.target,
-        "preset": config.preset or None,
-        "config": config_to_dict(config),
-        "input_manifest_sha256": file_sha256(config.input_dir / "manifest.json"),
-        "vocab": tokenized["vocab"],
-        "id_type": str(id_type),
-        "counts": {
-            "documents_per_pass": documents,
-            "document_passes": documents * config.dup_factor,
-            "document_passes_skipped": dict(skipped),
-            "examples": total,
-            "source_tokens": sum(s["source_tokens"] for s in shards),
-            "target_tokens": sum(s["target_tokens"] for s in shards),
-            "max_source_length": longest_source,  # the trainer checks them against the model's positions
-            "max_target_length": longest_target,
-        },
-        "shards": shards,
-    }
-    write_json_atomic(staging / "manifest.json", manifest)
-    print(f"mask: {total} {config.target} examples in {len(shards)} shards -> {config.output_dir}", file=sys.stderr)
-    return manifest
+    def finish(self, staging: Path) -> MaskManifest:
+        config = self.config
+        shards = [ExampleShard(**shard) for shard in self.writer.close()]
+        if self.read != self.documents * config.dup_factor:
+            raise UserError(f"{config.input_dir} holds {self.read // config.dup_factor} documents but its manifest "
+                            f"counts {self.documents}; re-run the tokenize stage")
+        total = sum(shard.rows for shard in shards)
+        if total == 0:
+            raise UserError(f"no examples built from {config.input_dir} (skipped: {dict(self.skipped)}); "
+                            "gsg needs documents of at least two sentences")
+        shutil.copyfile(config.input_dir / VOCAB_FILE, staging / VOCAB_FILE)
+        counts = MaskCounts(
+            documents_per_pass=self.documents, document_passes=self.documents * config.dup_factor,
+            document_passes_skipped=dict(self.skipped), examples=total,
+            source_tokens=sum(shard.source_tokens for shard in shards),
+            target_tokens=sum(shard.target_tokens for shard in shards))
+        return MaskManifest(target=config.target, preset=config.preset or None, config=config_to_dict(config),
+                            input_manifest_sha256=file_sha256(config.input_dir / MANIFEST),
+                            vocab=self.tokenized.vocab, id_type=str(self.id_type), counts=counts, shards=shards)
+
+    def summary(self, manifest: MaskManifest) -> str:
+        return (f"mask: {manifest.counts.examples} {self.config.target} examples in {len(manifest.shards)} shards "
+                f"-> {self.config.output_dir}")
+
+
+def mask(config: MaskConfig) -> dict:
+    """Run the mask stage; returns the manifest it wrote."""
+    return run_data_stage(MaskStage(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,10 @@ Text files are read as bytes with a bounded ``readline`` so that one enormous li
 never be loaded whole: it is skipped and reported as ``line_too_long``. Parquet files (the
 layout dataset hubs publish corpora in) are read one record batch of the text column at a
 time, so memory is bounded by a row group, whatever the file's size.
+
+A damaged file is refused, never read as good: a ``.gz`` or ``.zst`` file that ends inside its
+compressed stream (a copy cut short) stops the stage in one line, and Parquet pages are checked
+against their CRC where the file has them (see docs/guarantees.md for what a file without them gets).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Literal
+from typing import Any, BinaryIO, Iterator, Literal
 
 from data_tools.common import UserError
 
@@ -22,6 +26,7 @@ InputFormat = Literal["auto", "line", "uer", "jsonl", "parquet"]
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 PARQUET_SUFFIX = ".parquet"
 READ_BLOCK_BYTES = 1 << 20
+ZSTD_INPUT_BYTES = 1 << 18  # compressed bytes decompressed at a time (a few MB of text out)
 PARQUET_BATCH_ROWS = 1024  # rows of the text column decoded to Python strings at a time
 _SNIFF_LINES = 200
 
@@ -64,6 +69,58 @@ def expand_input_paths(paths: list[Path], skipped: list[Path] | None = None) -> 
     return files
 
 
+class ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a zstd file, frame after frame, raising ``EOFError`` where the file ends inside a
+    frame. ``zstandard``'s stream reader takes such a cut for the end of the data, so a truncated file would be
+    read to its cut as if it were whole."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._source = open(path, "rb")  # closed with this reader
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame: Any = None  # the decompressor of the frame being read; None between frames
+        self._out = b""  # decompressed bytes, read up to _position
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """The next decompressed bytes, at most ``size`` (as many as one input block gives, uncopied)."""
+        while self._position >= len(self._out):
+            compressed = self._source.read(ZSTD_INPUT_BYTES)
+            if not compressed:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame")
+                return b""
+            self._out, self._position = self._decompress(compressed), 0
+        start = self._position
+        end = len(self._out) if size is None or size < 0 else min(len(self._out), start + size)
+        self._position = end
+        return self._out if (start, end) == (0, len(self._out)) else self._out[start:end]
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            if self._frame is None:
+                self._frame = self._decompressor.decompressobj()
+            parts.append(self._frame.decompress(data))
+            if not self._frame.eof:
+                break
+            data, self._frame = self._frame.unused_data, None  # the next frame starts in what is left
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
+
+
 def open_binary(path: Path) -> BinaryIO:
     """Open a plain, gzip or zstd file for reading bytes."""
     try:
@@ -71,10 +128,10 @@ def open_binary(path: Path) -> BinaryIO:
             return gzip.open(path, "rb")  # type: ignore[return-value]
         if path.suffix in (".zst", ".zstd"):
             try:
-                import zstandard
+                import zstandard  # noqa: F401 - only to say what to install
             except ImportError as error:
                 raise UserError(f"{path} is zstd-compressed: pip install zstandard (the 'data' extra)") from error
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))  # noqa: SIM115
+            return ZstdFrames(path)  # type: ignore[return-value]
         return open(path, "rb")  # noqa: SIM115
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror or error}") from error
@@ -112,6 +169,9 @@ def read_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | N
         while True:
             try:
                 block = handle.read(READ_BLOCK_BYTES)
+            except EOFError as error:  # gzip and zstd both: the compressed stream was cut short
+                raise UserError(f"{path}: ends inside its compressed data after line {line_number} (truncated: "
+                                f"{error}); nothing was written: copy or download the file again") from error
             except _read_errors() as error:
                 raise UserError(f"{path}: cannot be read after line {line_number} ({type(error).__name__}: {error}); "
                                 "is it really a file of its suffix's format (plain text, .gz, .zst)?") from error
@@ -250,7 +310,10 @@ def _iter_parquet_documents(path: Path, text_field: str, max_line_bytes: int,
 
     source = str(path)
     try:
-        parquet = pq.ParquetFile(path)
+        try:  # pages written with a CRC (write_page_checksum=True) are checked against it as they are read
+            parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        except TypeError:  # pyarrow 14 checks no CRC (the keyword came with 15)
+            parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as error:
         raise UserError(f"{path}: cannot be read as Parquet ({error}); is it a .parquet file?") from error
     schema = parquet.schema_arrow
@@ -273,6 +336,9 @@ def _iter_parquet_documents(path: Path, text_field: str, max_line_bytes: int,
                 continue
             if column.type != pa.string():  # large, view or dictionary-encoded strings
                 column = column.cast(pa.large_string())
+            # Arrow does not check the text a page holds: bytes that are not UTF-8 (a damaged page without a CRC)
+            # are refused here in one pass, instead of failing one value at a time in to_pylist
+            column.validate(full=True)
             sizes = pc.binary_length(column).to_pylist()
             for value, size in zip(column.to_pylist(), sizes):
                 row += 1

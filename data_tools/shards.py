@@ -26,6 +26,7 @@ from data_tools.manifests import (
     DocumentShard,
     ShardEntry,
     StageManifest,
+    check_vocab_beside,
     parse_manifest,
     read_manifest_json,
 )
@@ -111,15 +112,9 @@ def typed_manifest(manifest: AnyManifest) -> StageManifest:
 
 
 def checked_vocab_file(directory: Path, manifest: AnyManifest) -> Path:
-    """The vocab.txt beside a tokenize or mask output, which must be the file its ids were made with
-    (the manifest's vocab.sha256)."""
-    manifest = typed_manifest(manifest)
-    expected = manifest.vocab.sha256  # type: ignore[attr-defined]
-    path = Path(directory) / VOCAB_FILE
-    if not path.is_file() or file_sha256(path) != expected:
-        raise UserError(f"{path} is missing or differs from the vocab the manifest records (sha256 "
-                        f"{expected[:16]}…); re-run the {manifest.STAGE} stage")
-    return path
+    """The vocab.txt beside a tokenize or mask output, which must be the file its ids were made with (the
+    manifest's vocab.sha256, size, special token ids and id type; :func:`data_tools.manifests.check_vocab_beside`)."""
+    return check_vocab_beside(directory, typed_manifest(manifest))
 
 
 def check_stage_output(output_dir: Path, stage: str, shard_prefix: str, overwrite: bool,

@@ -2,16 +2,18 @@
 runs them in order.
 
 1. the stage's constructor reads and checks what it depends on (upstream manifest, vocab, flags);
-2. the output directory is checked: apart from the inputs, and replaceable (an earlier output of
-   the same stage, or ``--overwrite``);
+2. the output is locked (a second run into it is refused, :func:`data_tools.outputs.output_lock`) and
+   SIGTERM from here on raises ``Interrupted`` as Ctrl-C raises ``KeyboardInterrupt``; the output
+   directory is checked: apart from the inputs, and replaceable (an earlier output of the same stage,
+   or ``--overwrite``);
 3. ``check_inputs``: the input shards against their manifest, before anything is written;
 4. a staging directory beside the output; ``start`` opens the writers there;
 5. ``work_items`` go through ``worker`` on ``processes`` processes, results back in input order,
    and ``consume`` counts and writes each one in the main process;
 6. ``finish`` closes the writers, checks the counts and returns the typed manifest, which is
    written into the staging directory; the summary line is printed;
-7. the staging directory is renamed into place (a failure at any step leaves the previous output
-   untouched), and the manifest's JSON is returned.
+7. the staging directory is renamed into place (a failure, an interrupt or a full disk at any step
+   leaves the previous output untouched and ends in one line), and the manifest's JSON is returned.
 
 The stage object holds the run's state (writers, counters), so each part stays short; the work
 itself runs in module-level functions, which worker processes can import.
@@ -21,13 +23,13 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
 from data_tools.manifests import StageManifest
-from data_tools.outputs import staged_dir
+from data_tools.outputs import output_guard, staged_dir
 from data_tools.parallel import ordered_map
 from data_tools.shards import check_stage_output
 
@@ -86,18 +88,22 @@ class DataStage(ABC, Generic[Work, Result]):
 
 def run_data_stage(stage: DataStage) -> dict:
     """Run ``stage`` into its output directory; returns the manifest it wrote (as JSON)."""
-    check_stage_output(stage.output_dir, stage.name, stage.shard_prefix, stage.overwrite, dict(stage.inputs))
-    stage.check_inputs()
-    with staged_dir(stage.output_dir) as staging:
-        with ExitStack() as resources:  # closed before the staging directory is published
-            stage.start(staging, resources)
-            worker = stage.worker()
-            for result in ordered_map(worker.function, stage.work_items(), stage.processes,
-                                      initializer=worker.setup, initargs=worker.setup_args):
-                stage.consume(result)
-            manifest = stage.finish(staging)
-        manifest.write(staging)
-        print(stage.summary(manifest), file=sys.stderr)
+    with output_guard(stage.output_dir):
+        check_stage_output(stage.output_dir, stage.name, stage.shard_prefix, stage.overwrite, dict(stage.inputs))
+        stage.check_inputs()
+        with staged_dir(stage.output_dir) as staging:
+            with ExitStack() as resources:  # closed before the staging directory is published
+                stage.start(staging, resources)
+                worker = stage.worker()
+                # closed first when a step fails or is interrupted: its worker processes are stopped then
+                results = resources.enter_context(closing(ordered_map(
+                    worker.function, stage.work_items(), stage.processes, initializer=worker.setup,
+                    initargs=worker.setup_args)))
+                for result in results:
+                    stage.consume(result)
+                manifest = stage.finish(staging)
+            manifest.write(staging)
+            print(stage.summary(manifest), file=sys.stderr)
     return manifest.to_json()
 
 

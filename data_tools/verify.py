@@ -1,9 +1,10 @@
 """verify: check a stage's shards against its manifest.
 
-The directory's vocab.txt matches the manifest's sha256. For every shard: it exists, its
-size and sha256 match, it opens, and its row, sentence and token counts match; for Arrow
-stages every id is below the vocab size. The first bad
-shard is named with what is wrong, and the exit status is non-zero.
+The manifest lists at least one shard, and the directory's vocab.txt matches the manifest's sha256,
+vocab size, special token ids and id type (every reader of a manifest checks as much). For every
+shard: it exists, its size and sha256 match, it opens, and its row, sentence and token counts match;
+for Arrow stages every id is below the vocab size. Then the manifest's totals must be the sums over
+its shards. The first problem is named with what is wrong, and the exit status is non-zero.
 """
 
 from __future__ import annotations
@@ -17,12 +18,26 @@ import pyarrow as pa
 
 from data_tools.cli import required, run_stage
 from data_tools.common import UserError
-from data_tools.manifests import DocumentShard, ExampleShard, ShardEntry, TokenizedShard, read_manifest_json
-from data_tools.shards import checked_vocab_file, shard_problem
+from data_tools.manifests import (
+    MANIFEST,
+    DocumentShard,
+    ExampleShard,
+    ShardEntry,
+    StageManifest,
+    TokenizedShard,
+    read_manifest_json,
+)
+from data_tools.shards import shard_problem
 
 # The id columns of each kind of Arrow shard.
 ARROW_COLUMNS: dict[type[ShardEntry], tuple[str, ...]] = {TokenizedShard: ("sentences",),
                                                          ExampleShard: ("source_ids", "target_ids")}
+# Each stage's totals (counts.<key>) that are sums of a field of its shard entries.
+TOTALS: dict[str, tuple[tuple[str, str], ...]] = {
+    "clean": (("documents_kept", "documents"), ("characters_kept", "characters")),
+    "tokenize": (("documents_kept", "rows"), ("sentences", "sentences"), ("tokens", "tokens")),
+    "mask": (("examples", "rows"), ("source_tokens", "source_tokens"), ("target_tokens", "target_tokens")),
+}
 
 
 @dataclass(kw_only=True)
@@ -77,16 +92,28 @@ def verify_shard(path: Path, shard: ShardEntry, vocab_size: int | None) -> str |
     return None
 
 
+def totals_problem(manifest: StageManifest) -> str | None:
+    """Which of the manifest's totals is not the sum over its shard entries (None: all are, or not recorded)."""
+    for key, field in TOTALS[manifest.STAGE]:
+        total = getattr(manifest.counts, key)
+        values = [getattr(shard, field) for shard in manifest.shards]
+        if total is not None and None not in values and total != sum(values):
+            return f"counts.{key} is {total} but its shards hold {sum(values)}"
+    return None
+
+
 def verify(config: VerifyConfig) -> dict:
+    # read_manifest_json refuses a manifest listing no shard and checks vocab.txt against it
     as_read, manifest = read_manifest_json(config.directory, ("clean", "tokenize", "mask"))
     vocab = getattr(manifest, "vocab", None)
-    if vocab is not None:  # the ids mean nothing without the exact vocab they were made with
-        checked_vocab_file(config.directory, manifest)
     for shard in manifest.shards:
         path = config.directory / shard.file
         problem = verify_shard(path, shard, None if vocab is None else vocab.size)
         if problem:
             raise UserError(f"{path} {problem}; re-run the {manifest.STAGE} stage")
+    problem = totals_problem(manifest)
+    if problem:
+        raise UserError(f"{config.directory / MANIFEST}: {problem}; re-run the {manifest.STAGE} stage")
     print(f"verify: {config.directory}: {len(manifest.shards)} {manifest.STAGE} shards, {manifest.row_count} rows"
           + (", vocab.txt" if vocab is not None else "") + ", all match the manifest", file=sys.stderr)
     return as_read

@@ -18,6 +18,7 @@ from data_tools.common import UserError, file_sha256, write_json_atomic
 from data_tools.outputs import (
     check_apart,
     check_replaceable_file,
+    output_guard,
     overwrite_option,
     read_json_object,
     staged_file,
@@ -74,6 +75,12 @@ def written_by_build_vocab(config: BuildVocabConfig) -> tuple[bool, bool]:
 
 
 def build_vocab(config: BuildVocabConfig) -> list[str]:
+    """Build the vocab (or keep an up-to-date one); locked, and SIGTERM unwinds, from the first look at the output."""
+    with output_guard(config.output_path):
+        return _build_vocab(config)
+
+
+def _build_vocab(config: BuildVocabConfig) -> list[str]:
     from tokenizers import BertWordPieceTokenizer
 
     check_apart(config.output_path, "--output_path", {"--input_dir": config.input_dir})

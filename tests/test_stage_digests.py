@@ -20,11 +20,8 @@ from tests.conftest import FIXTURES
 PINNED = FIXTURES / "stage_digests.json"
 UPDATE = os.environ.get("ZH_UPDATE_STAGE_DIGESTS") == "1"
 
-# Manifest counts that say nothing about the examples (and that nothing reads) stay out of the digest.
-UNPINNED_COUNTS = {"max_source_length", "max_target_length"}
-
-# Every masking path: the compiled block paths (BART, principal/lead gaps), the per-document ones (random
-# gaps, mixed actions), each preset, several passes and worker processes.
+# Every masking path: BART, principal, lead and random gaps, every gap action, each preset, several passes
+# and worker processes.
 MASK_RECIPES = {
     "bart": {"target": "bart", "seq_length": 64},
     "bart_geometric_insert_rotate": {"target": "bart", "seq_length": 96, "span_distribution": "geometric",
@@ -53,7 +50,7 @@ def stage_digest(directory: Path) -> dict:
     files = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
              for path in sorted(directory.iterdir()) if path.is_file() and path.name != "manifest.json"}
     counts = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))["counts"]
-    return {"files": files, "counts": {k: v for k, v in counts.items() if k not in UNPINNED_COUNTS}}
+    return {"files": files, "counts": counts}
 
 
 def online_digest(examples) -> str:

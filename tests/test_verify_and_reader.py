@@ -54,13 +54,27 @@ def test_a_flipped_byte_is_named(stages, tmp_path):
 
 
 def test_ids_beyond_the_vocab_are_named(stages, tmp_path):
+    import hashlib
+    import json
+
+    directory = damaged_copy(stages, tmp_path, "tok")
+    vocab = directory / "vocab.txt"  # a smaller vocab, and a manifest that agrees with it: the ids do not
+    vocab.write_bytes(b"".join(line + b"\n" for line in vocab.read_bytes().split(b"\n")[:1000]))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["vocab"].update(size=1000, sha256=hashlib.sha256(vocab.read_bytes()).hexdigest())
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="holds id .* not below the vocab size 1000"):
+        verify(VerifyConfig(directory=directory))
+
+
+def test_an_edited_vocab_size_is_named(stages, tmp_path):
     import json
 
     directory = damaged_copy(stages, tmp_path, "tok")
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["vocab"]["size"] = 1000
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="holds id .* not below the vocab size 1000"):
+    with pytest.raises(UserError, match="vocab.size is 1000 but .*vocab.txt has 21128 tokens"):
         verify(VerifyConfig(directory=directory))
 
 
