@@ -87,3 +87,25 @@ def test_non_finite_float_flags_are_refused_in_one_line(command, flag, value, mo
     assert status == 2 and len(lines) == 1, err
     assert f"{flag} {value}" in lines[0] and "finite" in lines[0] and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+def recipe_float_fields() -> list[str]:
+    import dataclasses
+    import typing
+
+    from data_tools.masking.recipe import MaskRecipe
+
+    hints = typing.get_type_hints(MaskRecipe)
+    return [field.name for field in dataclasses.fields(MaskRecipe) if hints[field.name] is float]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field", recipe_float_fields())
+def test_non_finite_numbers_in_an_online_mask_config_are_refused(field, literal, clue_tokenized_dir, tmp_path):
+    """Python's json reads NaN and Infinity literals: the trainer's and zh-evaluate's mask JSON refuses them."""
+    from pipeline.examples import load_training_data
+
+    config = tmp_path / "mask.json"
+    config.write_text(f'{{"target": "bart", "{field}": {literal}}}', encoding="utf-8")
+    with pytest.raises(UserError, match=rf"--online_mask_config {config}: {field} must be a finite number"):
+        load_training_data(clue_tokenized_dir, config)
