@@ -6,9 +6,13 @@ directory's ``checkpoints/``::
 
     <tag>/                      DeepSpeed's files (model states, one optimizer partition per rank)
     <tag>/rng_state_rank<R>.pt  rank R's RNG streams, plain tensors (loads with weights_only=True)
-    <tag>/trainer_state.json    written last, after every rank finished: marks the tag complete and
-                                records every file's size
+    <tag>/sha256.json           the sha256 of every other file (but trainer_state.json), written by rank 0
+                                once every rank finished
+    <tag>/trainer_state.json    written last: marks the tag complete and records every file's size
     latest                      the newest complete tag, replaced atomically
+
+Tags are ``step<8 digits>`` (and ``zh-to-universal``'s ``<tag>_universal``): only directories so named
+are ever resumed from or pruned, so a copy of yours beside them (``step00000002.bak``) is never touched.
 
 Loading never unpickles arbitrary objects: the trainer's own files load with
 ``weights_only=True``, and DeepSpeed's files (which DeepSpeed itself loads with
@@ -19,30 +23,41 @@ before DeepSpeed, the export or ``zh-to-universal`` reads it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_tools.common import UserError, write_json_atomic, write_text_atomic
+from data_tools.common import UserError, file_sha256, write_json_atomic, write_text_atomic
 from pipeline.sampler import SamplerState
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+# Beside trainer_state.json rather than in it: that file's form is what the export, zh-to-universal and older
+# checkpoints share. Listed in its "files" like any file of the checkpoint.
+DIGESTS_FILE = "sha256.json"
 MODEL_CONFIG_FILE = "model_config.json"
 # Setting it to 1 skips the allow-list check of DeepSpeed's files (for checkpoints of a DeepSpeed
 # version that stores a type the list lacks, from a source you trust).
 TRUST_ENV = "ZH_TRUST_CHECKPOINTS"
+# The directory names the trainer (step<N>) and zh-to-universal (<tag>_universal) write under checkpoints/.
+TAG_PATTERN = re.compile(r"step\d{8}(_universal)?")
+# A write that failed without an errno while less than this was free was a full disk (torch's zip writer
+# reports ENOSPC as a RuntimeError, "unexpected pos").
+DISK_FULL_BYTES = 64 << 20
 
 
 def deepspeed_checkpoint_types() -> list[type]:
@@ -86,6 +101,12 @@ def rng_file_name(rank: int) -> str:
 
 def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
+
+
+def checkpoint_tags(checkpoint_root: Path) -> list[str]:
+    """The checkpoint directories under ``checkpoint_root``, oldest first: only the names the trainer and
+    zh-to-universal write (anything else there is the user's)."""
+    return sorted(path.name for path in checkpoint_root.iterdir() if path.is_dir() and TAG_PATTERN.fullmatch(path.name))
 
 
 # -- RNG streams as plain tensors ------------------------------------------------------------------
@@ -199,13 +220,48 @@ def checkpoint_problem(tag_dir: Path) -> str | None:
         problem = torch_file_problem(path)
         if problem:
             return problem
+    return digest_problem(tag_dir)
+
+
+def digest_problem(tag_dir: Path) -> str | None:
+    """Which file's content differs from the sha256 recorded when the checkpoint was marked complete (a flipped
+    bit keeps the size), or None. Checkpoints written before digests were recorded have none: not checked. Runs
+    after the allow-list check, so a crafted file is refused as such rather than skipped as corrupt."""
+    if not (tag_dir / DIGESTS_FILE).is_file():
+        return None
+    try:
+        digests = json.loads((tag_dir / DIGESTS_FILE).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        digests = None
+    if not isinstance(digests, dict) or not all(isinstance(value, str) for value in digests.values()):
+        return f"has an unreadable {DIGESTS_FILE}"
+    for name, digest in sorted(digests.items()):
+        path = tag_dir / name
+        if not path.is_file():
+            return f"is missing {name}"
+        if file_sha256(path) != digest:
+            return f"has {name} whose sha256 differs from the one recorded when it was saved (a flipped bit or an edit)"
     return None
+
+
+def digests_recorded(saved_state: dict) -> bool:
+    """Whether a checkpoint (its trainer_state.json) has its files' sha256 recorded (those written before not)."""
+    return DIGESTS_FILE in (saved_state.get("files") or {})
 
 
 def checkpoint_files(tag_dir: Path) -> dict[str, int]:
     """Every file of a checkpoint (relative path -> bytes), recorded when it is marked complete."""
     return {str(path.relative_to(tag_dir)): path.stat().st_size for path in sorted(tag_dir.rglob("*"))
             if path.is_file() and path.name != TRAINER_STATE}
+
+
+def record_digests(tag_dir: Path, known: dict[str, str] | None = None) -> None:
+    """Write sha256.json: the sha256 of every file of a checkpoint (relative path -> hex digest), before it is
+    marked complete. ``known`` digests (hashed by the ranks that wrote the files) are not computed again."""
+    known = known or {}
+    digests = {name: known.get(name) or file_sha256(tag_dir / name) for name in checkpoint_files(tag_dir)
+               if name != DIGESTS_FILE}
+    write_json_atomic(tag_dir / DIGESTS_FILE, {**digests, **known})  # known: a listing may lag another node's writes
 
 
 def read_trainer_state(tag_dir: Path) -> dict:
@@ -218,10 +274,17 @@ def read_latest_tag(checkpoint_root: Path) -> str | None:
     if not latest.is_file():
         return None
     tag = latest.read_text(encoding="utf-8").strip()
-    problem = checkpoint_problem(checkpoint_root / tag)
+    problem = tag_problem(checkpoint_root, tag)
     if problem:
         raise UserError(f"{latest} points to {checkpoint_root / tag}, which {problem}; pass an earlier --tag")
     return tag
+
+
+def tag_problem(checkpoint_root: Path, tag: str) -> str | None:
+    """:func:`checkpoint_problem` of the tag ``latest`` names, which must be a name the trainer writes."""
+    if not TAG_PATTERN.fullmatch(tag):
+        return "is not a checkpoint tag of this trainer (step<8 digits>)"
+    return checkpoint_problem(checkpoint_root / tag)
 
 
 def find_resume_tag(checkpoint_root: Path) -> str | None:
@@ -231,12 +294,10 @@ def find_resume_tag(checkpoint_root: Path) -> str | None:
     if not latest.is_file():
         return None
     tag = latest.read_text(encoding="utf-8").strip()
-    problem = checkpoint_problem(checkpoint_root / tag)
+    problem = tag_problem(checkpoint_root, tag)
     if problem is None:
         return tag
-    earlier = sorted((p.name for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("step")),
-                     reverse=True)
-    for candidate in earlier:
+    for candidate in reversed(checkpoint_tags(checkpoint_root)):
         if candidate != tag and checkpoint_problem(checkpoint_root / candidate) is None:
             print(f"train: {checkpoint_root / tag} {problem}; resuming from the previous complete checkpoint "
                   f"{candidate}", file=sys.stderr)
@@ -250,21 +311,118 @@ def find_resume_tag(checkpoint_root: Path) -> str | None:
 
 def save_checkpoint(engine: Any, checkpoint_root: Path, state: TrainerState, rank: int, world_size: int,
                     keep_last: int, accelerator: Any) -> str:
-    """Write the checkpoint under its tag, wait for every rank, then mark it complete and move
-    ``latest`` to it; older tags beyond ``keep_last`` are deleted only after that."""
+    """Write the checkpoint under its tag on every rank; then rank 0 marks it complete (the size and sha256 of
+    every file, each rank hashing the files it wrote) and moves ``latest`` to it. Older tags beyond ``keep_last``
+    are deleted only after that. A rank that cannot write (a full disk) stops every rank with one line: the
+    partial tag is removed and ``latest`` stays on the previous checkpoint."""
     tag = tag_for_step(state.step)
     saved = {**state.to_json(), "world_size": world_size}
-    engine.save_checkpoint(str(checkpoint_root), tag=tag, client_state={"trainer_state": saved}, save_latest=False)
-    torch.save(rng_state(accelerator), checkpoint_root / tag / rng_file_name(rank))
-    dist.barrier()
-    if rank == 0:  # marks the tag complete, with the size of every file every rank wrote
-        write_json_atomic(checkpoint_root / tag / TRAINER_STATE, {**saved, "files": checkpoint_files(checkpoint_root / tag)})
-        write_text_atomic(checkpoint_root / LATEST, tag)
-        tags = sorted(p.name for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-keep_last]:
-            shutil.rmtree(checkpoint_root / old, ignore_errors=True)
-    dist.barrier()
+    failure, written = write_rank_files(engine, checkpoint_root, tag, saved, rank, accelerator)
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, (failure, written))
+    outcome: list[str | None] = [None]
+    if rank == 0:
+        failures = [failed for failed, _ in gathered if failed]
+        records = {name: record for _, files in gathered for name, record in files.items()}
+        outcome[0] = failures[0] if failures else mark_complete(checkpoint_root, tag, saved, records, keep_last)
+        if outcome[0]:
+            outcome[0] = abandon_checkpoint(checkpoint_root, tag, outcome[0])
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise UserError(outcome[0])
     return tag
+
+
+def write_rank_files(engine: Any, checkpoint_root: Path, tag: str, saved: dict, rank: int,
+                     accelerator: Any) -> tuple[str | None, dict[str, list]]:
+    """This rank's part of the checkpoint (DeepSpeed's files, then its RNG streams) and [size, sha256] of each
+    file it wrote, hashed while it is in the page cache; or why it could not write, and nothing."""
+    written: list[Path] = []
+    try:
+        with recording_saves(engine, written):
+            try:
+                engine.save_checkpoint(str(checkpoint_root), tag=tag, client_state={"trainer_state": saved},
+                                       save_latest=False)
+            except (OSError, RuntimeError):
+                dist.barrier()  # DeepSpeed's save ends in a barrier, where the ranks that could write now wait
+                raise
+        written.append(checkpoint_root / tag / rng_file_name(rank))
+        torch.save(rng_state(accelerator), written[-1])
+        return None, {str(path.relative_to(checkpoint_root / tag)): [path.stat().st_size, file_sha256(path)]
+                      for path in written if path.is_relative_to(checkpoint_root / tag)}
+    except (OSError, RuntimeError) as error:  # RuntimeError: how torch's zip writer reports a failed write
+        path = Path(getattr(error, "filename", None) or (written[-1] if written else checkpoint_root / tag))
+        return write_failure(error, path, rank), {}
+
+
+@contextlib.contextmanager
+def recording_saves(engine: Any, written: list[Path]) -> Iterator[None]:
+    """Append to ``written`` each file DeepSpeed saves through its checkpoint engine while the block runs, so each
+    rank hashes the files it wrote, in parallel with the others. An engine without one records nothing (rank 0
+    then hashes every file)."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:
+        yield
+        return
+    original = checkpoint_engine.save
+
+    def save(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        written.append(Path(path))
+        return original(state_dict, path, *args, **kwargs)
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        del checkpoint_engine.save  # DeepSpeed's own method again
+
+
+def write_failure(error: BaseException, path: Path, rank: int) -> str:
+    """Why ``path`` could not be written, in words: a full disk (with the space left) or the system's reason."""
+    existing = next(folder for folder in [path, *path.parents] if folder.exists())
+    free = shutil.disk_usage(existing).free
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free < DISK_FULL_BYTES):
+        return f"rank {rank} could not write {path}: the disk is full ({free / 1e6:.1f} MB free)"
+    reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"rank {rank} could not write {path}: {reason[:200]}"
+
+
+def mark_complete(checkpoint_root: Path, tag: str, saved: dict, records: dict[str, list], keep_last: int) -> str | None:
+    """Rank 0: record every file's sha256 (sha256.json) and size (the tag's trainer_state.json, which marks it
+    complete), point ``latest`` at it and prune older tags; None, or why a write failed. Files no rank reported
+    (an engine that hides its writes) are hashed here."""
+    tag_dir = checkpoint_root / tag
+    try:
+        record_digests(tag_dir, {name: digest for name, (_, digest) in records.items()})
+        sizes = {**checkpoint_files(tag_dir), **{name: size for name, (size, _) in records.items()}}
+        write_json_atomic(tag_dir / TRAINER_STATE, {**saved, "files": dict(sorted(sizes.items()))})
+        write_text_atomic(checkpoint_root / LATEST, tag)
+    except OSError as error:
+        return write_failure(error, Path(error.filename or tag_dir / TRAINER_STATE), 0)
+    for old in checkpoint_tags(checkpoint_root)[:-keep_last]:  # tags only: the user's files there are left alone
+        shutil.rmtree(checkpoint_root / old, ignore_errors=True)
+    return None
+
+
+def abandon_checkpoint(checkpoint_root: Path, tag: str, problem: str) -> str:
+    """Rank 0, after a rank could not write ``tag``: remove its partial files; the one line to stop with."""
+    tag_dir = checkpoint_root / tag
+    written = sum(size for size in checkpoint_files(tag_dir).values()) if tag_dir.is_dir() else 0
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    latest_file = checkpoint_root / LATEST
+    latest = latest_file.read_text(encoding="utf-8").strip() if latest_file.is_file() else None
+    previous = sum(checkpoint_files(checkpoint_root / latest).values()) if latest and latest != tag and (
+        checkpoint_root / latest).is_dir() else 0
+    needed = (f"a checkpoint of this run takes about {previous / 1e6:.1f} MB" if previous else
+              f"a checkpoint of this run takes more than the {written / 1e6:.1f} MB written before it failed")
+    kept = ("no checkpoint of this run exists yet" if latest is None else
+            f"{latest_file} still points to the previous complete checkpoint {latest}" if latest != tag else
+            f"{latest_file} named {tag}, which was being rewritten: the next run falls back to the newest complete "
+            "checkpoint before it")
+    free = shutil.disk_usage(checkpoint_root).free
+    return (f"checkpoint {tag_dir} was not saved: {problem}; {needed} ({free / 1e6:.1f} MB free now). Its partial "
+            f"files were removed and {kept}: free space (or fix the cause), then relaunch the same command to resume")
 
 
 def load_checkpoint(engine: Any, checkpoint_root: Path, tag: str, rank: int, accelerator: Any) -> None:

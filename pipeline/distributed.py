@@ -92,6 +92,12 @@ def visible_device_count(accelerator: Any) -> int:
     return accelerator.device_count()
 
 
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (deepspeed/torchrun: RANK; Slurm: SLURM_PROCID), before
+    the process group exists."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
 def launcher_world_size() -> int:
     """Number of ranks the launcher started (deepspeed/torchrun: WORLD_SIZE; Slurm: SLURM_NTASKS)."""
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
@@ -279,3 +285,12 @@ def check_shared_run_dir(output_dir: Path, ranks: Ranks) -> None:
         raise UserError(f"{output_dir} is not one directory shared by every rank{where}: rank 0's files are "
                         "invisible to some ranks, so checkpoints would be split across nodes; put --output_dir on "
                         "storage every node mounts at the same path")
+
+
+def refuse_on_every_rank(problem: str | None, ranks: Ranks) -> None:
+    """Raise rank 0's ``problem`` (say, the run directory is locked by another run) on every rank, so that all
+    of them exit with it instead of the others waiting for rank 0 in the next collective."""
+    shared = [problem if ranks.is_main else None]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0]:
+        raise UserError(shared[0])

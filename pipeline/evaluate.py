@@ -147,7 +147,10 @@ def context_positions(source: np.ndarray, target: np.ndarray, min_run: int = CON
 
 def load_examples(config: EvaluateConfig) -> Seq2SeqExamples:
     """The dataset (stored or online-masked), with the checks the trainer makes."""
-    return load_training_data(config.data_dir, config.mask_config, config.data_dir / "unused-output")
+    try:
+        return load_training_data(config.data_dir, config.mask_config, config.data_dir / "unused-output")
+    except UserError as error:  # the trainer's loader names the trainer's flag
+        raise UserError(str(error).replace("--online_mask_config", "--mask_config")) from None
 
 
 def example_indices(total: int, config: EvaluateConfig) -> range:

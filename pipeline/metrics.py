@@ -147,7 +147,9 @@ class MetricsLog:
         self.tensorboard: Any = None
         if enabled:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
+                from torch.utils.tensorboard import (
+                    SummaryWriter,  # optional: needs the tensorboard package
+                )
 
                 self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:
@@ -176,3 +178,14 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
             self.tensorboard.flush()
+
+
+def engine_figures(engine: Any) -> dict:
+    """What the engine itself reports at a log step: peak memory on a GPU, the loss scale under fp16."""
+    figures = {}
+    if engine.device.type == "cuda":
+        figures["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(engine.device) / 1e9, 3)
+    if engine.fp16_enabled():  # dynamic loss scaling: a falling scale and skipped steps mean overflow
+        figures["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", float("nan")))
+        figures["skipped_steps"] = int(engine.skipped_steps)
+    return figures

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from data_tools.common import VOCAB_FILE, UserError, file_sha256
+from pipeline.ds_config import non_finite_field
 
 # transformers is imported inside the functions that use it, on purpose: its import takes ~2 s (measured on
 # the 2-core VM, on top of torch's), which --help and the one-line errors of every command importing this
@@ -51,8 +52,11 @@ def load_model_config(name_or_path: str | Path, vocab_size: int, special_token_i
         values = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise UserError(f"model config {path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise UserError(f"model config {path} holds a JSON {type(values).__name__}, not an object")
     if values.get("model_type") not in ("bart", "pegasus"):
         raise UserError(f"{path}: model_type must be 'bart' or 'pegasus', got {values.get('model_type')!r}")
+    check_model_values(values, f"model config {path}")
     values.update(
         vocab_size=vocab_size,
         pad_token_id=special_token_ids["[PAD]"],
@@ -62,7 +66,55 @@ def load_model_config(name_or_path: str | Path, vocab_size: int, special_token_i
         forced_eos_token_id=special_token_ids["[SEP]"],
     )
     model_type = values.pop("model_type")
-    return AutoConfig.for_model(model_type, **values)
+    config = AutoConfig.for_model(model_type, **values)
+    check_model_values(config.to_dict(), f"model config {path}")  # with HF's defaults for the fields not given
+    return config
+
+
+# Architecture fields (HF's names), whole numbers >= 1: a list or a string there, or 0, ends in a traceback
+# when the model is built, and a negative layer count builds a model without those layers.
+MODEL_COUNT_FIELDS = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                      "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings")
+MODEL_RATE_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop")
+
+
+def model_values_problem(values: dict) -> str | None:
+    """What in an HF BART/PEGASUS config's values would crash model building or training (or silently build
+    another model), or None: non-finite numbers, counts that are not whole numbers >= 1, rates outside
+    [0, 1], a head count that does not divide d_model, an unknown activation. Only the fields present are checked."""
+    from transformers.activations import ACT2FN
+
+    non_finite = non_finite_field(values)
+    if non_finite is not None:
+        return f"{non_finite[0]} is {json.dumps(non_finite[1])}: every number must be finite"
+    for name in MODEL_COUNT_FIELDS:
+        if name in values and not (type(values[name]) is int and values[name] >= 1):
+            return f"{name} must be a whole number >= 1, got {json.dumps(values[name])}"
+    for name in MODEL_RATE_FIELDS:
+        if name in values and not (_is_number(values[name]) and 0 <= values[name] <= 1):
+            return f"{name} must be a number in [0, 1], got {json.dumps(values[name])}"
+    if "init_std" in values and not (_is_number(values["init_std"]) and values["init_std"] > 0):
+        return f"init_std must be a positive number, got {json.dumps(values['init_std'])}"
+    d_model = values.get("d_model")
+    for side in ("encoder", "decoder"):
+        heads = values.get(f"{side}_attention_heads")
+        if isinstance(d_model, int) and isinstance(heads, int) and d_model % heads:
+            return (f"{side}_attention_heads {heads} does not divide d_model {d_model} (each head gets d_model / "
+                    "heads dimensions)")
+    activation = values.get("activation_function")
+    if activation is not None and (not isinstance(activation, str) or activation not in ACT2FN):
+        return f"activation_function {json.dumps(activation)} is not one of transformers' ({', '.join(sorted(ACT2FN))})"
+    return None
+
+
+def check_model_values(values: dict, where: str) -> None:
+    problem = model_values_problem(values)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def build_model(config: Any) -> nn.Module:
@@ -143,6 +195,7 @@ def read_hf_config(model_dir: Path, flag: str) -> dict:
     if not isinstance(values, dict) or values.get("model_type") not in ("bart", "pegasus"):
         found = values.get("model_type") if isinstance(values, dict) else type(values).__name__
         raise UserError(f"{config_file}: model_type {found!r} is not bart or pegasus")
+    check_model_values(values, str(config_file))
     return values
 
 

@@ -13,16 +13,18 @@ The run directory's layout lives here too: the files the trainer writes at its t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from data_tools.common import VOCAB_FILE, UserError, write_json_atomic
-from data_tools.outputs import check_apart
-from pipeline.checkpointing import CHECKPOINTS, MODEL_CONFIG_FILE, TrainerState, find_resume_tag, read_trainer_state
+from data_tools.outputs import check_apart, output_lock
+from pipeline.checkpointing import (CHECKPOINTS, MODEL_CONFIG_FILE, TrainerState, digests_recorded, find_resume_tag,
+                                   read_trainer_state)
 from pipeline.distributed import accelerator_problem, launcher_world_size, nvidia_gpus_visible
 from pipeline.ds_config import load_ds_config, mixed_precision, resolve_batch_sizes
 from pipeline.examples import Seq2SeqExamples, load_training_data
@@ -92,6 +94,7 @@ class RunPlan:
     resume_tag: str | None
     start: TrainerState  # step and data position to continue from (zeros for a fresh run)
     universal: bool = False  # resuming a checkpoint zh-to-universal converted
+    resume_digests: bool = True  # the checkpoint resumed records its files' sha256 (those written before do not)
 
     @property
     def vocab(self) -> dict:
@@ -121,7 +124,9 @@ def read_training_data(config: TrainConfig) -> Seq2SeqExamples:
 def run_model_config(config: TrainConfig, vocab: dict) -> Any:
     """The HF config: the --init_from model's, or a packaged/path config with the data's vocab and special ids."""
     if config.init_from is not None:
-        from transformers import AutoConfig  # deferred: transformers' import takes ~2 s (pipeline/model.py)
+        from transformers import (
+            AutoConfig,  # deferred: transformers' import takes ~2 s (pipeline/model.py)
+        )
 
         return AutoConfig.from_pretrained(str(config.init_from))
     return load_model_config(config.model_config, vocab["size"], vocab["special_token_ids"])
@@ -280,7 +285,22 @@ def plan_run(config: TrainConfig, found: StartupInputs) -> RunPlan:
         raise UserError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(
             f"({number}) {problem}" for number, problem in enumerate(problems, 1)))
     return RunPlan(examples, found.model_config, ds_config, mixed_precision(ds_config), found.world_size,
-                   len(examples) - config.eval_examples, found.resume_tag, start, bool(found.saved_state.get("universal")))
+                   len(examples) - config.eval_examples, found.resume_tag, start, bool(found.saved_state.get("universal")),
+                   found.resume_tag is None or digests_recorded(found.saved_state))
+
+
+def plan_locked_run(config: TrainConfig, accelerator: str, locked_by: str | None) -> RunPlan:
+    """:func:`plan_run` of what :func:`read_startup` reads, for a rank 0 that may have found the run directory
+    locked (``locked_by``, :func:`run_dir_lock`): alone, it stops at once; with other ranks, it tells them once the
+    process group is up. A problem in what it read then is named as the lock: it may be another run's half-done work."""
+    if locked_by and launcher_world_size() == 1:
+        raise UserError(locked_by)
+    try:
+        return plan_run(config, read_startup(config, accelerator))
+    except UserError:
+        if locked_by:
+            raise UserError(locked_by) from None
+        raise
 
 
 # -- the run directory -----------------------------------------------------------------------------
@@ -296,3 +316,25 @@ def prepare_run_dir(config: TrainConfig, plan: RunPlan) -> None:
     plan.model_config.to_json_file(config.output_dir / MODEL_CONFIG_FILE)
     shutil.copyfile(data_paths(config)[0] / VOCAB_FILE, config.output_dir / VOCAB_FILE)  # a mixture has one vocab
     write_json_atomic(config.output_dir / DATA_MANIFEST_FILE, plan.examples.manifest)
+
+
+@contextlib.contextmanager
+def run_dir_lock(output_dir: Path, is_main: bool) -> Iterator[str | None]:
+    """Rank 0 holds an exclusive lock on the run directory for the whole run (data_tools.outputs.output_lock:
+    ``fcntl.flock`` on ``.NAME.lock`` beside it, which names the holder's pid and host; the kernel releases it when
+    the process dies, so a killed run's lock does not block the next). Yields None, or the one line naming the
+    run that holds it: two runs in one directory would interleave their steps in metrics.jsonl and write each
+    other's checkpoints. Taken before anything is read, so the plan is never of a directory another run is
+    changing. Other ranks lock nothing (they may be on other hosts): rank 0 tells them once the process group is up
+    (:func:`pipeline.distributed.refuse_on_every_rank`). A run directory whose parent does not exist yet is not
+    locked: the lock lives in that parent."""
+    if not is_main:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(output_lock(output_dir))
+        except UserError as error:
+            yield str(error)
+            return
+        yield None

@@ -26,6 +26,7 @@ from pipeline.checkpointing import (
     checkpoint_problem,
     read_latest_tag,
     read_trainer_state,
+    record_digests,
 )
 
 
@@ -66,6 +67,7 @@ def to_universal(config: UniversalConfig) -> str:
         raise UserError(f"ds_to_universal failed on {source}: {result.stderr.strip().splitlines()[-1:]}")
     for rng_file in source.glob("rng_state_rank*.pt"):
         shutil.copyfile(rng_file, staging / rng_file.name)
+    record_digests(staging)
     write_json_atomic(staging / TRAINER_STATE, {**state, "universal": True, "converted_from": tag,
                                                 "files": checkpoint_files(staging)})
     shutil.rmtree(root / target_tag, ignore_errors=True)

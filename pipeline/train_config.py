@@ -20,8 +20,10 @@ from pipeline.mixture import parse_mixture
 
 TRAIN_CONFIG_FILE = "train_config.json"
 # Flags that define a run's data, model and data order: a run directory can only be continued with the same values.
+# eval_examples among them: it moves the line between training and held-out examples (held-out ones would be
+# trained on, or trained ones scored as held out).
 RUN_DEFINING_FLAGS = ("data_dir", "data_dirs", "model_config", "micro_batch_size", "seed", "group_by_length",
-                      "max_tokens_per_batch", "length_group_window")
+                      "max_tokens_per_batch", "length_group_window", "eval_examples")
 
 
 @dataclass(kw_only=True)

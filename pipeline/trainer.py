@@ -8,15 +8,16 @@ every rank has finished writing. Relaunching the same command resumes from ``lat
 This module wires the parts together and reads top to bottom: :func:`train` decides whether the
 run may start (``run_plan``: every check at once, before anything is written), :meth:`Trainer.start`
 sets up (model, process group, engine, resume, data, logs), :meth:`Trainer.fit` is the loop, and
-the ``maybe_*`` methods log, evaluate and save on their schedules. The parts: ``train_config``
-(flags), ``run_plan`` (start-up checks, run directory), ``ds_config`` (DeepSpeed config, batch
-sizes, schedule), ``distributed`` (process group, Slurm, seeding, hardware and storage checks),
-``checkpointing`` (layout, resume, RNG), ``batch_loader`` (batches prepared ahead), ``metrics``
-(typed window, log files), ``loss``.
+the ``maybe_*`` methods log, evaluate, save and stop (on SIGTERM or Ctrl-C) on their schedules. The parts:
+``train_config`` (flags), ``run_plan`` (start-up checks, run directory and its lock), ``ds_config`` (DeepSpeed
+config, batch sizes, schedule), ``distributed`` (process group, Slurm, seeding, hardware and storage checks),
+``checkpointing`` (layout, digests, resume, RNG), ``signals`` (stopping on a signal), ``batch_loader`` (batches
+prepared ahead), ``metrics`` (typed window, log files), ``loss``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -31,13 +32,15 @@ from tqdm import tqdm
 from data_tools.cli import config_to_dict, run_stage
 from data_tools.common import UserError, write_json_atomic
 from pipeline.batch_loader import MicroBatchLoader, evaluation_batches
-from pipeline.checkpointing import CHECKPOINTS, TrainerState, load_checkpoint, save_checkpoint
+from pipeline.checkpointing import CHECKPOINTS, TrainerState, load_checkpoint, save_checkpoint, tag_for_step
 from pipeline.collate import DecoderInputDropout, Seq2SeqCollator
 from pipeline.distributed import (
     Ranks,
     check_shared_run_dir,
     device_product_name,
     init_distributed,
+    launcher_rank,
+    refuse_on_every_rank,
     seed_everything,
     use_deterministic_kernels,
     warn_stale_extension_locks,
@@ -46,11 +49,13 @@ from pipeline.ds_config import lr_schedule
 from pipeline.examples import CorpusMixture
 from pipeline.flops import peak_flops_per_device, training_flops
 from pipeline.loss import IGNORE_INDEX, seq2seq_loss
-from pipeline.metrics import MetricsLog, MetricsWindow, log_line, step_record, truncate_records
+from pipeline.metrics import MetricsLog, MetricsWindow, engine_figures, log_line, step_record, truncate_records
 from pipeline.model import build_training_model, weight_decay_groups
 from pipeline.plot import PLOT_FILE, plot_run
-from pipeline.run_plan import RunPlan, plan_run, prepare_run_dir, read_startup
+from pipeline.run_plan import RunPlan, plan_locked_run, prepare_run_dir, run_dir_lock
 from pipeline.sampler import ResumableDistributedSampler
+from pipeline.signals import (StopAgreement, StopSignals, TrainingStopped, signal_name, stop_signals,
+                              stop_signals_blocked)
 from pipeline.train_config import TRAIN_CONFIG_FILE, TrainConfig
 
 
@@ -61,11 +66,14 @@ def train(config: TrainConfig) -> TrainerState:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    plan = plan_run(config, read_startup(config, accelerator.device_name()))
-    trainer = Trainer.start(config, plan, accelerator)
-    trainer.fit()
-    if trainer.ranks.is_main:
-        write_loss_plot(config)
+    is_main = launcher_rank() == 0
+    with run_dir_lock(config.output_dir, is_main) as locked_by, stop_signals(is_main) as signals:
+        plan = plan_locked_run(config, accelerator.device_name(), locked_by)
+        trainer = Trainer.start(config, plan, accelerator, locked_by)
+        signals.defer()
+        trainer.fit(signals)
+        if trainer.ranks.is_main:
+            write_loss_plot(config)
     return trainer.state
 
 
@@ -97,10 +105,13 @@ class Trainer:
         self.metrics.truncate(self.state.step)
         self.window = MetricsWindow(engine.device)  # started again when the loop starts
         self.skipped_before, self.skipped_streak = engine.skipped_steps, 0
+        self.saved_step = self.state.step if plan.resume_tag else None  # of the last complete checkpoint
+        self.stop_agreement = StopAgreement(engine.device)
 
     @classmethod
-    def start(cls, config: TrainConfig, plan: RunPlan, accelerator: Any) -> "Trainer":
-        """Seed and build the model, start the process group and the engine, resume, open data and logs."""
+    def start(cls, config: TrainConfig, plan: RunPlan, accelerator: Any, locked_by: str | None = None) -> "Trainer":
+        """Seed and build the model, start the process group and the engine, resume, open data and logs.
+        ``locked_by``: rank 0 found the run directory locked by another run (every rank then stops)."""
         import deepspeed  # deferred with get_accelerator (see train)
 
         warn_stale_extension_locks()
@@ -110,6 +121,7 @@ class Trainer:
         model, norm_kernel = build_training_model(config.init_from, plan.model_config, accelerator.device_name(),
                                                   config.gradient_checkpointing, config.compile)
         ranks = init_distributed(accelerator)
+        refuse_on_every_rank(locked_by, ranks)
         if ranks.is_main:
             prepare_run_dir(config, plan)
         dist.barrier()
@@ -128,12 +140,14 @@ class Trainer:
                   f"{accelerator.device_name()}{cpu_threads} | optimizer "
                   f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__} | layer norm {norm_kernel} | global "
                   f"batch {plan.ds_config['train_batch_size']} | data workers {config.data_workers} | "
-                  + (f"resuming from {plan.resume_tag} (step {plan.start.step})" if plan.resume_tag else "fresh start"),
-                  file=sys.stderr)
+                  + (f"resuming from {plan.resume_tag} (step {plan.start.step})" if plan.resume_tag else "fresh start")
+                  + ("" if plan.resume_digests else " (written before checkpoints recorded their files' sha256: sizes "
+                     "and file types checked, contents not)"), file=sys.stderr)
         trainer = cls(config, plan, engine, scheduler, ranks, accelerator)
         if ranks.is_main:
             trainer.report_data()
-        trainer.loader.start()  # the workers prepare the first batches while the rest of the set-up runs
+        with stop_signals_blocked():  # in the data workers, which inherit it (pipeline/signals.py)
+            trainer.loader.start()  # the workers prepare the first batches while the rest of the set-up runs
         return trainer
 
     def open_loader(self) -> MicroBatchLoader:
@@ -169,22 +183,23 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def fit(self) -> None:
-        """Forward, backward, step; logging, evaluation and checkpoints on their schedules."""
+    def fit(self, signals: StopSignals) -> None:
+        """Forward, backward, step; logging, evaluation and checkpoints on their schedules; a stop on a signal."""
         config = self.config
         bar = tqdm(total=config.total_steps, initial=self.state.step, desc="train", unit=" steps", file=sys.stderr,
                    disable=not self.ranks.is_main or not config.progress, mininterval=1.0)
         self.window = MetricsWindow(self.engine.device)
         self.engine.train()
-        while self.state.step < config.total_steps:
-            self.train_step()
-            bar.update(1)
-            self.check_skipped_steps()
-            self.maybe_log(bar)
-            with self.window.paused():  # the next log's tokens/s and MFU are of training steps only
-                self.maybe_evaluate()
-                self.maybe_save()
-        bar.close()
+        with contextlib.closing(bar):
+            while self.state.step < config.total_steps:
+                self.train_step()
+                bar.update(1)
+                self.check_skipped_steps()
+                self.maybe_log(bar)
+                with self.window.paused():  # the next log's tokens/s and MFU are of training steps only
+                    self.maybe_evaluate()
+                    self.maybe_save()
+                    self.maybe_stop(signals.received)
         dist.barrier()
 
     def train_step(self) -> None:
@@ -255,12 +270,26 @@ class Trainer:
             print(f"step {self.state.step}: eval loss {loss_sum / tokens:.4f} over {tokens} target tokens",
                   file=sys.stderr)
 
-    def maybe_save(self) -> None:
-        """At checkpoint steps: every rank's shard, then ``latest`` (pipeline/checkpointing.py)."""
+    def maybe_save(self, now: bool = False) -> None:
+        """At checkpoint steps (or ``now``): every rank's shard, then ``latest`` (pipeline/checkpointing.py)."""
         config = self.config
-        if is_due(self.state.step, config.save_checkpoint_steps, config.total_steps):
+        if now or is_due(self.state.step, config.save_checkpoint_steps, config.total_steps):
             save_checkpoint(self.engine, config.output_dir / CHECKPOINTS, self.state, self.ranks.rank,
                             self.ranks.world_size, config.keep_last_checkpoints, self.accelerator)
+            self.saved_step = self.state.step
+
+    def maybe_stop(self, received: int) -> None:
+        """At every step boundary: when a rank noted a signal (agreed by all one step later), save a checkpoint
+        unless this step has one, and stop with the line that says what was kept (pipeline/signals.py)."""
+        agreed = self.stop_agreement.exchange(received)
+        if not agreed or self.state.step >= self.config.total_steps:  # the last step: the run is complete anyway
+            return
+        if self.saved_step != self.state.step:
+            self.maybe_save(now=True)
+        latest = self.config.output_dir / CHECKPOINTS / tag_for_step(self.state.step)
+        raise TrainingStopped(f"stopped by {signal_name(agreed)} after step {self.state.step}: checkpoint {latest} is "
+                              "complete and checkpoints/latest points to it; relaunch the same command to resume "
+                              "from it" if self.ranks.is_main else "", agreed)
 
 
 def evaluation_loss(engine: Any, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int]:
@@ -276,17 +305,6 @@ def evaluation_loss(engine: Any, batches: Iterator[dict[str, torch.Tensor]]) -> 
     dist.all_reduce(totals)
     loss_sum, tokens = totals.tolist()
     return loss_sum, int(tokens)
-
-
-def engine_figures(engine: Any) -> dict:
-    """What the engine itself reports at a log step: peak memory on a GPU, the loss scale under fp16."""
-    figures = {}
-    if engine.device.type == "cuda":
-        figures["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(engine.device) / 1e9, 3)
-    if engine.fp16_enabled():  # dynamic loss scaling: a falling scale and skipped steps mean overflow
-        figures["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", float("nan")))
-        figures["skipped_steps"] = int(engine.skipped_steps)
-    return figures
 
 
 def skip_streak(skipped_before: int, skipped_now: int, streak: int) -> int:
@@ -308,7 +326,12 @@ def write_loss_plot(config: TrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(train, TrainConfig, argv)
+    try:
+        return run_stage(train, TrainConfig, argv)
+    except TrainingStopped as stopped:  # not an error: exit 128 + the signal, as a process the signal ended
+        if str(stopped):
+            print(f"{Path(sys.argv[0]).name}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signal_number
 
 
 if __name__ == "__main__":

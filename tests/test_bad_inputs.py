@@ -228,6 +228,33 @@ def clean_near_dedup_threshold_above_one(chain, work, tmp):
 
 
 @case
+def clean_near_dedup_partitions_out_of_range(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--near_dedup_threshold", "0.8",
+                       "--near_dedup_partitions", "100000"], "--near_dedup_partitions 100000 must lie in [1, 65536]",
+                      not_created=[tmp / "out"])
+
+
+@case
+def clean_near_dedup_partitions_without_threshold(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--near_dedup_partitions", "4"],
+                      "--near_dedup_threshold 0.0 must lie in (0, 1)", not_created=[tmp / "out"])
+
+
+@case
+def clean_near_dedup_one_permutation(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--near_dedup_threshold", "0.8",
+                       "--near_dedup_partitions", "4", "--minhash_num_perm", "1"], "--minhash_num_perm 1 must lie in",
+                      not_created=[tmp / "out"])
+
+
+@case
+def combine_near_dedup_threshold_of_one(chain, work, tmp):
+    return Case(combine_slices.main, ["--input_dirs", work("clean"), "--output_dir", tmp / "out",
+                                      "--near_dedup_threshold", "1", "--near_dedup_partitions", "8"],
+                ("--near_dedup_threshold 1.0 must lie in (0, 1)",), not_created=[tmp / "out"])
+
+
+@case
 def clean_rerun_dropping_everything_keeps_the_previous_output(chain, work, tmp):
     documents = work("clean")
     return clean_case(["--input_paths", work("raw"), "--output_dir", documents, "--min_chars", "100000",
@@ -514,6 +541,178 @@ def verify_a_directory_without_manifest(chain, work, tmp):
     return Case(verify.main, ["--directory", user_folder(tmp / "mine")], ("manifest.json not found",))
 
 
+# -- damaged inputs read as good, empty and edited manifests (#24, second round) ------------------------
+
+
+def compressed_copy(chain, name: str, frames: int = 1) -> bytes:
+    """The chain's raw corpus compressed as ``name`` (.gz or .zst, ``frames`` zstd frames), bytes returned."""
+    import gzip
+
+    import zstandard
+
+    data = (chain / "raw" / "corpus.txt").read_bytes()
+    if name.endswith(".gz"):
+        return gzip.compress(data)
+    cut = len(data) // frames
+    return b"".join(zstandard.ZstdCompressor().compress(data[k * cut:(k + 1) * cut if k + 1 < frames else None])
+                    for k in range(frames))
+
+
+@case
+def clean_truncated_zst(chain, work, tmp):
+    compressed = compressed_copy(chain, "corpus.txt.zst")
+    (tmp / "corpus.txt.zst").write_bytes(compressed[: len(compressed) * 2 // 3])
+    return clean_case(["--input_paths", tmp / "corpus.txt.zst", "--output_dir", tmp / "out"], "corpus.txt.zst",
+                      "ends inside its compressed data", "truncated", not_created=[tmp / "out"])
+
+
+@case
+def clean_zst_cut_in_its_second_frame(chain, work, tmp):
+    compressed = compressed_copy(chain, "corpus.txt.zst", frames=2)
+    (tmp / "corpus.txt.zst").write_bytes(compressed[:-50])
+    documents = work("clean")
+    return clean_case(["--input_paths", tmp / "corpus.txt.zst", "--output_dir", documents], "corpus.txt.zst",
+                      "truncated", unchanged=[documents])
+
+
+@case
+def clean_truncated_gz(chain, work, tmp):
+    compressed = compressed_copy(chain, "corpus.txt.gz")
+    (tmp / "corpus.txt.gz").write_bytes(compressed[: len(compressed) // 2])
+    return clean_case(["--input_paths", tmp / "corpus.txt.gz", "--output_dir", tmp / "out"], "corpus.txt.gz",
+                      "truncated", not_created=[tmp / "out"])
+
+
+def parquet_copy(chain, tmp: Path, **write_options) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = (chain / "raw" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    path = tmp / "corpus.parquet"
+    pq.write_table(pa.table({"text": lines}), path, compression="none", **write_options)
+    return path
+
+
+@case
+def clean_parquet_with_a_flipped_byte_in_a_checksummed_page(chain, work, tmp):
+    import pyarrow as pa
+
+    if int(pa.__version__.split(".")[0]) < 15:
+        pytest.skip("pyarrow writes and checks Parquet page CRCs from version 15 on")
+    path = parquet_copy(chain, tmp, write_page_checksum=True)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the pages: the footer and schema are at the end
+    path.write_bytes(bytes(data))
+    return clean_case(["--input_paths", path, "--output_dir", tmp / "out"], "corpus.parquet", "CRC",
+                      not_created=[tmp / "out"])
+
+
+@case
+def clean_parquet_without_crcs_whose_page_is_not_utf8(chain, work, tmp):
+    path = parquet_copy(chain, tmp, use_dictionary=False)
+    line = (chain / "raw" / "corpus.txt").read_text(encoding="utf-8").splitlines()[5].encode("utf-8")
+    data = bytearray(path.read_bytes())
+    start = data.index(line)  # in the data page (page statistics hold only the smallest and largest line)
+    continuation = next(k for k, byte in enumerate(line) if 0x80 <= byte < 0xC0)
+    data[start + continuation] ^= 0x80  # a continuation byte turned ASCII: no longer UTF-8
+    path.write_bytes(bytes(data))
+    return clean_case(["--input_paths", path, "--output_dir", tmp / "out"], "corpus.parquet", "Invalid UTF8",
+                      "damaged", not_created=[tmp / "out"])
+
+
+@case
+def clean_truncated_parquet(chain, work, tmp):
+    path = parquet_copy(chain, tmp)
+    path.write_bytes(path.read_bytes()[:-300])
+    return clean_case(["--input_paths", path, "--output_dir", tmp / "out"], "corpus.parquet",
+                      "cannot be read as Parquet", not_created=[tmp / "out"])
+
+
+def without_shards(directory: Path) -> Path:
+    edit_json(directory / "manifest.json", lambda m: m.update(shards=[]))
+    return directory
+
+
+@case
+def verify_a_manifest_listing_no_shards(chain, work, tmp):
+    return Case(verify.main, ["--directory", without_shards(work("clean"))],
+                ("manifest.json", "'shards' lists no shard", "re-run the clean stage"))
+
+
+@case
+def tokenize_a_clean_output_listing_no_shards(chain, work, tmp):
+    return tokenize_case(["--input_dir", without_shards(work("clean")), "--output_dir", tmp / "out", "--vocab_path",
+                          chain / "tok" / "vocab.txt"], "'shards' lists no shard", not_created=[tmp / "out"])
+
+
+@case
+def mask_a_tokenize_output_listing_no_shards(chain, work, tmp):
+    return mask_case(work, tmp, input_dir=without_shards(work("tok")), says=("'shards' lists no shard",
+                                                                             "re-run the tokenize stage"))
+
+
+@case
+def combine_a_slice_listing_no_shards(chain, work, tmp):
+    return Case(combine_slices.main, ["--input_dirs", without_shards(work("clean")), "--output_dir", tmp / "out"],
+                ("'shards' lists no shard",), not_created=[tmp / "out"])
+
+
+@case
+def build_vocab_from_a_clean_output_listing_no_shards(chain, work, tmp):
+    return Case(vocab.main, ["--input_dir", without_shards(work("clean")), "--output_path", tmp / "v.txt"],
+                ("'shards' lists no shard",), not_created=[tmp / "v.txt"])
+
+
+@case
+def mask_with_an_edited_vocab_size(chain, work, tmp):
+    tokenized = work("tok")
+    edit_json(tokenized / "manifest.json", lambda m: m["vocab"].update(size=m["vocab"]["size"] + 1000))
+    return mask_case(work, tmp, input_dir=tokenized, says=("vocab.size is 22128", "has 21128 tokens",
+                                                           "re-run the tokenize stage"))
+
+
+@case
+def mask_with_an_edited_vocab_sha256(chain, work, tmp):
+    tokenized = work("tok")
+    edit_json(tokenized / "manifest.json", lambda m: m["vocab"].update(sha256="0" * 64))
+    return mask_case(work, tmp, input_dir=tokenized, says=("vocab.txt is missing or differs from the vocab",))
+
+
+@case
+def mask_with_an_edited_special_token_id(chain, work, tmp):
+    tokenized = work("tok")
+    edit_json(tokenized / "manifest.json", lambda m: m["vocab"]["special_token_ids"].update({"[MASK]": 5}))
+    return mask_case(work, tmp, input_dir=tokenized, says=("special_token_ids gives [MASK] id 5", "at id 103"))
+
+
+@case
+def mask_with_an_edited_id_type(chain, work, tmp):
+    tokenized = work("tok")
+    edit_json(tokenized / "manifest.json", lambda m: m.update(id_type="uint32"))
+    return mask_case(work, tmp, input_dir=tokenized, says=("id_type 'uint32' does not fit a vocab of 21128",))
+
+
+@case
+def verify_a_tokenize_output_with_an_edited_vocab_size(chain, work, tmp):
+    tokenized = work("tok")
+    edit_json(tokenized / "manifest.json", lambda m: m["vocab"].update(size=30000))
+    return Case(verify.main, ["--directory", tokenized], ("vocab.size is 30000", "has 21128 tokens"))
+
+
+@case
+def verify_a_mask_output_with_an_edited_vocab_size(chain, work, tmp):
+    examples = work("mask")
+    edit_json(examples / "manifest.json", lambda m: m["vocab"].update(size=100))
+    return Case(verify.main, ["--directory", examples], ("vocab.size is 100", "re-run the mask stage"))
+
+
+@case
+def verify_examples_whose_total_disagrees_with_the_shards(chain, work, tmp):
+    examples = work("mask")
+    edit_json(examples / "manifest.json", lambda m: m["counts"].update(examples=m["counts"]["examples"] + 1))
+    return Case(verify.main, ["--directory", examples], ("counts.examples is", "but its shards hold"))
+
+
 def run_online_config(tmp: Path, payload: str) -> Path:
     path = tmp / "online.json"
     path.write_text(payload, encoding="utf-8")
@@ -608,6 +807,199 @@ def train_on_a_truncated_shard(chain, work, tmp):
 @case
 def train_eval_examples_negative(chain, work, tmp):
     return train_case(work, tmp, "--eval_examples", "-1", says=("--eval_examples",))
+
+
+@case
+def train_on_examples_with_an_edited_vocab_size(chain, work, tmp):
+    examples = work("mask")
+    edit_json(examples / "manifest.json", lambda m: m["vocab"].update(size=m["vocab"]["size"] - 1))
+    return train_case(work, tmp, data=examples, says=("vocab.size is 21127", "re-run the mask stage"))
+
+
+@case
+def train_online_on_a_tokenized_corpus_with_an_edited_vocab_size(chain, work, tmp):
+    tokenized = work("tok")
+    edit_json(tokenized / "manifest.json", lambda m: m["vocab"].update(size=m["vocab"]["size"] + 7))
+    return train_case(work, tmp, "--online_mask_config", run_online_config(tmp, '{"target": "bart"}'), data=tokenized,
+                      says=("vocab.size is 21135", "re-run the tokenize stage"))
+
+
+# -- the trainer's DeepSpeed and model configs, non-finite numbers, a changed held-out split (#24, round 2) ---
+
+
+def ds_config_case(work, tmp, change: Callable[[dict], object], *says: str) -> Case:
+    """The CPU DeepSpeed config with ``change`` applied (NaN and Infinity written as Python's json writes them)."""
+    values = json.loads((PROJECT_ROOT / "ds_configs" / "cpu_zero2.json").read_text(encoding="utf-8"))
+    change(values)
+    (tmp / "ds.json").write_text(json.dumps(values), encoding="utf-8")
+    return train_case(work, tmp, "--deepspeed_config", tmp / "ds.json", says=("ds.json", *says))
+
+
+@case
+def train_deepspeed_config_with_a_string_stage(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["zero_optimization"].update(stage="2"),
+                          '"zero_optimization.stage" must be 2', 'got "2"')
+
+
+@case
+def train_deepspeed_config_with_zero_stage_3(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["zero_optimization"].update(stage=3),
+                          '"zero_optimization.stage" must be 2', "zh-export", "got 3")
+
+
+@case
+def train_deepspeed_config_with_zero_stage_1(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["zero_optimization"].update(stage=1), "got 1")
+
+
+@case
+def train_deepspeed_config_without_zero(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c.pop("zero_optimization"), '"zero_optimization.stage" is missing',
+                          "stage 0")
+
+
+@case
+def train_deepspeed_config_with_an_unknown_optimizer(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["optimizer"].update(type="AdamQ"), '"optimizer.type"', '"AdamQ"')
+
+
+@case
+def train_deepspeed_config_with_a_string_learning_rate(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["optimizer"]["params"].update(lr="1e-4"),
+                          '"optimizer.params.lr" must be a positive number or "auto"', 'got "1e-4"')
+
+
+@case
+def train_deepspeed_config_with_a_zero_reduce_bucket(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["zero_optimization"].update(reduce_bucket_size=0),
+                          '"zero_optimization.reduce_bucket_size" must be a positive whole number')
+
+
+@case
+def train_deepspeed_config_with_a_nan_beta(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["optimizer"]["params"]["betas"].__setitem__(1, float("nan")),
+                          '"optimizer.params.betas[1]" is NaN', "finite")
+
+
+@case
+def train_deepspeed_config_with_an_infinite_eps(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["optimizer"]["params"].update(eps=float("inf")),
+                          '"optimizer.params.eps" is Infinity')
+
+
+@case
+def train_deepspeed_config_with_a_nan_weight_decay(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c["optimizer"]["params"].update(weight_decay=float("nan")),
+                          '"optimizer.params.weight_decay" is NaN')
+
+
+@case
+def train_deepspeed_config_with_an_infinite_gradient_clipping(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c.update(gradient_clipping=float("inf")),
+                          '"gradient_clipping" is Infinity')
+
+
+@case
+def train_deepspeed_config_with_a_nan_loss_scale(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c.update(fp16={"enabled": False, "initial_scale_power": float("nan")}),
+                          '"fp16.initial_scale_power" is NaN')
+
+
+@case
+def train_deepspeed_config_with_its_own_scheduler(chain, work, tmp):
+    return ds_config_case(work, tmp, lambda c: c.update(scheduler={"type": "WarmupLR", "params": {}}),
+                          '"scheduler" section', "--warmup_steps")
+
+
+def model_config_case(work, tmp, change: Callable[[dict], object], *says: str) -> Case:
+    values = json.loads((PROJECT_ROOT / "pipeline" / "model_configs" / "bart-tiny.json").read_text(encoding="utf-8"))
+    change(values)
+    (tmp / "model.json").write_text(json.dumps(values), encoding="utf-8")
+    return train_case(work, tmp, "--model_config", tmp / "model.json", says=("model.json", *says))
+
+
+@case
+def train_model_config_whose_heads_do_not_divide_d_model(chain, work, tmp):
+    return model_config_case(work, tmp, lambda c: c.update(encoder_attention_heads=3),
+                             "encoder_attention_heads 3 does not divide d_model 64")
+
+
+@case
+def train_model_config_with_d_model_zero(chain, work, tmp):
+    return model_config_case(work, tmp, lambda c: c.update(d_model=0), "d_model must be a whole number >= 1, got 0")
+
+
+@case
+def train_model_config_with_a_list_for_a_number(chain, work, tmp):
+    return model_config_case(work, tmp, lambda c: c.update(encoder_ffn_dim=[128]), "encoder_ffn_dim", "got [128]")
+
+
+@case
+def train_model_config_with_a_negative_layer_count(chain, work, tmp):
+    return model_config_case(work, tmp, lambda c: c.update(decoder_layers=-2), "decoder_layers", "got -2")
+
+
+@case
+def train_model_config_with_a_nan_dropout(chain, work, tmp):
+    return model_config_case(work, tmp, lambda c: c.update(dropout=float("nan")), "dropout is NaN", "finite")
+
+
+@case
+def train_model_config_with_an_infinite_init_std(chain, work, tmp):
+    return model_config_case(work, tmp, lambda c: c.update(init_std=float("inf")), "init_std is Infinity")
+
+
+@case
+def train_model_config_with_an_unknown_activation(chain, work, tmp):
+    return model_config_case(work, tmp, lambda c: c.update(activation_function="gelu2"), "activation_function",
+                             '"gelu2"')
+
+
+@case
+def train_init_from_a_config_with_a_nan_dropout(chain, work, tmp):
+    (tmp / "model").mkdir()
+    values = json.loads((PROJECT_ROOT / "pipeline" / "model_configs" / "bart-tiny.json").read_text(encoding="utf-8"))
+    (tmp / "model" / "config.json").write_text(json.dumps({**values, "attention_dropout": float("nan")}))
+    return train_case(work, tmp, "--init_from", tmp / "model", says=("config.json", "attention_dropout is NaN"))
+
+
+@case
+def train_online_mask_config_with_a_nan_ratio(chain, work, tmp):
+    return train_case(work, tmp, "--online_mask_config", run_online_config(tmp, '{"target": "bart", "mask_ratio": NaN}'),
+                      data=work("tok"), says=("online.json", "mask_ratio must be a finite number"))
+
+
+@case
+def train_online_mask_config_with_an_infinite_lambda(chain, work, tmp):
+    return train_case(work, tmp, "--online_mask_config",
+                      run_online_config(tmp, '{"target": "bart", "poisson_lambda": Infinity}'), data=work("tok"),
+                      says=("online.json", "poisson_lambda must be a finite number"))
+
+
+@case
+def train_online_gsg_mask_config_with_an_infinite_gap_ratio(chain, work, tmp):
+    return train_case(work, tmp, "--online_mask_config",
+                      run_online_config(tmp, '{"target": "gsg", "gap_sentence_ratio": -Infinity}'), data=work("tok"),
+                      says=("online.json", "gap_sentence_ratio must be a finite number"))
+
+
+def evaluate_case(work, tmp, payload: str, *says: str) -> Case:
+    from pipeline import evaluate
+
+    return Case(evaluate.main, ["--model_dir", tmp / "no-model-needed", "--data_dir", work("tok"), "--mask_config",
+                                run_online_config(tmp, payload), "--no-progress"], ("--mask_config", "online.json",
+                                                                                     *says))
+
+
+@case
+def evaluate_mask_config_with_a_nan_ratio(chain, work, tmp):
+    return evaluate_case(work, tmp, '{"target": "bart", "random_ratio": NaN}', "random_ratio must be a finite number")
+
+
+@case
+def evaluate_mask_config_with_an_infinite_length(chain, work, tmp):
+    return evaluate_case(work, tmp, '{"target": "bart", "geometric_p": Infinity, "span_distribution": "geometric"}',
+                         "geometric_p must be a finite number")
 
 
 # -- generate / export-uer / import-uer on a tiny model of the chain's vocab (no training needed) --------
@@ -1098,3 +1490,111 @@ def test_generate_cuts_inputs_longer_than_the_positions_with_one_line(tiny_expor
     assert err.count(f"inputs longer than the model's {positions} positions are cut") == 1
     assert "Traceback" not in err
     assert len((tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()) == 1
+
+
+# -- the trainer's run directory: a changed held-out split, changed checkpoint files, a second run (#24, round 2) --
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eval_examples", ["16", "0"])
+def test_resuming_with_another_held_out_split_is_refused(faulted_run, chain, tmp_path, capsys, eval_examples):
+    """faulted_run trained with --eval_examples 0; a run directory recording 16 must not resume with 0 either."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(faulted_run, run_dir)
+    if eval_examples == "0":
+        edit_json(run_dir / "train_config.json", lambda values: values.update(eval_examples=16))
+    train = train_case(lambda name: chain / name, tmp_path, "--eval_examples", eval_examples, data=chain / "mask",
+                       output=run_dir, unchanged=[run_dir], says=("holds a run with different eval_examples",
+                                                                  "original flags to resume"))
+    train.argv += ["--total_steps", "8", "--micro_batch_size", "4", "--save_checkpoint_steps", "2"]
+    assert_refused(train, capsys)
+
+
+def flipped_copy(faulted_run: Path, tmp: Path, file_name: str) -> Path:
+    """A copy of the run whose latest checkpoint file ``file_name`` has one byte changed, its size unchanged."""
+    run_dir = tmp / "run"
+    shutil.copytree(faulted_run, run_dir)
+    path = run_dir / "checkpoints" / "step00000006" / file_name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file_name", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"])
+def test_export_and_to_universal_name_a_checkpoint_file_with_a_flipped_byte(faulted_run, tmp_path, capsys, file_name):
+    run_dir = flipped_copy(faulted_run, tmp_path, file_name)
+    says = (f"step00000006, which has {file_name} whose sha256 differs", "pass an earlier --tag")
+    assert_refused(Case(convert_to_hf.main, ["--run_dir", run_dir, "--output_dir", tmp_path / "export"], says,
+                        unchanged=[run_dir], not_created=[tmp_path / "export"]), capsys)
+    assert_refused(Case(to_universal.main, ["--run_dir", run_dir], says, unchanged=[run_dir]), capsys)
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_in_an_optimizer_partition_falls_back_to_the_previous_checkpoint(chain, faulted_run, tmp_path):
+    """Same size, other content: resumed from step 4, not from step 6, nor from the user's copy of step 6 beside
+    it (a complete checkpoint by content, which the trainer never touches)."""
+    run_dir = flipped_copy(faulted_run, tmp_path, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    checkpoints = run_dir / "checkpoints"
+    shutil.copytree(faulted_run / "checkpoints" / "step00000006", checkpoints / "step00000006.bak")
+    kept = snapshot(checkpoints / "step00000006.bak")
+    command = train_command(chain / "mask", run_dir, 29814, 8)
+    command[command.index("--keep_last_checkpoints") + 1] = "1"
+    resumed = run_command(command)
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt whose sha256 differs" in resumed.stderr
+    assert "resuming from the previous complete checkpoint step00000004" in resumed.stderr
+    assert (checkpoints / "latest").read_text() == "step00000008"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000006.bak", "step00000008"]
+    assert snapshot(checkpoints / "step00000006.bak") == kept
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_recorded_digests_resumes_and_says_so(chain, faulted_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(faulted_run, run_dir)
+    (run_dir / "checkpoints" / "step00000006" / "sha256.json").unlink()  # as every checkpoint before it
+    edit_json(run_dir / "checkpoints" / "step00000006" / "trainer_state.json",
+              lambda state: state["files"].pop("sha256.json"))
+    resumed = run_command(train_command(chain / "mask", run_dir, 29815, 8))
+    assert ("resuming from step00000006 (step 6) (written before checkpoints recorded their files' sha256: sizes and "
+            "file types checked, contents not)") in resumed.stderr
+    assert (run_dir / "checkpoints" / "step00000008" / "sha256.json").is_file()
+
+
+LOCK_HOLDER = """
+import sys, time
+from data_tools.outputs import output_lock
+with output_lock(__import__("pathlib").Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_into_a_run_directory_in_use_is_refused_naming_the_holder(chain, tmp_path, capsys):
+    """Another run holds the run directory's lock: refused before anything is read or written. Its lock file,
+    left behind when that run is killed, does not block the next start (the kernel released the flock)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.run_plan import run_dir_lock
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=deepspeed_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        train = train_case(lambda name: chain / name, tmp_path, data=chain / "mask", output=run_dir,
+                           says=(f"{run_dir} is being written by another run", f"pid {holder.pid} on "
+                                 f"{socket.gethostname()}", "nothing was changed"))
+        train.not_created = []  # the holder's lock file lies beside it, as it should
+        assert_refused(train, capsys)
+        assert not run_dir.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".run.lock").exists()  # what the killed run left
+    with run_dir_lock(run_dir, is_main=True) as locked_by:
+        assert locked_by is None

@@ -4,7 +4,6 @@ and apex (issue #22), checked on the CPU."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -86,7 +85,7 @@ def test_evaluation_and_checkpoint_time_is_left_out_of_the_metrics_window():
 def test_the_trainer_loop_pauses_the_window_around_evaluation_and_saves():
     """The loop starts a window at a log step, then evaluates and saves: both inside window.paused()."""
     source = (PROJECT_ROOT / "pipeline" / "trainer.py").read_text()
-    loop = source[source.index("    def fit(self)"):source.index("    def train_step(self)")]
+    loop = source[source.index("    def fit(self"):source.index("    def train_step(self)")]
     paused = loop.index("with self.window.paused():")
     assert loop.index("self.maybe_log(") < paused < loop.index("self.maybe_evaluate()") < loop.index("self.maybe_save()")
 
