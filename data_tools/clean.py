@@ -45,9 +45,11 @@ from data_tools.filters import (
 )
 from data_tools.manifests import CleanCounts, CleanManifest, DocumentShard
 from data_tools.near_dedup import (
+    NGRAM,
     MinHasher,
     NearDedupSpill,
     check_near_dedup_options,
+    check_ngram,
     find_near_copies,
 )
 from data_tools.normalize import TraditionalToSimplified, normalize_texts
@@ -99,12 +101,14 @@ class CleanConfig:
         "memory stays flat as the corpus grows, at the cost of writing the kept documents twice. Same output (with "
         "--near_dedup_threshold an exact copy is then counted as near_duplicate).")
     near_dedup_threshold: float = option(
-        0.0, "Drop near-duplicates: MinHash LSH (datasketch) on character 5-grams with this Jaccard threshold, "
-        "e.g. 0.8 (near_duplicate); 0 turns it off.")
+        0.0, "Drop near-duplicates: MinHash LSH (datasketch) on character n-grams (--minhash_ngram) with this "
+        "Jaccard threshold, e.g. 0.8 (near_duplicate); 0 turns it off.")
     minhash_num_perm: int = option(128, "MinHash permutations for --near_dedup_threshold.")
+    minhash_ngram: int = option(NGRAM, "Characters per shingle the MinHash signatures are taken over, in [1, 64] "
+                                "(5 suits unsegmented Chinese).")
     near_dedup_partitions: int = option(
         0, "0: near-dedup with datasketch's in-memory LSH index (~2.3 KB per kept document). N > 0: MinHash (numpy, "
-        "character 5-grams) with signatures and LSH band keys spilled into N partition files, each deduplicated alone "
+        "character n-grams) with signatures and LSH band keys spilled into N partition files, each deduplicated alone "
         "(--processes_num at a time), and a 1-bit-per-document bitmap: memory stays flat. Drops a document near an "
         "earlier one (docs/data-stages.md: how that differs from datasketch).")
     near_dedup_verify: bool = option(
@@ -135,6 +139,7 @@ class CleanConfig:
             raise UserError(f"--dedup_partitions {self.dedup_partitions} must be >= 0")
         if self.near_dedup_partitions:
             check_near_dedup_options(self.near_dedup_threshold, self.minhash_num_perm, self.near_dedup_partitions)
+        check_ngram(self.minhash_ngram)
         if self.minhash_num_perm <= 0 or self.num_slices <= 0:
             raise UserError(f"--minhash_num_perm {self.minhash_num_perm} and --num_slices {self.num_slices} must be "
                             "positive")
@@ -177,7 +182,8 @@ def _init_worker(config: CleanConfig) -> None:
     _worker["config"] = config
     _worker["t2s"] = TraditionalToSimplified() if config.traditional_to_simplified else None
     _worker["filters"] = quality_filters(config)
-    _worker["minhash"] = MinHasher(config.minhash_num_perm) if config.near_dedup_partitions else None
+    _worker["minhash"] = (MinHasher(config.minhash_num_perm, config.minhash_ngram) if config.near_dedup_partitions
+                          else None)
 
 
 def clean_documents(texts: list[str], config: CleanConfig, t2s: TraditionalToSimplified | None = None,
@@ -210,7 +216,7 @@ def _clean_texts(texts: list[str]) -> CleanResult:
             if _worker["minhash"] is not None:
                 signature = _worker["minhash"].signature(text)
             elif config.near_dedup_threshold > 0:
-                signature = minhash_signature(text, config.minhash_num_perm)
+                signature = minhash_signature(text, config.minhash_num_perm, config.minhash_ngram)
         results.append((text, reason, digest, signature))
     return results
 

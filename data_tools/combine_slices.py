@@ -31,9 +31,11 @@ from data_tools.dedup import (
 from data_tools.filters import ExactDuplicates, NearDuplicates
 from data_tools.manifests import CleanCounts, CleanManifest, read_manifest
 from data_tools.near_dedup import (
+    NGRAM,
     MinHasher,
     NearDedupSpill,
     check_near_dedup_options,
+    check_ngram,
     find_near_copies,
 )
 from data_tools.outputs import output_guard, overwrite_option, staged_dir
@@ -61,9 +63,11 @@ class CombineConfig:
         "stays flat as the corpus grows (the slices are read twice). Same output.")
     near_dedup_threshold: float = option(
         0.0, "With --near_dedup_partitions: drop documents near an earlier document across slices (MinHash LSH on "
-        "character 5-grams, estimated Jaccard >= this; near_duplicate); 0 turns it off.")
+        "character n-grams, estimated Jaccard >= this; near_duplicate); 0 turns it off.")
     near_dedup_partitions: int = option(0, "Partition files for the LSH band keys (see zh-clean's option).")
     minhash_num_perm: int = option(128, "MinHash permutations for --near_dedup_threshold.")
+    minhash_ngram: int = option(NGRAM, "Characters per shingle for the MinHash signatures, in [1, 64] (zh-clean's "
+                                "--minhash_ngram).")
     near_dedup_verify: bool = option(True, "Drop an LSH candidate only when its estimated Jaccard reaches the threshold.")
     processes_num: int = option(1, "Partition jobs (and MinHash workers) run at a time with --dedup_partitions or "
                                 "--near_dedup_partitions.")
@@ -78,6 +82,7 @@ class CombineConfig:
                             f"{self.processes_num} must be positive")
         if self.dedup_partitions < 0:
             raise UserError(f"--dedup_partitions {self.dedup_partitions} must be >= 0")
+        check_ngram(self.minhash_ngram)
         if self.near_dedup_threshold or self.near_dedup_partitions:
             check_near_dedup_options(self.near_dedup_threshold, self.minhash_num_perm, self.near_dedup_partitions)
 
@@ -175,7 +180,7 @@ def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, d
 
         ordinal = 0
         for signatures in ordered_map(_chunk_signatures, chunk_texts(), config.processes_num, _init_minhash,
-                                      (config.minhash_num_perm,)):
+                                      (config.minhash_num_perm, config.minhash_ngram)):
             for (index, text), signature in zip(in_flight.popleft(), signatures):
                 near.add(signature)
                 if digests is not None:
@@ -204,8 +209,8 @@ def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, d
 _minhash: dict = {}
 
 
-def _init_minhash(num_perm: int) -> None:
-    _minhash["hasher"] = MinHasher(num_perm)
+def _init_minhash(num_perm: int, ngram: int) -> None:
+    _minhash["hasher"] = MinHasher(num_perm, ngram)
 
 
 def _chunk_signatures(texts: list[str]) -> list[np.ndarray]:

@@ -177,11 +177,11 @@ class NearDuplicates(OrderedFilter):
         return False
 
 
-def minhash_signature(text: str, num_perm: int) -> Any:
-    """MinHash of the document's character 5-grams (the unit that suits unsegmented Chinese)."""
+def minhash_signature(text: str, num_perm: int, ngram: int = 5) -> Any:
+    """MinHash of the document's character n-grams (5 by default: the unit that suits unsegmented Chinese)."""
     from datasketch import MinHash  # deferred: only --near_dedup_threshold needs it
 
     minhash = MinHash(num_perm=num_perm, seed=1)
-    shingles = {text[i : i + 5] for i in range(max(1, len(text) - 4))}
+    shingles = {text[i : i + ngram] for i in range(max(1, len(text) - ngram + 1))}
     minhash.update_batch([shingle.encode("utf-8") for shingle in shingles])
     return minhash

@@ -34,12 +34,18 @@ from data_tools.common import UserError
 from data_tools.dedup import DuplicateBitmap
 from data_tools.parallel import ordered_map
 
-NGRAM = 5  # character 5-grams, as the datasketch path (filters.minhash_signature)
+NGRAM = 5  # character 5-grams by default (--minhash_ngram), as the datasketch path (filters.minhash_signature)
+MAX_NGRAM = 64
 MAX_PARTITIONS = 1 << 16
 MAX_NUM_PERM = 1024
 BAND_RECORD = np.dtype([("key", "<u8"), ("ordinal", "<u8")])
 SIGNATURE_HEADER_BYTES = 128  # a fixed .npy header, rewritten with the final shape on close
 SPILL_BUFFER_DOCUMENTS = 1024  # bounds the fixed memory: ~1 MB of signatures and keys in flight
+
+
+def check_ngram(ngram: int) -> None:
+    if not 1 <= ngram <= MAX_NGRAM:
+        raise UserError(f"--minhash_ngram {ngram} must lie in [1, {MAX_NGRAM}] (characters per shingle)")
 
 
 def check_near_dedup_options(threshold: float, num_perm: int, partitions: int) -> None:
@@ -65,8 +71,7 @@ class MinHasher:
     hashed to 64 bits, then permuted by multiply-add-shift with fixed seeded constants."""
 
     def __init__(self, num_perm: int, ngram: int = NGRAM, seed: int = 1) -> None:
-        if not 1 <= ngram <= 64:
-            raise UserError(f"n-gram size {ngram} must lie in [1, 64]")
+        check_ngram(ngram)
         rng = np.random.default_rng(seed)
         self.num_perm, self.ngram = num_perm, ngram
         self.a = rng.integers(1, 1 << 63, num_perm, dtype=np.uint64) | np.uint64(1)

@@ -248,6 +248,21 @@ def clean_near_dedup_one_permutation(chain, work, tmp):
 
 
 @case
+def clean_near_dedup_ngram_out_of_range(chain, work, tmp):
+    return clean_case(["--input_paths", work("raw"), "--output_dir", tmp / "out", "--near_dedup_threshold", "0.8",
+                       "--near_dedup_partitions", "4", "--minhash_ngram", "0"], "--minhash_ngram 0 must lie in [1, 64]",
+                      not_created=[tmp / "out"])
+
+
+@case
+def combine_near_dedup_ngram_out_of_range(chain, work, tmp):
+    return Case(combine_slices.main, ["--input_dirs", work("clean"), "--output_dir", tmp / "out",
+                                      "--near_dedup_threshold", "0.8", "--near_dedup_partitions", "8",
+                                      "--minhash_ngram", "100"], ("--minhash_ngram 100 must lie in [1, 64]",),
+                not_created=[tmp / "out"])
+
+
+@case
 def combine_near_dedup_threshold_of_one(chain, work, tmp):
     return Case(combine_slices.main, ["--input_dirs", work("clean"), "--output_dir", tmp / "out",
                                       "--near_dedup_threshold", "1", "--near_dedup_partitions", "8"],

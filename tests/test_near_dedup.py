@@ -107,8 +107,8 @@ def write_corpus(tmp_path: Path, texts: list[str], files: int = 4) -> list[Path]
     return paths
 
 
-def reference_output(texts: list[str]) -> list[str]:
-    hasher = MinHasher(NUM_PERM)
+def reference_output(texts: list[str], ngram: int = 5) -> list[str]:
+    hasher = MinHasher(NUM_PERM, ngram)
     marked = reference_marks([hasher.signature(text) for text in texts], THRESHOLD)
     return [text for ordinal, text in enumerate(texts) if ordinal not in marked]
 
@@ -133,6 +133,24 @@ def test_clean_drops_what_the_reference_drops(tmp_path, dedup_partitions):
     assert dropped["near_duplicate"] == plain["counts"]["documents_kept"] - near["counts"]["documents_kept"] > 20
     assert accounted(near)
     assert sum(entry["documents_kept"] for entry in near["inputs"]) == near["counts"]["documents_kept"]
+
+
+def test_the_ngram_size_is_the_shingle_clean_uses(tmp_path):
+    """--minhash_ngram 3: the signatures are of the text's distinct 3-grams, and clean drops what the reference
+    with 3-gram signatures drops (more than with 5-grams: a replaced character breaks fewer shingles)."""
+    text = planted_texts(1)[0][:80] * 2
+    assert len(MinHasher(NUM_PERM, 3).shingles(text)) == len({text[i : i + 3] for i in range(len(text) - 2)})
+    texts = planted_texts(300, seed=3)
+    paths = write_corpus(tmp_path, texts)
+    plain = clean(CleanConfig(input_paths=paths, output_dir=tmp_path / "plain", progress=False))
+    dropped = {}
+    for ngram in (3, 5):
+        near = clean(CleanConfig(input_paths=paths, output_dir=tmp_path / f"near{ngram}", progress=False,
+                                 near_dedup_threshold=0.8, near_dedup_partitions=8, minhash_ngram=ngram))
+        assert texts_of(tmp_path / f"near{ngram}") == reference_output(texts_of(tmp_path / "plain"), ngram)
+        assert near["config"]["minhash_ngram"] == ngram and accounted(near)
+        dropped[ngram] = near["counts"]["documents_dropped"]["near_duplicate"]
+    assert dropped[3] > dropped[5] > 0
 
 
 def test_combine_finds_near_duplicates_across_slices(tmp_path):
@@ -174,6 +192,8 @@ def test_a_truncated_or_missing_file_of_a_killed_stage_is_named(tmp_path, plante
     ({"near_dedup_partitions": -1, "near_dedup_threshold": 0.8}, "near_dedup_partitions -1 must lie in"),
     ({"near_dedup_partitions": 70_000, "near_dedup_threshold": 0.8}, "near_dedup_partitions 70000 must lie in"),
     ({"near_dedup_partitions": 4, "near_dedup_threshold": 0.8, "minhash_num_perm": 1}, "minhash_num_perm 1 must"),
+    ({"near_dedup_partitions": 4, "near_dedup_threshold": 0.8, "minhash_ngram": 0}, "--minhash_ngram 0 must lie in"),
+    ({"minhash_ngram": 65}, r"--minhash_ngram 65 must lie in \[1, 64\]"),
 ])
 def test_out_of_range_options_are_one_line_errors(tmp_path, options, message):
     with pytest.raises(UserError, match=message) as error:
@@ -181,5 +201,5 @@ def test_out_of_range_options_are_one_line_errors(tmp_path, options, message):
     assert "\n" not in str(error.value)
     with pytest.raises(UserError, match=message):
         CombineConfig(input_dirs=[tmp_path], output_dir=tmp_path / "out", **options)
-    with pytest.raises(UserError, match="n-gram size 0"):
+    with pytest.raises(UserError, match="--minhash_ngram 0 must lie in"):
         MinHasher(NUM_PERM, ngram=0)
