@@ -352,6 +352,7 @@ class CleanStage(DataStage[list[str], CleanResult]):
     def consume(self, result: CleanResult) -> None:
         dropped, kept_per_file, writer, spilled = self.dropped, self.kept_per_file, self.writer, self.spilled
         cleaned = iter(result)
+        kept: list[str] = []
         for document in self.in_flight.popleft():
             if document.drop_reason is not None:
                 dropped[document.drop_reason] += 1
@@ -368,8 +369,9 @@ class CleanStage(DataStage[list[str], CleanResult]):
             if spilled is not None:  # its ordinal among the documents written
                 spilled.add(text, digest, signature, document.source, self.file_index[document.source])
             else:
-                writer.write(text)
+                kept.append(text)
             kept_per_file[document.source] += 1
+        writer.write_many(kept)
 
     def finish(self, staging: Path) -> CleanManifest:
         self.progress.close()

@@ -150,18 +150,27 @@ class ShardedJsonlWriter:
         self._bytes = 0
 
     def write(self, text: str) -> None:
-        if self._handle is None or self._count >= self.documents_per_shard:
-            self._close_shard()
-            self._handle = open(self.output_dir / self._name(len(self.shards)), "wb")  # noqa: SIM115
-            self._hash = hashlib.sha256()
-        # what json.dumps({"text": text}, ensure_ascii=False) writes, without its ~4 µs of set-up per call
-        line = ('{"text": ' + encode_basestring(text) + "}\n").encode("utf-8")
-        self._handle.write(line)
-        self._hash.update(line)
-        self._bytes += len(line)
-        self._count += 1
-        self._chars += len(text)
-        self.documents += 1
+        self.write_many([text])
+
+    def write_many(self, texts: list[str]) -> None:
+        """The documents in order, encoded, written and hashed a shard's share at a time (one call per
+        document costs ~3x more on a chunk of short documents)."""
+        written = 0
+        while written < len(texts):
+            if self._handle is None or self._count >= self.documents_per_shard:
+                self._close_shard()
+                self._handle = open(self.output_dir / self._name(len(self.shards)), "wb")  # noqa: SIM115
+                self._hash = hashlib.sha256()
+            batch = texts[written : written + self.documents_per_shard - self._count]
+            # what json.dumps({"text": text}, ensure_ascii=False) writes, without its ~4 µs of set-up per call
+            data = "".join(['{"text": ' + encode_basestring(text) + "}\n" for text in batch]).encode("utf-8")
+            self._handle.write(data)
+            self._hash.update(data)
+            self._bytes += len(data)
+            self._count += len(batch)
+            self._chars += sum(map(len, batch))
+            self.documents += len(batch)
+            written += len(batch)
 
     @staticmethod
     def _name(index: int) -> str:

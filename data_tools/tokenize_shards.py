@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +34,6 @@ from data_tools.manifests import (
     read_manifest,
 )
 from data_tools.outputs import overwrite_option
-from data_tools.parallel import chunked
 from data_tools.shards import RollingShardWriter, arrow_array, id_type_for_vocab, shard_paths
 from data_tools.stage import DataStage, Worker, check_accounted, run_data_stage
 from data_tools.wordpiece import BertWordPieceEncoder, EncodedDocuments, load_encoder
@@ -116,8 +116,11 @@ def _document_text(path: Path, line_number: int, line: bytes) -> str:
 def _read_chunks(paths: list[Path], chunk_documents: int) -> Iterator[Chunk]:
     for path in paths:
         with open(path, "rb") as handle:
-            for index, lines in enumerate(chunked(handle, chunk_documents)):
-                yield path, index * chunk_documents + 1, lines
+            first_line = 1
+            # islice collects the lines in C: a Python loop appending them cost ~1/4 of this process's time
+            while lines := list(islice(handle, chunk_documents)):
+                yield path, first_line, lines
+                first_line += len(lines)
 
 
 class TokenizeStage(DataStage[Chunk, ChunkResult]):

@@ -75,6 +75,29 @@ def test_a_chunk_normalizes_and_measures_as_its_documents_do_one_by_one(texts, f
     assert all(may or repeated_char_ratio(text) == 0.0 for text, may in zip(texts, may_repeat.tolist()))
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([*_PIECES, "  ", "\u2003", "\u202f", "b.c-d@e.f.org", "@x.y", "ｚ９"]), max_size=30)
+       .map("".join))
+def test_the_passes_run_on_the_lines_they_change_give_what_the_whole_text_pass_gives(text):
+    """Full-width folding, e-mail removal and whitespace runs are applied only to the lines a fast search
+    finds something to change in: the result is the plain substitution's over the whole text."""
+    from data_tools.normalize import (
+        _EMAIL_RE,
+        _FULLWIDTH_ALNUM_RUN_RE,
+        _HORIZONTAL_SPACE_RE,
+        _fold_fullwidth,
+        _next_at_sign,
+        _next_fullwidth,
+        _NextSpaceToFold,
+        _sub_in_lines,
+    )
+
+    for pattern, replacement, next_trigger in ((_FULLWIDTH_ALNUM_RUN_RE, _fold_fullwidth, _next_fullwidth),
+                                               (_EMAIL_RE, " ", _next_at_sign),
+                                               (_HORIZONTAL_SPACE_RE, " ", _NextSpaceToFold())):
+        assert _sub_in_lines(pattern, replacement, text, next_trigger) == pattern.sub(replacement, text)
+
+
 def test_chunk_cleaning_keeps_and_drops_what_the_plain_filters_do(clue_lines_file):
     from data_tools.clean import CleanConfig, clean_documents
     from data_tools.normalize import repeated_char_ratio, repeated_line_ratio
