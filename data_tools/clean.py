@@ -43,14 +43,16 @@ from data_tools.filters import (
     drop_reasons,
     minhash_signature,
 )
-from data_tools.manifests import CleanCounts, CleanManifest, DocumentShard
+from data_tools.manifests import CleanCounts, CleanManifest, DocumentShard, MinhashRecord
 from data_tools.near_dedup import (
     NGRAM,
+    SIGNATURES_FILE,
     MinHasher,
     NearDedupSpill,
     check_near_dedup_options,
     check_ngram,
     find_near_copies,
+    write_kept_signatures,
 )
 from data_tools.normalize import TraditionalToSimplified, normalize_texts
 from data_tools.outputs import overwrite_option
@@ -253,9 +255,9 @@ class SpilledDocuments:
         self.writer.write(text)
 
     def copy_without_marked(self, staging: Path, dropped: Counter[str],
-                            kept_per_file: Counter[str]) -> list[DocumentShard]:
-        """The output shards; updates the drop and per-file counts (an exact copy counts as duplicate,
-        whether or not near-dedup marked it too)."""
+                            kept_per_file: Counter[str]) -> tuple[list[DocumentShard], MinhashRecord | None]:
+        """The output shards, and with near-dedup the kept documents' signatures; updates the drop and per-file
+        counts (an exact copy counts as duplicate, whether or not near-dedup marked it too)."""
         spilled = [self.writer.output_dir / shard.file for shard in self.writer.close()]
         processes = self.config.processes_num
         exact = find_later_copies(self.digests, processes)[0] if self.digests is not None else None
@@ -270,7 +272,12 @@ class SpilledDocuments:
                 continue
             dropped[reason] += 1  # as with the in-memory filters: no entry for a reason never met
             kept_per_file[self.sources[bisect_right(firsts, ordinal) - 1][1]] -= 1
-        return writer.close()
+        signatures = None
+        if near is not None:
+            signatures = write_kept_signatures(
+                self.near, lambda start, stop: near.flags(start, stop) | (exact.flags(start, stop) if exact else False),
+                staging / SIGNATURES_FILE, self.config.minhash_ngram)
+        return writer.close(), signatures
 
 
 class _ReadProgress:
@@ -375,8 +382,9 @@ class CleanStage(DataStage[list[str], CleanResult]):
 
     def finish(self, staging: Path) -> CleanManifest:
         self.progress.close()
+        signatures = None
         if self.spilled is not None:
-            shards = self.spilled.copy_without_marked(staging, self.dropped, self.kept_per_file)
+            shards, signatures = self.spilled.copy_without_marked(staging, self.dropped, self.kept_per_file)
         else:
             shards = self.writer.close()
         read, kept, dropped = self.progress.documents, sum(shard.documents for shard in shards), self.dropped
@@ -398,7 +406,7 @@ class CleanStage(DataStage[list[str], CleanResult]):
         inputs = [{"path": str(path), "documents_read": self.progress.per_file[str(path)],
                    "documents_kept": self.kept_per_file[str(path)]} for path in self.files]
         return CleanManifest(config=config_to_dict(self.config), counts=counts, inputs=inputs,
-                             skipped_inputs=[str(path) for path in self.skipped], shards=shards)
+                             skipped_inputs=[str(path) for path in self.skipped], shards=shards, minhash=signatures)
 
     def summary(self, manifest: CleanManifest) -> str:
         seconds = time.perf_counter() - self.progress.started

@@ -11,7 +11,7 @@ MinHash LSH partitioned on disk (:mod:`data_tools.near_dedup`).
 from __future__ import annotations
 
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +29,17 @@ from data_tools.dedup import (
     spill_directory,
 )
 from data_tools.filters import ExactDuplicates, NearDuplicates
-from data_tools.manifests import CleanCounts, CleanManifest, read_manifest
+from data_tools.manifests import CleanCounts, CleanManifest, MinhashRecord, read_manifest
 from data_tools.near_dedup import (
     NGRAM,
+    SIGNATURES_FILE,
     MinHasher,
     NearDedupSpill,
     check_near_dedup_options,
     check_ngram,
     find_near_copies,
+    read_kept_signatures,
+    write_kept_signatures,
 )
 from data_tools.outputs import output_guard, overwrite_option, staged_dir
 from data_tools.parallel import chunked, ordered_map
@@ -116,9 +119,10 @@ def _combine_into(staging: Path, slices: list[Slice], config: CombineConfig) -> 
             counts[key] += getattr(manifest.counts, key) or 0  # absent from manifests of earlier versions
         dropped.update(manifest.counts.documents_dropped)
     writer = ShardedJsonlWriter(staging, config.documents_per_shard)
+    recorded: dict[str, MinhashRecord] = {}  # the kept documents' signatures, with --near_dedup_partitions
     if config.near_dedup_partitions:
         kept_by_slices = sum(manifest.counts.documents_kept for _, _, manifest in slices)
-        texts = _unmarked_texts(staging, slices, config, kept_by_slices, dropped)
+        texts = _unmarked_texts(staging, slices, config, kept_by_slices, dropped, recorded)
     elif config.deduplicate and config.dedup_partitions:
         with spill_directory(staging) as spill:
             digests = PartitionedDigests(Path(spill), config.dedup_partitions)
@@ -148,6 +152,7 @@ def _combine_into(staging: Path, slices: list[Slice], config: CombineConfig) -> 
         # Every slice lists the same skipped files (they are found before the files are sliced).
         skipped_inputs=sorted({path for _, _, m in slices for path in m.skipped_inputs or []}),
         shards=shards,
+        minhash=recorded.get("minhash"),
     )
 
 
@@ -160,10 +165,12 @@ def slice_texts(slices: list[Slice]) -> Iterator[tuple[int, str]]:
 
 
 def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, documents: int,
-                    dropped: Counter[str]) -> Iterator[str]:
+                    dropped: Counter[str], recorded: dict[str, MinhashRecord]) -> Iterator[str]:
     """Near-dedup across slices (and exact dedup, by set or partitions): a first pass spills digests
-    and MinHash signatures (computed on ``--processes_num`` workers), the partition jobs mark the
-    documents to drop, a second pass yields the others. An exact copy counts as ``duplicate``."""
+    and MinHash signatures (the slices' own when every slice recorded them with these settings, else computed
+    on ``--processes_num`` workers), the partition jobs mark the documents to drop, the kept documents'
+    signatures are written beside the output (``recorded["minhash"]``), a second pass yields the documents.
+    An exact copy counts as ``duplicate``."""
     exact = DuplicateBitmap(documents)
     with spill_directory(staging) as spill:
         digests = PartitionedDigests(Path(spill) / "digests", config.dedup_partitions) \
@@ -171,32 +178,26 @@ def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, d
         seen: set[bytes] | None = set() if config.deduplicate and not config.dedup_partitions else None
         near = NearDedupSpill(Path(spill) / "near", config.near_dedup_threshold, config.minhash_num_perm,
                               config.near_dedup_partitions, config.near_dedup_verify)
-        in_flight: deque[list[tuple[int, str]]] = deque()  # the chunks whose signatures are being computed
-
-        def chunk_texts() -> Iterator[list[str]]:
-            for chunk in chunked(slice_texts(slices), 2_000):
-                in_flight.append(chunk)
-                yield [text for _, text in chunk]
-
         ordinal = 0
-        for signatures in ordered_map(_chunk_signatures, chunk_texts(), config.processes_num, _init_minhash,
-                                      (config.minhash_num_perm, config.minhash_ngram)):
-            for (index, text), signature in zip(in_flight.popleft(), signatures):
-                near.add(signature)
-                if digests is not None:
-                    digests.add(document_digest(text), ordinal, index)
-                elif seen is not None:
-                    digest = document_digest(text)
-                    if digest in seen:
-                        exact.mark(np.array([ordinal]))
-                    seen.add(digest)
-                ordinal += 1
+        for (index, text), signature in zip(slice_texts(slices), slice_signatures(slices, config), strict=True):
+            near.add(signature)
+            if digests is not None:
+                digests.add(document_digest(text), ordinal, index)
+            elif seen is not None:
+                digest = document_digest(text)
+                if digest in seen:
+                    exact.mark(np.array([ordinal]))
+                seen.add(digest)
+            ordinal += 1
         if ordinal != documents:
             raise UserError(f"the slices hold {ordinal} documents, their manifests say {documents}; re-run the slices")
         seen = None  # the set is not needed during the second pass
         if digests is not None:
             exact = find_later_copies(digests, config.processes_num)[0]
         marked = find_near_copies(near, config.processes_num)
+        recorded["minhash"] = write_kept_signatures(
+            near, lambda start, stop: exact.flags(start, stop) | marked.flags(start, stop),
+            staging / SIGNATURES_FILE, config.minhash_ngram)
     for ordinal, (_, text) in enumerate(slice_texts(slices)):
         if ordinal in exact:
             dropped[ExactDuplicates.name] += 1
@@ -204,6 +205,26 @@ def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, d
             dropped[NearDuplicates.name] += 1
         else:
             yield text
+
+
+def slice_signatures(slices: list[Slice], config: CombineConfig) -> Iterator[np.ndarray]:
+    """Every slice document's MinHash signature, in slice order: read from the slices when each recorded its
+    documents' signatures with --minhash_num_perm and --minhash_ngram as given (checked against its manifest),
+    else computed (the texts read once more, on --processes_num workers)."""
+    records = [manifest.minhash for _, _, manifest in slices]
+    if all(record is not None and (record.num_perm, record.ngram) == (config.minhash_num_perm, config.minhash_ngram)
+           for record in records):
+        print(f"clean-combine: reading the {len(slices)} slices' MinHash signatures", file=sys.stderr)
+        for (_, directory, _), record in zip(slices, records):
+            yield from read_kept_signatures(directory, record)
+        return
+    print("clean-combine: computing MinHash signatures (the slices recorded none with --minhash_num_perm "
+          f"{config.minhash_num_perm} and --minhash_ngram {config.minhash_ngram}: run them with "
+          "--near_dedup_partitions to have them recorded)", file=sys.stderr)
+    texts = (text for _, text in slice_texts(slices))
+    for signatures in ordered_map(_chunk_signatures, chunked(texts, 2_000), config.processes_num, _init_minhash,
+                                  (config.minhash_num_perm, config.minhash_ngram)):
+        yield from signatures
 
 
 _minhash: dict = {}

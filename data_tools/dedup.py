@@ -101,6 +101,11 @@ class DuplicateBitmap:
     def __contains__(self, ordinal: int) -> bool:
         return bool((self.bits[ordinal >> 3] >> (ordinal & 7)) & 1)
 
+    def flags(self, start: int, stop: int) -> np.ndarray:
+        """Whether each ordinal in [start, stop) is marked, as booleans."""
+        bits = np.unpackbits(self.bits[start >> 3 : (stop + 7) >> 3], bitorder="little")
+        return bits[start & 7 : (start & 7) + stop - start].astype(bool)
+
 
 def find_later_copies(digests: PartitionedDigests, processes: int = 1) -> tuple[DuplicateBitmap, Counter[int]]:
     """Run the partition jobs (``processes`` at a time) and merge their answers into a bitmap (one

@@ -125,6 +125,37 @@ class ExampleShard(ArrowShard):
 
 
 @dataclass(kw_only=True)
+class MinhashRecord:
+    """The MinHash signatures of a clean output's documents (``--near_dedup_partitions``): a .npy of uint32
+    [rows, num_perm], row i the signature of the i-th document over the shards, of character ``ngram``-grams.
+    zh-clean-combine reads them instead of computing them again."""
+
+    file: str
+    rows: int
+    num_perm: int
+    ngram: int
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, value: Any) -> MinhashRecord:
+        if not isinstance(value, dict):
+            raise ManifestProblem("field 'minhash' is not an object")
+        name = value.get("file")
+        if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+            raise ManifestProblem(f"minhash.file {name!r} is not a file name inside the directory")
+        for field in ("rows", "num_perm", "ngram", "bytes"):
+            if not is_count(value.get(field)):
+                raise ManifestProblem(f"minhash.{field} is missing or not a count")
+        if not isinstance(value.get("sha256"), str):
+            raise ManifestProblem("minhash.sha256 is missing")
+        return cls(**_read_fields(cls, value))
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_fields(self)
+
+
+@dataclass(kw_only=True)
 class VocabRecord:
     """The vocab the ids refer to, copied beside the shards as ``file``."""
 
@@ -265,6 +296,25 @@ class CleanManifest(StageManifest):
     inputs: list[dict[str, Any]] | None  # {"path", "documents_read", "documents_kept"} per input file
     skipped_inputs: list[str] | None  # files beside .parquet files that were not read
     shards: list[DocumentShard]
+    minhash: MinhashRecord | None = None  # written only with --near_dedup_partitions (the key is left out otherwise)
+
+    @classmethod
+    def from_json(cls, value: dict) -> CleanManifest:
+        manifest = super().from_json(value)
+        if manifest.minhash is not None:
+            manifest.minhash = MinhashRecord.from_json(manifest.minhash)
+            if manifest.minhash.rows != manifest.counts.documents_kept:
+                raise ManifestProblem(f"minhash.rows is {manifest.minhash.rows} but counts.documents_kept is "
+                                      f"{manifest.counts.documents_kept}")
+        return manifest  # type: ignore[return-value]
+
+    def to_json(self) -> dict[str, Any]:
+        values = super().to_json()
+        if self.minhash is None:
+            del values["minhash"]
+        else:
+            values["minhash"] = self.minhash.to_json()
+        return values
 
 
 @dataclass(kw_only=True)

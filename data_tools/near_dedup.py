@@ -20,18 +20,23 @@ dropped here, kept by datasketch); bench/dedup_memory.py measures the effect.
 
 Memory: the write buffers, one partition's records at a time (16 bytes x bands per document / P)
 and the bitmap (1 bit per document). Disk: 4 bytes x permutations + 16 bytes x bands per document.
+
+The signatures of the documents kept are written beside the output (``minhash_signatures.npy``, in
+the manifest's ``minhash``): the clean jobs of a Slurm array compute their slices' signatures, and
+zh-clean-combine reads them instead of computing the whole corpus's again in one job.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from data_tools.common import UserError
+from data_tools.common import UserError, file_sha256
 from data_tools.dedup import DuplicateBitmap
+from data_tools.manifests import MinhashRecord
 from data_tools.parallel import ordered_map
 
 NGRAM = 5  # character 5-grams by default (--minhash_ngram), as the datasketch path (filters.minhash_signature)
@@ -254,3 +259,57 @@ def find_near_copies(spill: NearDedupSpill, processes: int = 1) -> DuplicateBitm
         bitmap.mark(ordinals)
     bitmap.count = int(np.bitwise_count(bitmap.bits).sum())
     return bitmap
+
+
+# -- the signatures of an output's documents ----------------------------------------------------------
+
+SIGNATURES_FILE = "minhash_signatures.npy"
+COPY_BLOCK_ROWS = 8192  # 4 MB of signatures at 128 permutations
+
+
+def write_kept_signatures(spill: NearDedupSpill, dropped: Callable[[int, int], np.ndarray], destination: Path,
+                          ngram: int) -> MinhashRecord:
+    """The spilled signatures (after :func:`find_near_copies` closed the spill) of the documents not
+    ``dropped(start, stop)`` (booleans per ordinal), in order, into the .npy ``destination``, a block at a time."""
+    rows = 0
+    with open(spill.signature_path, "rb") as source, open(destination, "wb") as out:
+        out.write(b"\0" * SIGNATURE_HEADER_BYTES)
+        for start in range(0, spill.documents, COPY_BLOCK_ROWS):
+            stop = min(start + COPY_BLOCK_ROWS, spill.documents)
+            source.seek(SIGNATURE_HEADER_BYTES + start * spill.num_perm * 4)
+            block = np.fromfile(source, dtype="<u4", count=(stop - start) * spill.num_perm)
+            kept = block.reshape(stop - start, spill.num_perm)[~dropped(start, stop)]
+            out.write(kept.tobytes())
+            rows += len(kept)
+        write_signature_header(out, rows, spill.num_perm)
+    return MinhashRecord(file=destination.name, rows=rows, num_perm=spill.num_perm, ngram=ngram,
+                         bytes=destination.stat().st_size, sha256=file_sha256(destination))
+
+
+def read_kept_signatures(directory: Path, record: MinhashRecord) -> Iterator[np.ndarray]:
+    """The signatures an output recorded, a row at a time in document order, after checking the file against the
+    manifest (:func:`checked_signature_file`)."""
+    path = checked_signature_file(directory, record)
+    with open(path, "rb") as handle:
+        handle.seek(SIGNATURE_HEADER_BYTES)
+        for start in range(0, record.rows, COPY_BLOCK_ROWS):
+            count = min(COPY_BLOCK_ROWS, record.rows - start)
+            yield from np.fromfile(handle, dtype="<u4", count=count * record.num_perm).reshape(count, record.num_perm)
+
+
+def checked_signature_file(directory: Path, record: MinhashRecord) -> Path:
+    """The signature file an output's manifest records, checked against it (size, sha256, .npy shape): a
+    damaged or foreign file is named, never read as signatures."""
+    path = Path(directory) / record.file
+    size = path.stat().st_size if path.is_file() else None
+    expected = SIGNATURE_HEADER_BYTES + record.rows * record.num_perm * 4
+    if size != record.bytes or size != expected or file_sha256(path) != record.sha256:
+        raise UserError(f"{path}: {'missing' if size is None else f'{size} bytes'} or its sha256 differs from the "
+                        f"manifest's minhash record ({record.bytes} bytes expected); re-run the clean job of {directory}")
+    with open(path, "rb") as handle:
+        np.lib.format.read_magic(handle)
+        shape = np.lib.format.read_array_header_1_0(handle)[0]
+        if shape != (record.rows, record.num_perm):
+            raise UserError(f"{path}: shape {shape}, expected {(record.rows, record.num_perm)}; re-run the clean job "
+                            f"of {directory}")
+    return path

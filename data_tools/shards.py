@@ -125,6 +125,8 @@ def check_stage_output(output_dir: Path, stage: str, shard_prefix: str, overwrit
 
     def owns(manifest: dict, name: str) -> bool:
         listed = {shard.get("file") for shard in manifest.get("shards") or [] if isinstance(shard, dict)}
+        if isinstance(manifest.get("minhash"), dict):  # clean's MinHash signatures
+            listed.add(manifest["minhash"].get("file"))
         return name in listed or name in (MANIFEST, VOCAB_FILE) or name.startswith(f"{shard_prefix}-")
 
     check_replaceable_dir(output_dir, "--output_dir", f"the {stage} stage", MANIFEST,

@@ -27,6 +27,7 @@ from data_tools.manifests import (
     TokenizedShard,
     read_manifest_json,
 )
+from data_tools.near_dedup import checked_signature_file
 from data_tools.shards import shard_problem
 
 # The id columns of each kind of Arrow shard.
@@ -111,11 +112,15 @@ def verify(config: VerifyConfig) -> dict:
         problem = verify_shard(path, shard, None if vocab is None else vocab.size)
         if problem:
             raise UserError(f"{path} {problem}; re-run the {manifest.STAGE} stage")
+    minhash = getattr(manifest, "minhash", None)
+    if minhash is not None:  # clean's MinHash signatures: size, sha256 and shape against the manifest
+        checked_signature_file(config.directory, minhash)
     problem = totals_problem(manifest)
     if problem:
         raise UserError(f"{config.directory / MANIFEST}: {problem}; re-run the {manifest.STAGE} stage")
     print(f"verify: {config.directory}: {len(manifest.shards)} {manifest.STAGE} shards, {manifest.row_count} rows"
-          + (", vocab.txt" if vocab is not None else "") + ", all match the manifest", file=sys.stderr)
+          + (", vocab.txt" if vocab is not None else "") + (", MinHash signatures" if minhash is not None else "")
+          + ", all match the manifest", file=sys.stderr)
     return as_read
 
 

@@ -5,6 +5,8 @@ with kept + dropped = read; killed-stage files are named, never read as 'no dupl
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from data_tools.clean import CleanConfig, clean
 from data_tools.combine_slices import CombineConfig, combine
 from data_tools.common import UserError
+from data_tools.verify import VerifyConfig, verify
 from data_tools.near_dedup import (
     MinHasher,
     NearDedupSpill,
@@ -142,7 +145,7 @@ def test_the_ngram_size_is_the_shingle_clean_uses(tmp_path):
     assert len(MinHasher(NUM_PERM, 3).shingles(text)) == len({text[i : i + 3] for i in range(len(text) - 2)})
     texts = planted_texts(300, seed=3)
     paths = write_corpus(tmp_path, texts)
-    plain = clean(CleanConfig(input_paths=paths, output_dir=tmp_path / "plain", progress=False))
+    clean(CleanConfig(input_paths=paths, output_dir=tmp_path / "plain", progress=False))
     dropped = {}
     for ngram in (3, 5):
         near = clean(CleanConfig(input_paths=paths, output_dir=tmp_path / f"near{ngram}", progress=False,
@@ -167,6 +170,60 @@ def test_combine_finds_near_duplicates_across_slices(tmp_path):
         assert texts_of(output) == reference_output(texts_of(tmp_path / "plain"))
         assert near["counts"]["documents_dropped"]["near_duplicate"] > 20
         assert accounted(near) and accounted(plain)
+
+
+def recorded_signatures(directory: Path) -> np.ndarray:
+    return np.load(directory / "minhash_signatures.npy")
+
+
+def test_clean_records_the_kept_documents_signatures_and_combine_reads_them(tmp_path, capsys):
+    """Slices cleaned with --near_dedup_partitions record their kept documents' signatures; combine reads them
+    (no second MinHash pass over the corpus) and keeps what it keeps when it computes them, and records its own."""
+    paths = write_corpus(tmp_path, planted_texts(400, seed=4), files=6)
+    recorded, bare = [], []
+    for index in range(3):
+        recorded.append(tmp_path / f"recorded-{index}")
+        manifest = clean(CleanConfig(input_paths=paths, output_dir=recorded[-1], num_slices=3, slice_index=index,
+                                     near_dedup_threshold=0.8, near_dedup_partitions=4, progress=False))
+        signatures = recorded_signatures(recorded[-1])
+        assert manifest["minhash"]["rows"] == manifest["counts"]["documents_kept"] == len(signatures)
+        hasher = MinHasher(NUM_PERM)
+        assert all((hasher.signature(text) == row).all() for text, row in zip(texts_of(recorded[-1]), signatures))
+        bare.append(tmp_path / f"bare-{index}")  # the same slice as written before signatures were recorded
+        shutil.copytree(recorded[-1], bare[-1])
+        (bare[-1] / "minhash_signatures.npy").unlink()
+        (bare[-1] / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "minhash"}))
+    capsys.readouterr()
+    options = dict(near_dedup_threshold=0.8, near_dedup_partitions=8, processes_num=2)
+    read = combine(CombineConfig(input_dirs=recorded, output_dir=tmp_path / "read", **options))
+    assert "reading the 3 slices' MinHash signatures" in capsys.readouterr().err
+    computed = combine(CombineConfig(input_dirs=bare, output_dir=tmp_path / "computed", **options))
+    assert "computing MinHash signatures" in capsys.readouterr().err
+    assert texts_of(tmp_path / "read") == texts_of(tmp_path / "computed")
+    assert read["counts"] == computed["counts"] and read["counts"]["documents_dropped"]["near_duplicate"] > 0
+    assert (recorded_signatures(tmp_path / "read") == recorded_signatures(tmp_path / "computed")).all()
+    assert read["minhash"]["rows"] == read["counts"]["documents_kept"]
+    # signatures of another shingle size are not used
+    combine(CombineConfig(input_dirs=recorded, output_dir=tmp_path / "ngram3", minhash_ngram=3, **options))
+    assert "computing MinHash signatures" in capsys.readouterr().err
+
+
+def test_a_damaged_signature_file_of_a_slice_is_named(tmp_path):
+    paths = write_corpus(tmp_path, planted_texts(120, seed=5), files=2)
+    slice_dir = tmp_path / "slice"
+    clean(CleanConfig(input_paths=paths, output_dir=slice_dir, near_dedup_threshold=0.8, near_dedup_partitions=2,
+                      progress=False))
+    path = slice_dir / "minhash_signatures.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x20
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{path}.*sha256.*re-run the clean job") as error:
+        combine(CombineConfig(input_dirs=[slice_dir], output_dir=tmp_path / "out", near_dedup_threshold=0.8,
+                              near_dedup_partitions=2))
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+    path.write_bytes(bytes(data[:-8]))
+    with pytest.raises(UserError, match=f"{path}: .* bytes"):
+        verify(VerifyConfig(directory=slice_dir))
 
 
 def test_a_truncated_or_missing_file_of_a_killed_stage_is_named(tmp_path, planted_signatures):

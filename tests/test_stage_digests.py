@@ -83,6 +83,9 @@ def outputs(tmp_path_factory, clue_lines_file, clue_uer_file, google_vocab) -> d
     clean(CleanConfig(input_paths=[noisy, clue_lines_file], output_dir=root / "clean-near", near_dedup_threshold=0.7,
                       dedup_partitions=3, progress=False))
     digests["clean/near_dedup_partitioned"] = stage_digest(root / "clean-near")
+    clean(CleanConfig(input_paths=[noisy, clue_lines_file], output_dir=root / "clean-lsh", near_dedup_threshold=0.7,
+                      near_dedup_partitions=4, processes_num=2, progress=False))
+    digests["clean/near_dedup_lsh_partitions"] = stage_digest(root / "clean-lsh")  # with its MinHash signatures
 
     tokenize(TokenizeConfig(input_dir=root / "clean", output_dir=root / "tok", vocab_path=google_vocab,
                             progress=False))
@@ -107,7 +110,7 @@ def pinned() -> dict:
 
 
 @pytest.mark.parametrize("stage", ["clean/clue", "clean/clue_uer_format_2_processes", "clean/noisy",
-                                   "clean/near_dedup_partitioned", "tokenize/clue"])
+                                   "clean/near_dedup_partitioned", "clean/near_dedup_lsh_partitions", "tokenize/clue"])
 def test_clean_and_tokenize_write_the_pinned_output(outputs, stage):
     assert outputs[stage] == pinned()[stage]
 
