@@ -142,13 +142,12 @@ def near_case(way: str, documents: int) -> dict:
             "bytes_per_document": max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) * 1024 / documents}
 
 
-def near_quality(documents: int) -> dict[str, dict]:
-    """Precision and recall of both ways against exact 5-gram Jaccard: a document is a true
-    near-duplicate when an earlier document's Jaccard with it reaches the threshold (compared within
-    its planted family: unrelated random documents share no 5-gram). Recall also per Jaccard bin."""
+def planted_truth(texts: list[str]) -> list[float]:
+    """Each document's highest exact 5-gram Jaccard with an earlier document (compared within its planted
+    family: unrelated random documents share no 5-gram)."""
     from collections import defaultdict
 
-    texts = [planted_text(i) for i in range(documents)]
+    documents = len(texts)
     grams = [{text[i : i + 5] for i in range(max(1, len(text) - 4))} for text in texts]
     best = [0.0] * documents  # the highest Jaccard with an earlier document
     by_gram = defaultdict(set)
@@ -157,17 +156,32 @@ def near_quality(documents: int) -> dict[str, dict]:
         best[ordinal] = max((len(shingles & grams[o]) / len(shingles | grams[o]) for o in related), default=0.0)
         for gram in shingles:
             by_gram[gram].add(ordinal)
-    truth = {o for o in range(documents) if best[o] >= NEAR_THRESHOLD}
+    return best
+
+
+def quality_of(marked: set[int], best: list[float]) -> dict:
+    """Precision and recall of the ``marked`` documents against the truth (an earlier document at Jaccard >= the
+    threshold), and the share dropped per Jaccard bin."""
+    truth = {o for o, jaccard in enumerate(best) if jaccard >= NEAR_THRESHOLD}
+    bins = {f"{low:.2f}-{high:.2f}": [o for o, jaccard in enumerate(best) if low <= jaccard < high]
+            for low, high in ((0.5, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.01))}
+    return {"precision": len(marked & truth) / max(1, len(marked)), "recall": len(marked & truth) / len(truth),
+            "dropped": len(marked), "true": len(truth),
+            "dropped_share_by_jaccard": {k: round(sum(o in marked for o in v) / max(1, len(v)), 3)
+                                         for k, v in bins.items()}}
+
+
+def near_quality(documents: int) -> dict[str, dict]:
+    """Precision and recall of both ways against exact 5-gram Jaccard (:func:`planted_truth`): a document is a
+    true near-duplicate when an earlier document's Jaccard with it reaches the threshold. Recall also per
+    Jaccard bin."""
+    texts = [planted_text(i) for i in range(documents)]
+    best = planted_truth(texts)
     results = {}
     for way in ("near_datasketch", "near_partitioned"):
         marked: set[int] = set()
         near_marks(way, texts, marked.add)
-        bins = {f"{low:.2f}-{high:.2f}": [o for o in range(documents) if low <= best[o] < high]
-                for low, high in ((0.5, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.01))}
-        results[way] = {"precision": len(marked & truth) / max(1, len(marked)), "recall": len(marked & truth) / len(truth),
-                        "dropped": len(marked), "true": len(truth),
-                        "dropped_share_by_jaccard": {k: round(sum(o in marked for o in v) / max(1, len(v)), 3)
-                                                     for k, v in bins.items()}}
+        results[way] = quality_of(marked, best)
     return results
 
 
