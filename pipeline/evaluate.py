@@ -148,7 +148,7 @@ def context_positions(source: np.ndarray, target: np.ndarray, min_run: int = CON
 def load_examples(config: EvaluateConfig) -> Seq2SeqExamples:
     """The dataset (stored or online-masked), with the checks the trainer makes."""
     try:
-        return load_training_data(config.data_dir, config.mask_config, config.data_dir / "unused-output")
+        return load_training_data(config.data_dir, config.mask_config)
     except UserError as error:  # the trainer's loader names the trainer's flag
         raise UserError(str(error).replace("--online_mask_config", "--mask_config")) from None
 

@@ -150,11 +150,9 @@ class OnlineMaskedExamples:
         return mask_chunk(flat, offsets, randomness, self.recipe, self.vocab)
 
 
-def load_training_data(data_dir: Path, online_mask_config: Path | None, output_dir: Path | None = None,
-                       checksum: bool = True) -> Any:
+def load_training_data(data_dir: Path, online_mask_config: Path | None, checksum: bool = True) -> Any:
     """Stored examples (a mask stage output) or online masking (a tokenize stage output), every shard
-    checked against its manifest (sha256 too unless ``checksum`` is False). ``output_dir`` is unused:
-    online masking writes nothing (the parameter stays for the callers that pass it)."""
+    checked against its manifest (sha256 too unless ``checksum`` is False)."""
     stage = load_manifest(data_dir, ("mask", "tokenize"))["stage"]
     if stage == "mask":
         if online_mask_config:

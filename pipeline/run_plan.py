@@ -113,11 +113,9 @@ class RunPlan:
 def read_training_data(config: TrainConfig) -> Seq2SeqExamples:
     """One corpus, or the weighted mixture of --data_dirs (vocabs checked equal)."""
     if config.data_dir is not None:
-        return load_training_data(config.data_dir, config.online_mask_config, config.output_dir,
-                                  config.verify_data_sha256)
+        return load_training_data(config.data_dir, config.online_mask_config, config.verify_data_sha256)
     specs = parse_mixture(config.data_dirs)
-    corpora = [load_training_data(spec.path, config.online_mask_config, config.output_dir, config.verify_data_sha256)
-               for spec in specs]
+    corpora = [load_training_data(spec.path, config.online_mask_config, config.verify_data_sha256) for spec in specs]
     return MixtureExamples(corpora, specs, config.seed, config.eval_examples)
 
 

@@ -115,11 +115,11 @@ def test_deepspeed_training_with_online_masking(tmp_path, tokenized_dir):
 
 def test_a_tokenized_corpus_without_mask_flags_is_a_user_error(tmp_path, tokenized_dir):
     with pytest.raises(UserError, match="pass --online_mask_config"):
-        load_training_data(tokenized_dir, None, tmp_path)
+        load_training_data(tokenized_dir, None)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"preset": "bart_paper", "output_dir": "x", "nonsense": 1}))
     with pytest.raises(UserError, match=r"unknown or not allowed mask flags \['nonsense', 'output_dir'\]"):
-        load_training_data(tokenized_dir, bad, tmp_path)
+        load_training_data(tokenized_dir, bad)
     bad.write_text(json.dumps({"preset": "uer_gsg", "target": "bart"}))
     with pytest.raises(UserError, match="bad.json: --preset uer_gsg is for --target gsg, not bart"):
         load_training_data(tokenized_dir, bad)
