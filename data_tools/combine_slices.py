@@ -11,7 +11,7 @@ MinHash LSH partitioned on disk (:mod:`data_tools.near_dedup`).
 from __future__ import annotations
 
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from data_tools.dedup import (
     spill_directory,
 )
 from data_tools.filters import ExactDuplicates, NearDuplicates
-from data_tools.manifests import CleanCounts, CleanManifest, MinhashRecord, read_manifest
+from data_tools.manifests import MANIFEST, CleanCounts, CleanManifest, MinhashRecord, read_manifest
 from data_tools.near_dedup import (
     NGRAM,
     SIGNATURES_FILE,
@@ -179,7 +179,7 @@ def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, d
         near = NearDedupSpill(Path(spill) / "near", config.near_dedup_threshold, config.minhash_num_perm,
                               config.near_dedup_partitions, config.near_dedup_verify)
         ordinal = 0
-        for (index, text), signature in zip(slice_texts(slices), slice_signatures(slices, config), strict=True):
+        for index, text, signature in texts_with_signatures(slices, config):
             near.add(signature)
             if digests is not None:
                 digests.add(document_digest(text), ordinal, index)
@@ -207,24 +207,37 @@ def _unmarked_texts(staging: Path, slices: list[Slice], config: CombineConfig, d
             yield text
 
 
-def slice_signatures(slices: list[Slice], config: CombineConfig) -> Iterator[np.ndarray]:
-    """Every slice document's MinHash signature, in slice order: read from the slices when each recorded its
-    documents' signatures with --minhash_num_perm and --minhash_ngram as given (checked against its manifest),
-    else computed (the texts read once more, on --processes_num workers)."""
+def texts_with_signatures(slices: list[Slice], config: CombineConfig) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(position of the slice, text, MinHash signature) of every slice's documents, in slice order, the texts read
+    once: the signatures are read from the slices when each recorded its documents' with --minhash_num_perm and
+    --minhash_ngram as given (checked against its manifest), else computed on --processes_num workers."""
     records = [manifest.minhash for _, _, manifest in slices]
     if all(record is not None and (record.num_perm, record.ngram) == (config.minhash_num_perm, config.minhash_ngram)
            for record in records):
+        for _, directory, manifest in slices:
+            if manifest.minhash.rows != manifest.row_count:
+                raise UserError(f"{directory / MANIFEST}: minhash.rows is {manifest.minhash.rows} but its shards hold "
+                                f"{manifest.row_count} documents; re-run the clean job of {directory}")
         print(f"clean-combine: reading the {len(slices)} slices' MinHash signatures", file=sys.stderr)
-        for (_, directory, _), record in zip(slices, records):
-            yield from read_kept_signatures(directory, record)
+        signatures = (row for (_, directory, _), record in zip(slices, records)
+                      for row in read_kept_signatures(directory, record))
+        for (index, text), signature in zip(slice_texts(slices), signatures, strict=True):
+            yield index, text, signature
         return
     print("clean-combine: computing MinHash signatures (the slices recorded none with --minhash_num_perm "
           f"{config.minhash_num_perm} and --minhash_ngram {config.minhash_ngram}: run them with "
           "--near_dedup_partitions to have them recorded)", file=sys.stderr)
-    texts = (text for _, text in slice_texts(slices))
-    for signatures in ordered_map(_chunk_signatures, chunked(texts, 2_000), config.processes_num, _init_minhash,
+    in_flight: deque[list[tuple[int, str]]] = deque()  # the chunks whose signatures are being computed
+
+    def chunk_texts() -> Iterator[list[str]]:
+        for chunk in chunked(slice_texts(slices), 2_000):
+            in_flight.append(chunk)
+            yield [text for _, text in chunk]
+
+    for signatures in ordered_map(_chunk_signatures, chunk_texts(), config.processes_num, _init_minhash,
                                   (config.minhash_num_perm, config.minhash_ngram)):
-        yield from signatures
+        for (index, text), signature in zip(in_flight.popleft(), signatures):
+            yield index, text, signature
 
 
 _minhash: dict = {}

@@ -226,6 +226,22 @@ def test_a_damaged_signature_file_of_a_slice_is_named(tmp_path):
         verify(VerifyConfig(directory=slice_dir))
 
 
+def test_signatures_recorded_for_more_documents_than_the_shards_hold_are_refused(tmp_path):
+    paths = write_corpus(tmp_path, planted_texts(120, seed=6), files=2)
+    slice_dir = tmp_path / "slice"
+    clean(CleanConfig(input_paths=paths, output_dir=slice_dir, near_dedup_threshold=0.8, near_dedup_partitions=2,
+                      progress=False))
+    manifest_path = slice_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["counts"]["documents_kept"] += 1
+    manifest["minhash"]["rows"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="minhash.rows is .* but its shards hold .* re-run the clean job") as error:
+        combine(CombineConfig(input_dirs=[slice_dir], output_dir=tmp_path / "out", near_dedup_threshold=0.8,
+                              near_dedup_partitions=2))
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
 def test_a_truncated_or_missing_file_of_a_killed_stage_is_named(tmp_path, planted_signatures):
     spill = NearDedupSpill(tmp_path / "near", THRESHOLD, NUM_PERM, 4)
     for signature in planted_signatures[:200]:
