@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm import tqdm
 
 from data_tools.cli import config_to_dict, option, required, run_stage
@@ -272,11 +273,15 @@ class SpilledDocuments:
                 continue
             dropped[reason] += 1  # as with the in-memory filters: no entry for a reason never met
             kept_per_file[self.sources[bisect_right(firsts, ordinal) - 1][1]] -= 1
-        signatures = None
-        if near is not None:
-            signatures = write_kept_signatures(
-                self.near, lambda start, stop: near.flags(start, stop) | (exact.flags(start, stop) if exact else False),
-                staging / SIGNATURES_FILE, self.config.minhash_ngram)
+        if near is None:
+            return writer.close(), None
+
+        def dropped_between(start: int, stop: int) -> np.ndarray:
+            marked = near.flags(start, stop)
+            return marked if exact is None else marked | exact.flags(start, stop)
+
+        signatures = write_kept_signatures(self.near, dropped_between, staging / SIGNATURES_FILE,
+                                           self.config.minhash_ngram)
         return writer.close(), signatures
 
 

@@ -134,18 +134,17 @@ def _next_at_sign(text: str, position: int) -> int:  # every e-mail address hold
 
 
 class _NextSpaceToFold:
-    """The next two spaces or other whitespace character at or after a position: the next of the latter is
-    kept between calls, so a text with many double spaces and none of the others is not scanned to its end
-    at every call."""
+    """The next two spaces or other whitespace character at or after a position, in one text (one instance per
+    text): the next of the latter is kept between calls, so a text with many double spaces and none of the
+    others is not scanned to its end at every call."""
 
     def __init__(self) -> None:
-        self.text: str | None = None
-        self.other = -1
+        self.other: int | None = None  # where the next other whitespace character is (-1: none); None: not searched
 
     def __call__(self, text: str, position: int) -> int:
-        if text is not self.text or (0 <= self.other < position):
+        if self.other is None or 0 <= self.other < position:
             found = _OTHER_HORIZONTAL_SPACE_RE.search(text, position)
-            self.text, self.other = text, found.start() if found else -1
+            self.other = found.start() if found else -1
         double = text.find("  ", position, self.other if self.other >= 0 else len(text))
         return double if double >= 0 else self.other
 
