@@ -44,6 +44,16 @@ def records(path: Path, key: str) -> dict[int, object]:
     return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r}
 
 
+def assert_same_run(run_dir: Path, reference_dir: Path, keys: tuple[str, ...] = ("loss",)) -> None:
+    """The run logged the reference run's values for ``keys`` at every step, and each rank trained the same
+    examples at every step."""
+    for key in keys:
+        assert records(run_dir / "metrics.jsonl", key) == records(reference_dir / "metrics.jsonl", key)
+    for rank in (0, 1):
+        name = f"example_ids_rank{rank}.jsonl"
+        assert records(run_dir / name, "example_ids") == records(reference_dir / name, "example_ids")
+
+
 @pytest.fixture(scope="module")
 def reference(examples_dir, tmp_path_factory) -> Path:
     """An uninterrupted run: deepspeed launcher, one node, 2 ranks."""
@@ -78,10 +88,7 @@ def test_kill_9_then_relaunch_gives_the_uninterrupted_losses_and_examples(exampl
 
     result = run_command(train_command(examples_dir, crashed, 29652))
     assert "resuming from step00000004 (step 4)" in result.stderr
-    assert records(crashed / "metrics.jsonl", "loss") == records(reference / "metrics.jsonl", "loss")
-    for rank in (0, 1):
-        name = f"example_ids_rank{rank}.jsonl"
-        assert records(crashed / name, "example_ids") == records(reference / name, "example_ids")
+    assert_same_run(crashed, reference)
     consumed = [i for rank in (0, 1) for ids in records(reference / f"example_ids_rank{rank}.jsonl",
                                                         "example_ids").values() for i in ids]
     assert len(consumed) == len(set(consumed)) == STEPS * 4 * 2  # no example twice within the epoch
@@ -194,11 +201,7 @@ def test_a_mixture_resumes_exactly_after_kill_9_and_logs_each_corpus_s_share(exa
     assert (crashed / "checkpoints" / "latest").read_text() == "step00000004"
     result = run_command(mixture_command(examples_dir, second_corpus, crashed, 29658))
     assert "resuming from step00000004 (step 4)" in result.stderr
-    assert records(crashed / "metrics.jsonl", "loss") == records(reference_dir / "metrics.jsonl", "loss")
-    assert records(crashed / "metrics.jsonl", "eval_loss") == records(reference_dir / "metrics.jsonl", "eval_loss")
-    for rank in (0, 1):
-        name = f"example_ids_rank{rank}.jsonl"
-        assert records(crashed / name, "example_ids") == records(reference_dir / name, "example_ids")
+    assert_same_run(crashed, reference_dir, keys=("loss", "eval_loss"))
     shares = [r["corpus_examples"] for r in map(json.loads, (crashed / "metrics.jsonl").read_text().splitlines())
               if "corpus_examples" in r]
     assert len(shares) == STEPS and all(sum(s.values()) == 8 for s in shares)  # 2 ranks x 4 per step

@@ -18,7 +18,13 @@ import torch
 
 from pipeline.signals import StopSignals, TrainingStopped, reap_data_workers, stop_signals, stop_signals_blocked
 from tests.conftest import PROJECT_ROOT, deepspeed_env, run_command
-from tests.test_resume import examples_dir, records, reference, train_command  # noqa: F401 (fixtures)
+from tests.test_resume import (  # noqa: F401 (fixtures)
+    assert_same_run,
+    examples_dir,
+    records,
+    reference,
+    train_command,
+)
 
 SIGNALLED = str(PROJECT_ROOT / "tests" / "signal_after_step.py")
 
@@ -131,10 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_exactly(example
 
     resumed = run_command(train_command(examples_dir, run_dir, 29761))
     assert "resuming from step00000006 (step 6)" in resumed.stderr
-    assert records(run_dir / "metrics.jsonl", "loss") == records(reference / "metrics.jsonl", "loss")
-    for rank in (0, 1):
-        name = f"example_ids_rank{rank}.jsonl"
-        assert records(run_dir / name, "example_ids") == records(reference / name, "example_ids")
+    assert_same_run(run_dir, reference)
 
 
 @pytest.mark.slow
